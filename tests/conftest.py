@@ -1,0 +1,30 @@
+"""Shared fixtures. Real corpora live in ../shared/corpora beside the checkout; tests that read them skip with a
+reason when that folder is absent (the repository never copies them)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CORPORA = REPO.parent / "shared" / "corpora"
+SAMPLES = REPO / "data" / "samples"
+
+
+@pytest.fixture(scope="session")
+def shared_corpora() -> Path:
+    if not SHARED_CORPORA.is_dir():
+        pytest.skip(f"real corpora samples not found at {SHARED_CORPORA} (../shared/corpora beside the checkout)")
+    return SHARED_CORPORA
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    return SAMPLES
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,49 @@
+"""Chat-LM-small: the one command line.
+
+    python train.py {prepare,tokenizer,pretrain,sft,lora,merge,eval,demo} --help
+
+Each subcommand lives in the module that does the work; the module exposes
+`add_arguments(parser)` and `main(args)`. Modules are imported only when their
+subcommand runs, so `--help` and light commands start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("utils.prepare", "raw corpora -> cleaned, deduplicated, split parquet shards"),
+    "tokenizer": ("utils.tokenizer", "train a byte-level BPE tokenizer on prepared data"),
+    "pretrain": ("model.cli", "pretrain a decoder on packed documents"),
+    "sft": ("model.cli", "supervised fine-tuning with the prompt masked out of the loss"),
+    "lora": ("model.cli", "train a LoRA / QLoRA adapter on a base model"),
+    "merge": ("model.cli", "merge a LoRA adapter into its base model"),
+    "eval": ("utils.metrics", "loss, perplexity, bits per character, BLEU-4 / ROUGE-L on a split"),
+    "demo": ("model.demo", "the whole pipeline on the bundled samples with the tiny preset"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == chosen:  # only the chosen subcommand's module is imported
+            importlib.import_module(module).add_arguments(p, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    module.main(args)
+
+
+if __name__ == "__main__":
+    main()
