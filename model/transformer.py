@@ -1,0 +1,263 @@
+"""The decoder: pre-norm RMSNorm, rotary embeddings (Hugging Face `rotate_half` layout), grouped-query attention
+through `F.scaled_dot_product_attention`, SwiGLU MLP, and a preallocated KV cache.
+
+Parameter names follow Hugging Face Llama (`model.layers.0.self_attn.q_proj.weight`, ...), so Llama / Qwen2 weights
+load unchanged and LoRA target names match PEFT's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in fp32 and cast back before the weight (as HF Llama / Qwen2 do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for positions: theta_i = base^(-2i/d), features duplicated ([f, f]) as in HF's rotate_half layout."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.base ** exponents)
+
+    def reset(self, device: torch.device) -> None:
+        """Recompute the buffer after the module was built on the meta device."""
+        self.inv_freq = self._inv_freq(device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, D/2], always fp32
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, D]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim].
+
+    `length` counts the positions already written; a forward pass writes its T new positions at
+    [length, length + T) in every layer and then advances `length` by T.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.head_dim)
+        d, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+        qkv_bias = config.qkv_bias or config.attention_bias
+        self.q_proj = nn.Linear(d, d, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, kv, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, kv, bias=qkv_bias)
+        self.o_proj = nn.Linear(d, d, bias=config.attention_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # No mask: plain causal over the T new tokens (training), or a single new token seeing the whole cache.
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, decoder layers and the final norm: HF's `model.` prefix."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 wherever the segment id changes (packed rows)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - torch.cummax(idx * starts, dim=1).values
+
+
+def build_mask(T: int, past: int, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
+               device: torch.device) -> torch.Tensor:
+    """Boolean [B or 1, 1, T, past + T] mask: causal, minus padded keys, minus keys of other segments.
+
+    Every query keeps its own position, so a padded query attends to itself instead of to nothing (a row of all
+    -inf would give NaN); its output is never used.
+    """
+    S = past + T
+    q_pos = torch.arange(past, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return mask | (k_pos == q_pos)[None, None]
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model. `model(input_ids)` -> logits [B, T, vocab]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        if self.model.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, 0.02), zero biases, unit norms; the residual projections (o_proj, down_proj) get the std
+        scaled by 1/sqrt(2 * layers) (GPT-2) so depth keeps the residual stream's variance in check."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for layer in self.model.layers:
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                proj.weight.mul_(1 / math.sqrt(2 * self.config.num_hidden_layers))
+
+    def setup_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_position_embeddings, p.device, p.dtype)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab], or the mean cross-entropy when `labels` is given.
+
+        labels: already shifted (labels[b, t] is the target after input t); IGNORE_INDEX (-100) is skipped.
+        attention_mask: [B, past + T], 1 for real tokens and 0 for padding (left or right), HF semantics.
+        segment_ids: [B, T] packed rows; attention stays inside a segment and positions restart per segment.
+        cache: a KVCache; the T new tokens are written after its `length` positions, which then advances.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if segment_ids is not None:
+                position_ids = segment_positions(segment_ids)
+            elif attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        needs_mask = attention_mask is not None or segment_ids is not None or (past > 0 and T > 1)
+        mask = build_mask(T, past, attention_mask, segment_ids, input_ids.device) if needs_mask else None
+
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary(position_ids, x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        if labels is None:
+            return self.lm_head(x)
+        return self.loss(x, labels)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy in fp32 over labelled positions (0 when none is labelled; no host sync)."""
+        logits = self.lm_head(hidden).float()
+        total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
