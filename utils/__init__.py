@@ -1,0 +1,1 @@
+"""Data in, data out: corpora, cleaning, dedup, tokenizer, datasets, metrics."""

@@ -1,0 +1,484 @@
+"""Train and load tokenizers: our byte-level BPE, Qwen2 (vocab.json + merges.txt or tokenizer.json) and SentencePiece
+(`tokenizer.model`: LLaMA, Baichuan). Everything becomes one `tokenizers.Tokenizer`, so encoding is fast and batched
+whatever the source, and ids equal `transformers.AutoTokenizer` on the same files (tests/test_tokenizer.py).
+
+Why the pre-tokenizer matters: BPE counts every distinct pre-token ("word") in RAM. Chinese has no spaces, so a
+whitespace pre-tokenizer turns each clause into one huge unique word (the seed needed > 48 GB for 1.7 GB of text).
+Ours splits CJK runs into chunks of at most `CJK_CHUNK` characters, digits one by one, punctuation and letters apart,
+so the word table stays small and merges still learn the common 1-4 character Chinese words. A corpus larger than
+`sample_bytes` is subsampled deterministically, which bounds memory whatever the corpus size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as _HFTokenizer
+
+from utils.io import atomic_dir, atomic_write_text, write_json
+from utils.templates import TEMPLATES, get_template
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]  # fixed ids 0, 1, 2, 3 in our tokenizers
+CJK_CHUNK = 4
+_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}"
+# CJK chunks | English contractions | letter runs (a leading space or tab, at most 32 letters) | single digits |
+# punctuation/symbol runs | newlines | other whitespace. Isolated splitting keeps every character: lossless.
+PRETOKENIZE_REGEX = (rf"[{_CJK}]{{1,{CJK_CHUNK}}}"
+                     r"|(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+                     rf"|[^\S\r\n]?[[\p{{L}}\p{{M}}]&&[^{_CJK}]]{{1,32}}"
+                     r"|\p{N}"
+                     r"| ?[^\s\p{L}\p{N}]{1,8}[\r\n]*"
+                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's pre-tokenizer (transformers Qwen2Tokenizer), used for vocab.json + merges.txt directories
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSON_SUFFIXES = (".json", ".jsonl")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids and the chat template the rest of the project needs.
+
+    eos_id is the end-of-text token (ours and Qwen2 `<|endoftext|>`, SentencePiece `</s>`); pad_id is ours `<|pad|>`,
+    the tokenizer_config pad token when there is one (Qwen2: `<|endoftext|>`), else eos; bos_id is None unless the
+    vocabulary has one (SentencePiece `<s>`). Chat stop tokens come from the template's stop_strings.
+    """
+
+    def __init__(self, backend: _HFTokenizer, *, eos: str, pad: str | None = None, bos: str | None = None,
+                 default_template: str = "raw", source: str = "ours"):
+        self.backend = backend
+        self.eos_id = self._required_id(eos)
+        self.pad_id = self._required_id(pad) if pad is not None else self.eos_id
+        self.bos_id = self._required_id(bos) if bos is not None else None
+        self.default_template = get_template(default_template).name
+        self.source = source
+
+    def _required_id(self, token: str) -> int:
+        i = self.backend.token_to_id(token)
+        if i is None:
+            raise ValueError(f"special token {token!r} is not in the vocabulary")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    # ---------------------------------------------------------------- encoding
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    # ---------------------------------------------------------------- files
+    def save(self, out_dir: str | Path) -> None:
+        """Write tokenizer.json + tokenizer_config.json into out_dir, each file atomically (a model dir keeps its
+        other files)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "tokenizer.json", self.backend.to_str())
+        write_json(out / "tokenizer_config.json", self.hf_config())
+
+    def hf_config(self) -> dict:
+        """tokenizer_config.json for `transformers.AutoTokenizer`: special tokens, and every template whose markers
+        this vocabulary has (the default one under the name "default", as transformers expects)."""
+        name = lambda i: None if i is None else self.backend.id_to_token(i)  # noqa: E731
+        added = self.backend.get_added_tokens_decoder()
+        specials = [t.content for t in added.values() if t.special]
+        usable = [t for t in TEMPLATES.values() if _markers_known(t, self)]
+        chat_templates = [{"name": "default", "template": get_template(self.default_template).jinja()}]
+        chat_templates += [{"name": t.name, "template": t.jinja()} for t in usable if t.name != self.default_template]
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.bos_id), "eos_token": name(self.eos_id), "pad_token": name(self.pad_id),
+            "unk_token": None,
+            "additional_special_tokens": [s for s in specials if s not in {name(self.bos_id), name(self.eos_id),
+                                                                            name(self.pad_id)}],
+            "added_tokens_decoder": {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                                              "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
+                                     for i, t in sorted(added.items())},
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000,
+            "chat_template_name": self.default_template,
+            "chat_template": chat_templates,
+        }
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Our tokenizer dir; a Qwen2 dir (tokenizer.json, or vocab.json + merges.txt); a SentencePiece dir
+        (tokenizer.model). A tokenizer.json file path works too."""
+        path = Path(path)
+        if path.is_file() and path.name == "tokenizer.json":
+            path = path.parent
+        if not path.is_dir():
+            raise FileNotFoundError(f"tokenizer directory not found: {path}")
+        config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        if (path / "tokenizer.json").is_file():
+            backend = _HFTokenizer.from_file(str(path / "tokenizer.json"))
+            source = "ours" if config.get("chat_template_name") else "tokenizer.json"
+        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            backend, source = _qwen2_from_files(path, config), "qwen2"
+        elif (path / "tokenizer.model").is_file():
+            backend, source = _from_sentencepiece(path / "tokenizer.model"), "sentencepiece"
+        else:
+            raise FileNotFoundError(f"{path}: no tokenizer.json, vocab.json + merges.txt, or tokenizer.model")
+        return cls(backend, **_special_roles(backend, config, source), source=source)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON: {e}") from None
+
+
+def _token_str(v) -> str | None:
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def _special_roles(backend: _HFTokenizer, config: dict, source: str) -> dict:
+    """eos / pad / bos strings and the default template, from the config or the vocabulary."""
+    specials = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    has = lambda t: t in specials  # noqa: E731  (a plain vocab entry such as Qwen2's "<s>" is no bos)
+    eos = next((t for t in ["<|endoftext|>", _token_str(config.get("eos_token")), "</s>"] if has(t)), None)
+    if eos is None:
+        raise ValueError(f"no end-of-text token found in the vocabulary ({source})")
+    pad = next((t for t in ["<|pad|>", _token_str(config.get("pad_token"))] if has(t)), None)
+    bos = next((t for t in [_token_str(config.get("bos_token")), "<s>"] if has(t)), None)
+    template = config.get("chat_template_name")
+    if template is None:
+        template = "qwen" if has("<|im_start|>") else "llama2" if has("<s>") and has("</s>") else "raw"
+    return {"eos": eos, "pad": pad, "bos": bos, "default_template": template}
+
+
+def _markers_known(template, tok: Tokenizer) -> bool:
+    """A template that uses <|im_start|> / <s> markers is only offered where they are special tokens."""
+    text = template.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], False)
+    return all(tok.token_to_id(m) is not None for m in ("<|im_start|>", "<s>", "</s>") if m in text)
+
+
+# -------------------------------------------------------------------- Qwen2 and SentencePiece conversion
+def _qwen2_from_files(path: Path, config: dict) -> _HFTokenizer:
+    """vocab.json + merges.txt with Qwen2's NFC normalizer, pre-tokenizer regex, byte-level decoder and specials."""
+    vocab = _read_json(path / "vocab.json")
+    lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()  # the shared copy has CRLF endings
+    merges = [tuple(l.split(" ")) for l in lines if l and not l.startswith("#version")]
+    tk = _HFTokenizer(models.BPE(vocab, merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    added = {i: t["content"] for i, t in config.get("added_tokens_decoder", {}).items()}
+    if (path / "added_tokens.json").is_file():
+        added.update({str(i): t for t, i in _read_json(path / "added_tokens.json").items()})
+    for i, content in sorted(added.items(), key=lambda x: int(x[0])):  # ids follow the vocab, in order
+        tk.add_special_tokens([AddedToken(content, special=True, normalized=False)])
+        if tk.token_to_id(content) != int(i):
+            raise ValueError(f"{path}: added token {content!r} should have id {i}, got {tk.token_to_id(content)}")
+    return tk
+
+
+def _from_sentencepiece(model_file: Path) -> _HFTokenizer:
+    """SentencePiece BPE -> tokenizers BPE, as transformers' LlamaTokenizer converts it (merges ordered by the merged
+    piece's id, byte fallback, Metaspace with the dummy prefix only at the start of the text), so ids match it."""
+    import sentencepiece as spm  # runtime dependency, only needed here
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{model_file}: not a SentencePiece model: {e}") from None
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = []
+    for piece in pieces:  # transformers.tokenization_utils_base.generate_merges
+        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges = [m for _, m in sorted(enumerate(merges), key=lambda x: (vocab[x[1][0] + x[1][1]], len(x[1][0]), x[0]))]
+    unk = next((p for i, p in enumerate(pieces) if sp.is_unknown(i)), None)
+    tk = _HFTokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True,
+                                 byte_fallback=any(sp.is_byte(i) for i in range(len(pieces)))))
+    dummy_prefix = sp.encode("a", out_type=str)[0].startswith("▁")
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if dummy_prefix else "never",
+                                                split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if dummy_prefix else []))
+    tk.add_special_tokens([AddedToken(p, special=True, normalized=False) for i, p in enumerate(pieces)
+                           if sp.is_control(i) or sp.is_unknown(i)])
+    return tk
+
+
+# -------------------------------------------------------------------- training corpus
+def corpus_files(files_or_dir: str | Path | Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files). A prepared dir trains on train-*.parquet and holds out valid-*.parquet;
+    any other dir contributes every parquet / text / JSON file under it."""
+    items = [files_or_dir] if isinstance(files_or_dir, (str, Path)) else list(files_or_dir)
+    train: list[Path] = []
+    heldout: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            shards = sorted(item.glob("train-*.parquet"))
+            if shards:
+                train += shards
+                heldout += sorted(item.glob("valid-*.parquet"))
+            else:
+                train += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in
+                                (".parquet", *TEXT_SUFFIXES, *JSON_SUFFIXES))
+        elif item.is_file():
+            train.append(item)
+        else:
+            raise FileNotFoundError(f"training data not found: {item}")
+    if not train:
+        raise ValueError(f"no training files (train-*.parquet, *.parquet, *.txt, *.json, *.jsonl) in {items}")
+    return train, heldout
+
+
+def file_text_bytes(path: Path) -> int:
+    """Text bytes in a file, cheaply: parquet metadata (uncompressed prompt/response size) or the file size."""
+    if path.suffix.lower() != ".parquet":
+        return path.stat().st_size
+    import pyarrow.parquet as pq
+
+    meta = _parquet(path).metadata
+    return sum(rg.column(c).total_uncompressed_size for rg in (meta.row_group(i) for i in range(meta.num_row_groups))
+               for c in range(rg.num_columns) if rg.column(c).path_in_schema in ("prompt", "response", "text"))
+
+
+def _parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise ValueError(f"{path}: cannot read parquet: {e}") from None
+
+
+def iter_documents(path: Path) -> Iterator[str]:
+    """Documents of one file. Parquet: prompt + "\\n" + response (as pretraining sees them) or a text column;
+    JSON lines / a JSON array: the string values of each record joined by newlines; text: one line at a time."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            pf = _parquet(path)
+            names = set(pf.schema_arrow.names)
+            cols = ["prompt", "response"] if {"prompt", "response"} <= names else ["text"] if "text" in names else None
+            if cols is None:
+                raise ValueError(f"{path}: parquet needs columns prompt+response or text, has {sorted(names)}")
+            for batch in pf.iter_batches(columns=cols, batch_size=4096):
+                columns = [c.to_pylist() for c in batch.columns]
+                for row in zip(*columns):
+                    doc = "\n".join(v or "" for v in row)
+                    if doc.strip():
+                        yield doc
+        elif suffix in JSON_SUFFIXES:
+            with open(path, encoding="utf-8") as f:
+                first = f.read(1)
+                while first.isspace():
+                    first = f.read(1)
+                f.seek(0)
+                # a JSON array must be parsed whole (the seeds' alpaca files are small); JSON lines stream
+                records = json.load(f) if first == "[" else (_json_line(path, n, l) for n, l in enumerate(f, 1))
+                for rec in records:
+                    doc = "\n".join(_strings(rec))
+                    if doc.strip():
+                        yield doc
+        else:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield line
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read: {e}") from None
+
+
+def _json_line(path: Path, n: int, line: str):
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: bad JSON line: {e}") from None
+
+
+def _strings(obj) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _heldout_doc(doc: str) -> bool:
+    """Deterministic ~1% hold-out when the data has no valid split."""
+    import zlib
+
+    return zlib.crc32(doc.encode("utf-8")) % 100 == 0
+
+
+class _Sampler:
+    """Streams training documents, keeping each with probability sample_bytes / total (seeded, so the same corpus
+    gives the same sample), and counts what went in."""
+
+    def __init__(self, files: list[Path], keep: float, seed: int, hold_out: bool):
+        self.files, self.keep, self.hold_out = files, keep, hold_out
+        self.rng = np.random.default_rng(seed)
+        self.docs = self.chars = self.bytes = 0
+        self.heldout: list[str] = []
+
+    def __iter__(self) -> Iterator[list[str]]:
+        batch: list[str] = []
+        for path in self.files:
+            for doc in iter_documents(path):
+                if self.hold_out and _heldout_doc(doc):
+                    self.heldout.append(doc)
+                    continue
+                if self.keep < 1.0 and self.rng.random() >= self.keep:
+                    continue
+                self.docs += 1
+                self.chars += len(doc)
+                self.bytes += len(doc.encode("utf-8"))
+                batch.append(doc)
+                if len(batch) == 1000:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+
+def new_bpe() -> _HFTokenizer:
+    """Our untrained byte-level BPE: no normalizer (lossless), CJK-chunked pre-tokenizer, the specials at ids 0-3."""
+    tk = _HFTokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+def chars_per_token(tok: Tokenizer, docs: list[str]) -> float | None:
+    if not docs:
+        return None
+    tokens = sum(len(ids) for i in range(0, len(docs), 512) for ids in tok.encode_batch(docs[i:i + 512]))
+    return sum(map(len, docs)) / max(tokens, 1)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | None = None, *,
+                    min_frequency: int = 2, template: str = "chatml", compare: str | Path | None = None,
+                    heldout_chars: int = 2_000_000, seed: int = 0, show_progress: bool = False) -> dict:
+    """Train our BPE on the training files, save it to out_dir (atomically) and return the report (also written to
+    out_dir/tokenizer_report.json). compare: another tokenizer dir (e.g. Qwen2) measured on the same held-out text."""
+    floor = len(SPECIAL_TOKENS) + 256 + 1
+    if vocab_size < floor:
+        raise ValueError(f"vocab_size {vocab_size} is too small: 4 special tokens + 256 bytes need at least {floor}")
+    get_template(template)
+    train_files, heldout_files = corpus_files(files_or_dir)
+    total = sum(map(file_text_bytes, train_files))
+    keep = 1.0 if not sample_bytes or total <= sample_bytes else sample_bytes / total
+    sampler = _Sampler(train_files, keep, seed, hold_out=not heldout_files)
+
+    start = time.perf_counter()
+    tk = new_bpe()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+                                  special_tokens=[AddedToken(t, special=True, normalized=False)
+                                                  for t in SPECIAL_TOKENS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(sampler, trainer=trainer)
+    seconds = time.perf_counter() - start
+    if sampler.docs == 0:
+        raise ValueError(f"empty corpus: no non-blank documents in {[str(p) for p in train_files]}")
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tk.token_to_id(t) == i, (t, tk.token_to_id(t))
+    tok = Tokenizer(tk, eos="<|endoftext|>", pad="<|pad|>", default_template=template)
+
+    heldout: list[str] = []
+    for doc in (d for p in heldout_files for d in iter_documents(p)) if heldout_files else sampler.heldout:
+        if sum(map(len, heldout)) >= heldout_chars:
+            break
+        heldout.append(doc)
+    report = {
+        "vocab_size": tok.vocab_size, "requested_vocab_size": vocab_size, "train_seconds": round(seconds, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "corpus_bytes": total, "sample_fraction": round(keep, 6),
+        "trained_docs": sampler.docs, "trained_chars": sampler.chars, "trained_bytes": sampler.bytes,
+        "heldout": "valid split" if heldout_files else "1% of documents", "heldout_chars": sum(map(len, heldout)),
+        "chars_per_token": _round(chars_per_token(tok, heldout)),
+    }
+    if compare is not None:
+        other = Tokenizer.load(compare)
+        report.update(compare=str(compare), compare_vocab_size=other.vocab_size,
+                      compare_chars_per_token=_round(chars_per_token(other, heldout)))
+        if report["chars_per_token"] and report["compare_chars_per_token"]:
+            report["chars_per_token_ratio"] = _round(report["chars_per_token"] / report["compare_chars_per_token"])
+    with atomic_dir(out_dir) as tmp:
+        tok.save(tmp)
+        write_json(Path(tmp) / "tokenizer_report.json", report)
+    return report
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tokenizer", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in report.items():
+        table.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+    Console().print(table)
+
+
+# -------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--data", nargs="+", default=["data/corpus"],
+                        help="prepared dir (trains on train-*.parquet, reports on valid-*.parquet) or parquet / "
+                             "text / JSON files and dirs")
+    parser.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size including special tokens")
+    parser.add_argument("--out", default="data/tokenizer", help="output dir (tokenizer.json, tokenizer_config.json, "
+                                                                "tokenizer_report.json)")
+    parser.add_argument("--sample-bytes", type=int, default=256 * 2**20,
+                        help="train on a deterministic sample of about this many text bytes when the corpus is "
+                             "larger (bounds memory); 0 = use everything")
+    parser.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
+    parser.add_argument("--template", default="chatml", choices=sorted(TEMPLATES),
+                        help="chat template written into tokenizer_config.json as the default")
+    parser.add_argument("--compare", default=None,
+                        help="another tokenizer dir (e.g. ../shared/corpora/tokenizers/qwen2) to measure on the same "
+                             "held-out text")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show the trainer's progress bars")
+
+
+def main(args: argparse.Namespace) -> None:
+    report = train_tokenizer(args.data, args.vocab_size, args.out, args.sample_bytes or None,
+                             min_frequency=args.min_frequency, template=args.template, compare=args.compare,
+                             seed=args.seed, show_progress=args.progress)
+    print_report(report)
+    print(f"saved to {args.out}")
