@@ -1,0 +1,430 @@
+"""utils/datasets.py: token cache, best-fit packing, resumable sharded loaders, SFT masks and packing."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from utils.datasets import (IGNORE_INDEX, PAD_SEGMENT, PackedLoader, best_fit_pack, build_token_cache, find_shards,
+                            pretrain_loader, sft_loader, to_messages)
+from utils.templates import get_template
+
+WORDS = ["今天", "天气", "很好", "我们", "一起", "去", "公园", "散步", "医生", "建议", "多喝水", "注意休息", "什么是",
+         "机器学习", "人工智能", "的", "方法", "，", "。", "？", "hello", "world", "123", "数据", "模型", "训练"]
+
+
+def make_records(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    text = lambda k: "".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    return [{"prompt": text(rng.randint(1, 12)), "response": text(rng.choice([1, 3, 8, 20, 40])),
+             "source": "test"} for _ in range(n)]
+
+
+def write_split(data_dir: Path, split: str, records: list[dict], shards: int = 2) -> list[Path]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        part = records[s::shards]
+        table = pa.table({k: pa.array([r[k] for r in part], pa.string()) for k in ("prompt", "response", "source")})
+        paths.append(data_dir / f"{split}-{s:05d}.parquet")
+        pq.write_table(table, paths[-1], compression="zstd")
+    return paths
+
+
+class FixtureTokenizer:
+    """The utils.tokenizer.Tokenizer interface over a tiny byte-level BPE trained here."""
+
+    def __init__(self, tok):
+        self.tokenizer = tok
+        self.eos_id, self.pad_id = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+        self.vocab_size = tok.get_vocab_size()
+        self.default_template = "chatml"
+
+    def to_str(self) -> str:
+        return self.tokenizer.to_str()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def token_to_id(self, tok: str) -> int | None:
+        return self.tokenizer.token_to_id(tok)
+
+
+def train_fixture_tokenizer(vocab_size: int = 400, extra: str = "") -> FixtureTokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>", "<|im_start|>",
+                                                                        "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [r["prompt"] + "\n" + r["response"] for r in make_records(300, seed=123)] + [extra]
+    tok.train_from_iterator(corpus, trainer)
+    return FixtureTokenizer(tok)
+
+
+@pytest.fixture(scope="module")
+def tok() -> FixtureTokenizer:
+    return train_fixture_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    write_split(d, "train", make_records(400, seed=1))
+    write_split(d, "valid", make_records(60, seed=2), shards=1)
+    return d
+
+
+def batches(loader, n: int) -> list[dict[str, torch.Tensor]]:
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def assert_same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# token cache
+# ---------------------------------------------------------------------------------------------------------------------
+def test_cache_holds_every_document_with_eos(corpus, tok, tmp_path):
+    files = find_shards(corpus, "train")
+    cache = build_token_cache(files, tok, tmp_path, "train")
+    docs = [f"{p}\n{r}" for f in files for p, r in zip(*pq.read_table(f, columns=["prompt", "response"])
+                                                         .to_pydict().values())]
+    assert cache.n_docs == len(docs) == 400
+    assert cache.tokens.dtype == np.uint16 and isinstance(cache.tokens, np.memmap)
+    for d in (0, 17, 399):
+        ids = cache.document(d)
+        assert ids[-1] == tok.eos_id
+        assert tok.decode(ids[:-1]) == docs[d]
+    assert cache.n_tokens == sum(len(tok.encode(d)) + 1 for d in docs)
+    assert cache.chars_per_token == pytest.approx(sum(map(len, docs)) / cache.n_tokens)
+
+
+def test_cache_reused_then_rebuilt_when_data_or_tokenizer_change(tmp_path, tok):
+    data = tmp_path / "data"
+    paths = write_split(data, "train", make_records(50, seed=3))
+    a = pretrain_loader(data, tok, "train", seq_len=16, batch_size=2).cache
+    assert a.path.parent == data / ".cache"
+    built = (a.path / "meta.json").stat().st_mtime_ns
+    b = pretrain_loader(data, tok, "train", seq_len=32, batch_size=2).cache
+    assert b.path == a.path and (b.path / "meta.json").stat().st_mtime_ns == built  # reused, not rebuilt
+
+    time.sleep(0.01)
+    write_split(data, "train", make_records(60, seed=4))  # same file names, new content
+    c = pretrain_loader(data, tok, "train", seq_len=16, batch_size=2).cache
+    assert c.path != a.path and c.n_docs == 60
+
+    other = train_fixture_tokenizer(vocab_size=350)
+    d = pretrain_loader(data, other, "train", seq_len=16, batch_size=2).cache
+    assert d.path not in (a.path, c.path) and d.meta["vocab_size"] == other.vocab_size
+    assert not [p for p in (data / ".cache").iterdir() if p.name.startswith(".tmp")]  # no temp dirs left
+    del paths
+
+
+def test_large_vocabulary_uses_uint32(tmp_path, tok):
+    class Big(FixtureTokenizer):
+        vocab_size = 70_000
+    big = Big.__new__(Big)
+    big.__dict__.update(tok.__dict__)
+    big.vocab_size = 70_000
+    write_split(tmp_path, "train", make_records(10))
+    cache = build_token_cache(find_shards(tmp_path, "train"), big, tmp_path / "c", "train")
+    assert cache.tokens.dtype == np.uint32 and cache.document(0)[-1] == tok.eos_id
+
+
+def test_bad_input_is_a_clear_error(tmp_path, tok):
+    with pytest.raises(FileNotFoundError, match="no train-NNNNN.parquet shards"):
+        pretrain_loader(tmp_path, tok, "train", 16, 2)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pretrain_loader(tmp_path / "nope", tok, "train", 16, 2)
+
+    empty = tmp_path / "empty"
+    write_split(empty, "train", [], shards=1)
+    with pytest.raises(ValueError, match="empty corpus"):
+        pretrain_loader(empty, tok, "train", 16, 2)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "train-00000.parquet").write_bytes(b"this is not parquet")
+    with pytest.raises(ValueError, match="train-00000.parquet: cannot read parquet"):
+        pretrain_loader(broken, tok, "train", 16, 2)
+
+    nocol = tmp_path / "nocol"
+    nocol.mkdir()
+    pq.write_table(pa.table({"prompt": ["a"], "text": ["b"]}), nocol / "train-00000.parquet")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['response'\]"):
+        pretrain_loader(nocol, tok, "train", 16, 2)
+
+    small = tmp_path / "small"
+    write_split(small, "train", make_records(3), shards=1)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        next(iter(pretrain_loader(small, tok, "train", 64, 8)))
+
+    with pytest.raises(ValueError, match="no SFT records"):
+        sft_loader([], tok, "chatml", 64, batch_size=2)
+    with pytest.raises(ValueError, match=r"records\[1\]: missing or non-string key\(s\) \['response'\]"):
+        sft_loader([("q", "a"), {"prompt": "q"}], tok, "chatml", 64, batch_size=2)
+    if os.geteuid() != 0:  # root reads anything
+        locked = tmp_path / "locked"
+        write_split(locked, "train", make_records(5), shards=1)
+        (locked / "train-00000.parquet").chmod(0)
+        with pytest.raises(ValueError, match="cannot read parquet"):
+            pretrain_loader(locked, tok, "train", 16, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# packing
+# ---------------------------------------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=80), capacity=st.integers(8, 50),
+       buffer_size=st.integers(1, 20), crop=st.booleans())
+def test_best_fit_pack_invariants(lengths, capacity, buffer_size, crop):
+    lengths = np.array(lengths)
+    if not crop:
+        lengths = np.minimum(lengths, capacity)
+    plan = best_fit_pack(lengths, capacity, np.random.default_rng(0).permutation(len(lengths)), buffer_size, crop)
+    s = plan.stats
+    assert len(set(plan.items.tolist())) == len(plan.items)  # every item used at most once
+    assert np.all(plan.takes <= lengths[plan.items]) and np.all(plan.takes >= 1)
+    fill = np.add.reduceat(plan.takes, plan.row_ptr[:-1]) if plan.n_rows else np.array([])
+    if crop:
+        assert np.all(fill == capacity) and s["padded"] == 0
+        assert s["units"] == s["used"] + s["cropped"] + s["dropped"]
+        for r in range(plan.n_rows):  # only the last piece of a row may be cut
+            pieces = range(plan.row_ptr[r], plan.row_ptr[r + 1] - 1)
+            assert all(plan.takes[p] == lengths[plan.items[p]] for p in pieces)
+    else:
+        assert sorted(plan.items.tolist()) == list(range(len(lengths)))  # all placed whole
+        assert np.array_equal(plan.takes, lengths[plan.items])
+        assert np.all(fill <= capacity) and s["padded"] == plan.n_rows * capacity - lengths.sum()
+
+
+def test_pretrain_rows_start_at_document_boundaries(corpus, tok, tmp_path):
+    loader = pretrain_loader(corpus, tok, "train", seq_len=32, batch_size=4, cache_dir=tmp_path)
+    cache = loader.cache
+    doc_starts = {tuple(cache.document(d)[:8]) for d in range(cache.n_docs)}
+    bpe = loader.batches_per_epoch
+    seen = batches(loader, bpe)
+    for b in seen:
+        assert b["input_ids"].shape == b["labels"].shape == (4, 32) and b["input_ids"].dtype == torch.long
+        assert torch.equal(b["input_ids"][:, 1:], b["labels"][:, :-1])
+        assert not (b["labels"] == IGNORE_INDEX).any()  # no padding
+        for row in b["input_ids"]:
+            assert tuple(row[:8].tolist()) in doc_starts
+    rep = loader.report
+    # an epoch uses each document at most once; best-fit packing wastes little
+    assert rep["crop_fraction"] + rep["drop_fraction"] < 0.2 and rep["pad_fraction"] == 0
+    assert loader.epoch == 1 and rep["tokens"] == cache.n_tokens
+    assert 0.5 < loader.chars_per_token < 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resumable, sharded iteration
+# ---------------------------------------------------------------------------------------------------------------------
+def make_pretrain(corpus, tok, cache_dir, **kw) -> PackedLoader:
+    args = dict(seq_len=24, batch_size=3, seed=7, cache_dir=cache_dir) | kw
+    return pretrain_loader(corpus, tok, "train", **args)
+
+
+@pytest.mark.parametrize("k", [2, "epoch_end", "past_epoch"])
+def test_resume_sees_exactly_the_same_rows(corpus, tok, tmp_path, k):
+    ref = make_pretrain(corpus, tok, tmp_path)
+    bpe = ref.batches_per_epoch
+    k = {"epoch_end": bpe, "past_epoch": bpe + 3}.get(k, k)
+    expected = batches(ref, k + 2 * bpe)[k:]
+
+    run = make_pretrain(corpus, tok, tmp_path)
+    batches(run, k)
+    state = json.loads(json.dumps(run.state_dict()))  # survives a JSON checkpoint
+    resumed = make_pretrain(corpus, tok, tmp_path)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == k // bpe
+    assert_same(batches(resumed, 2 * bpe), expected)
+
+
+def test_epochs_reshuffle(corpus, tok, tmp_path):
+    loader = make_pretrain(corpus, tok, tmp_path)
+    bpe = loader.batches_per_epoch
+    got = batches(loader, 2 * bpe)
+    assert not torch.equal(got[0]["input_ids"], got[bpe]["input_ids"])
+    other_seed = make_pretrain(corpus, tok, tmp_path, seed=8)
+    assert not torch.equal(next(iter(other_seed))["input_ids"], got[0]["input_ids"])
+
+
+def test_ranks_are_disjoint_and_cover_the_epoch(corpus, tok, tmp_path):
+    single = make_pretrain(corpus, tok, tmp_path, batch_size=2)
+    ranks = [make_pretrain(corpus, tok, tmp_path, batch_size=1, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].batches_per_epoch == ranks[1].batches_per_epoch == single.batches_per_epoch
+    bpe = single.batches_per_epoch
+    rows = {r: [tuple(x) for b in batches(ranks[r], bpe) for x in b["input_ids"].tolist()] for r in range(2)}
+    assert not set(rows[0]) & set(rows[1])
+    union = sorted(rows[0] + rows[1])
+    assert union == sorted(tuple(x) for b in batches(single, bpe) for x in b["input_ids"].tolist())
+
+
+
+def test_resume_with_another_world_size_continues_at_the_same_row(corpus, tok, tmp_path):
+    single = make_pretrain(corpus, tok, tmp_path, batch_size=2)
+    first, second = batches(single, 2)
+    state = make_pretrain(corpus, tok, tmp_path, batch_size=2)
+    batches(state, 1)
+    rows = []
+    for r in range(2):
+        rank = make_pretrain(corpus, tok, tmp_path, batch_size=1, rank=r, world_size=2)
+        rank.load_state_dict(state.state_dict())
+        rows += next(iter(rank))["input_ids"].tolist()
+    assert sorted(rows) == sorted(second["input_ids"].tolist())
+
+
+def test_state_from_other_data_is_refused(corpus, tok, tmp_path):
+    a = make_pretrain(corpus, tok, tmp_path)
+    b = make_pretrain(corpus, tok, tmp_path, seq_len=32)
+    with pytest.raises(ValueError, match="data is"):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="seed is"):
+        a.load_state_dict(a.state_dict() | {"seed": 99})
+
+
+def test_eval_batches_are_finite_and_deterministic(corpus, tok, tmp_path):
+    val = pretrain_loader(corpus, tok, "valid", seq_len=16, batch_size=4, cache_dir=tmp_path)
+    first = list(val.eval_batches())
+    assert_same(first, list(val.eval_batches()))
+    n_rows = sum(len(b["input_ids"]) for b in first)
+    assert n_rows == best_fit_pack(val.lengths, val.capacity, range(len(val.lengths))).n_rows > 4
+    assert len(list(val.eval_batches(max_batches=2))) == 2
+    halves = [list(pretrain_loader(corpus, tok, "valid", 16, 4, rank=r, world_size=2, cache_dir=tmp_path)
+                   .eval_batches()) for r in range(2)]
+    assert len(halves[0]) == len(halves[1]) and sum(len(b["input_ids"]) for h in halves for b in h) >= n_rows - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------------------------------------------------
+def trained_text(tok, batch: dict, row: int = 0) -> list[str]:
+    """The decoded label runs of each segment of a row."""
+    out = []
+    for seg in batch["segment_ids"][row].unique().tolist():
+        if seg == PAD_SEGMENT:
+            continue
+        labels = batch["labels"][row][batch["segment_ids"][row] == seg]
+        out.append(tok.decode(labels[labels != IGNORE_INDEX].tolist()))
+    return out
+
+
+def test_chatml_labels_only_answer_and_im_end(tok):
+    recs = [{"prompt": "什么是机器学习？", "response": "一种方法。"}]
+    b = next(iter(sft_loader(recs, tok, "chatml", max_seq_len=64, batch_size=1)))
+    assert trained_text(tok, b) == ["一种方法。<|im_end|>"]
+    n = int((b["segment_ids"][0] == 0).sum())
+    full = "<|im_start|>user\n什么是机器学习？<|im_end|>\n<|im_start|>assistant\n一种方法。<|im_end|>\n"
+    # the untrained "\n" after <|im_end|> is the example's last token: never an input, never a label
+    assert tok.decode(b["input_ids"][0, :n].tolist()) == full[:-1] and b["labels"][0, n - 1] == IGNORE_INDEX
+    assert (b["labels"][0, n:] == IGNORE_INDEX).all() and (b["segment_ids"][0, n:] == PAD_SEGMENT).all()
+    assert (b["input_ids"][0, n:] == tok.pad_id).all()
+
+
+@pytest.mark.parametrize("name,prefix", [("wenda", "问：你好答："), ("human_assistant", "Human: \n你好\n\nAssistant: \n")])
+def test_templates_without_end_token_train_answer_plus_eos(tok, name, prefix):
+    b = next(iter(sft_loader([("你好", "今天天气很好")], tok, name, max_seq_len=64, batch_size=1)))
+    assert trained_text(tok, b) == ["今天天气很好<|endoftext|>"]
+    assert tok.decode(b["input_ids"][0, :len(tok.encode(prefix))].tolist()) == prefix
+
+
+def test_multi_turn_trains_every_answer_and_system_is_masked(tok):
+    rec = {"system": "你是医生", "history": [("头疼", "多喝水")], "prompt": "还有呢", "response": "注意休息"}
+    msgs = to_messages(rec)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
+    b = next(iter(sft_loader([rec], tok, "chatml", max_seq_len=128, batch_size=1)))
+    labels = b["labels"][0]
+    assert tok.decode(labels[labels != IGNORE_INDEX].tolist()) == "多喝水<|im_end|>注意休息<|im_end|>"
+    b = next(iter(sft_loader([rec], tok, "chatml", max_seq_len=128, batch_size=1, train_on_prompt=True)))
+    n = int((b["segment_ids"][0] == 0).sum())
+    assert (b["labels"][0, :n] != IGNORE_INDEX).all()  # everything after the first token is learned
+
+
+def test_chatml_tokens_match_transformers_chat_template(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                              chat_template=get_template("chatml").jinja())
+    rec = {"system": "简短回答", "history": [("一", "二")], "prompt": "三", "response": "四"}
+    loader = sft_loader([rec], tok, "chatml", max_seq_len=128, batch_size=1)
+    ours = loader.examples.example(0)[0].tolist()
+    assert ours == hf.apply_chat_template(to_messages(rec), tokenize=True, return_dict=False)
+
+
+def test_overlength_truncated_or_skipped(tok):
+    recs = [("你好", "天气" * 200), ("短", "好")]
+    trunc = sft_loader(recs, tok, "chatml", max_seq_len=32, batch_size=1)
+    assert trunc.examples.stats["truncated"] == 1 and len(trunc.examples) == 2
+    assert max(np.diff(trunc.examples.offsets)) == 33
+    skip = sft_loader(recs, tok, "chatml", max_seq_len=32, batch_size=1, skip_overlength=True)
+    assert skip.examples.stats["skipped_overlength"] == 1 and len(skip.examples) == 1
+    # a prompt longer than the limit leaves nothing to learn: skipped and counted
+    nothing = sft_loader([("天气" * 200, "好"), ("短", "好")], tok, "chatml", max_seq_len=32, batch_size=1)
+    assert nothing.examples.stats["skipped_no_target"] == 1
+
+
+def test_sft_from_data_dir_packs_rows_and_resumes(corpus, tok):
+    loader = sft_loader(corpus, tok, None, max_seq_len=96, tokens_per_batch=96 * 4, seed=3)
+    assert loader.batch_size == 4 and len(loader.examples) == 400
+    bpe = loader.batches_per_epoch
+    got = batches(loader, bpe + 2)
+    segs = [int(s.max()) + 1 for b in got for s in b["segment_ids"]]
+    assert max(segs) > 1  # several examples per row
+    assert loader.report["pad_fraction"] < 0.15
+    # each epoch trains every example exactly once: count <|im_end|> labels
+    im_end = tok.token_to_id("<|im_end|>")
+    assert sum(int((b["labels"] == im_end).sum()) for b in got[:bpe]) <= 400
+    run = sft_loader(corpus, tok, None, max_seq_len=96, batch_size=4, seed=3)
+    batches(run, bpe - 1)
+    resumed = sft_loader(corpus, tok, None, max_seq_len=96, batch_size=4, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(run.state_dict())))
+    assert_same(batches(resumed, 3), got[bpe - 1:bpe + 2])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# packed vs unpacked loss with the real model
+# ---------------------------------------------------------------------------------------------------------------------
+def test_packed_and_unpacked_give_the_same_per_example_loss(tok):
+    model_mod = pytest.importorskip("model")
+    cfg = model_mod.ModelConfig.preset("tiny", vocab_size=tok.vocab_size)
+    model = model_mod.Transformer(cfg).eval()
+    recs = make_records(12, seed=5)
+    loader = sft_loader(recs, tok, "wenda", max_seq_len=128, batch_size=2, seed=0)
+    batch = next(iter(loader))
+    assert int(batch["segment_ids"].max()) >= 1
+    with torch.no_grad():
+        logits = model(batch["input_ids"], segment_ids=batch["segment_ids"]).float()
+        for b in range(len(batch["input_ids"])):
+            segs = batch["segment_ids"][b]
+            for seg in segs.unique().tolist():
+                if seg == PAD_SEGMENT:
+                    continue
+                sel = segs == seg
+                x, y = batch["input_ids"][b][sel][None], batch["labels"][b][sel]
+                packed = torch.nn.functional.cross_entropy(logits[b][sel], y, ignore_index=IGNORE_INDEX)
+                alone = model(x, labels=y[None])  # the example by itself: no packing, no mask
+                torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,635 @@
+"""Training data: a packed, resumable pretraining stream over a cached token file, and packed SFT examples.
+
+Pretraining documents (`prompt + "\\n" + response + <eos>`) are tokenized once into a memory-mapped token file with
+document offsets, cached under a key of (data files, tokenizer, format version). SFT conversations are rendered with a
+chat template segment by segment, so the label mask is exact: only assistant answers and their end-of-turn token are
+learned (unless `train_on_prompt`).
+
+Both loaders pack variable-length items into fixed-capacity rows with the same best-fit packer (nanochat style): a
+row starts at an item boundary and is filled with the largest buffered item that still fits. Pretraining rows crop
+the last item to fill the row exactly (no padding); SFT rows never cut an example and pad the remainder, and carry
+`segment_ids` so attention stays inside each example.
+
+Resumption is exact because everything an epoch yields is a pure function of (seed, epoch): the item order is a
+permutation drawn from `seed + epoch`, the packing is deterministic, and the loader state is just
+(epoch, global rows consumed). Rows are dealt out interleaved (rank r of W takes rows r, r+W, ... of each batch
+stride), so the rows consumed after k batches are always a prefix of the epoch's row order.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+IGNORE_INDEX = -100
+PAD_SEGMENT = -1  # segment id of the padding at the end of a packed SFT row
+CACHE_FORMAT_VERSION = 1  # bump when the document format or the cache layout changes
+ENCODE_BATCH = 4096  # documents per encode_batch call (tokenizers threads inside each call)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prepared parquet shards
+# ---------------------------------------------------------------------------------------------------------------------
+def find_shards(data_dir: str | Path, split: str) -> list[Path]:
+    """The `{split}-NNNNN.parquet` shards of a prepared data directory, in order."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} does not exist")
+    files = sorted(data_dir.glob(f"{split}-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no {split}-NNNNN.parquet shards in {data_dir} (run `train.py prepare` first)")
+    return files
+
+
+def iter_parquet(files: Sequence[Path], columns: Sequence[str], batch_size: int = ENCODE_BATCH
+                 ) -> Iterator[dict[str, list]]:
+    """Column batches of the given parquet files; unreadable files and missing columns are errors naming the file."""
+    for path in files:
+        try:
+            pf = pq.ParquetFile(path)
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; it has {pf.schema_arrow.names}")
+            for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
+                yield batch.to_pydict()
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: cannot read parquet file ({e})") from e
+
+
+def _num_rows(files: Sequence[Path]) -> int:
+    total = 0
+    for path in files:
+        try:
+            total += pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: cannot read parquet file ({e})") from e
+    return total
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretraining token cache
+# ---------------------------------------------------------------------------------------------------------------------
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's serialized form (its tokenizer.json content)."""
+    for obj in (tokenizer, getattr(tokenizer, "tokenizer", None), getattr(tokenizer, "_tokenizer", None)):
+        if obj is not None and callable(getattr(obj, "to_str", None)):
+            return hashlib.sha256(obj.to_str().encode()).hexdigest()
+    raise TypeError(f"cannot fingerprint tokenizer {type(tokenizer).__name__}: it exposes no to_str()")
+
+
+def cache_key(files: Sequence[Path], tokenizer: Any) -> str:
+    """Hash of (format version, data file names + sizes + mtimes, tokenizer.json content)."""
+    h = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}\n".encode())
+    for path in files:
+        st = Path(path).stat()
+        h.update(f"{Path(path).name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    return h.hexdigest()[:20]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
+
+
+@dataclass
+class TokenCache:
+    """Documents as one memory-mapped token array; document d is tokens[offsets[d]:offsets[d + 1]]."""
+
+    path: Path
+    tokens: np.ndarray
+    offsets: np.ndarray  # int64 [n_docs + 1]
+    meta: dict
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def chars_per_token(self) -> float:
+        return self.meta["n_chars"] / self.meta["n_tokens"]
+
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def document(self, d: int) -> np.ndarray:
+        return np.asarray(self.tokens[self.offsets[d]:self.offsets[d + 1]])
+
+    @classmethod
+    def load(cls, path: Path) -> "TokenCache":
+        meta = json.loads((path / "meta.json").read_text())
+        offsets = np.load(path / "offsets.npy")
+        tokens = np.memmap(path / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["n_tokens"],))
+        return cls(path, tokens, offsets, meta)
+
+
+def _write_token_cache(files: Sequence[Path], tokenizer: Any, out: Path, key: str) -> None:
+    """Tokenize every document of `files` into `out/` (tokens.bin, offsets.npy, meta.json), streaming in batches."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = tokenizer.eos_id
+    lengths: list[np.ndarray] = []
+    n_chars = n_null = 0
+    with open(out / "tokens.bin", "wb") as f, _progress() as progress:
+        task = progress.add_task(f"tokenizing {files[0].name.split('-')[0]} documents", total=_num_rows(files))
+        for cols in iter_parquet(files, ("prompt", "response")):
+            docs = []
+            for p, r in zip(cols["prompt"], cols["response"]):
+                if p is None or r is None:
+                    n_null += 1
+                else:
+                    docs.append(f"{p}\n{r}")
+            progress.advance(task, len(cols["prompt"]))
+            if not docs:
+                continue
+            ids = tokenizer.encode_batch(docs)
+            lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))
+            f.write(np.insert(flat, np.cumsum(lens), np.array(eos, dtype=dtype)).tobytes())  # eos after each doc
+            lengths.append(lens + 1)
+            n_chars += sum(map(len, docs))
+    if not lengths:
+        raise ValueError(f"no documents in {', '.join(str(p) for p in files)} (empty corpus)")
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+    np.save(out / "offsets.npy", offsets)
+    meta = {"version": CACHE_FORMAT_VERSION, "key": key, "files": [p.name for p in files],
+            "n_docs": len(offsets) - 1, "n_tokens": int(offsets[-1]), "n_chars": n_chars, "skipped_null": n_null,
+            "dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eos_id": eos}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def build_token_cache(files: Sequence[Path], tokenizer: Any, cache_dir: str | Path, name: str) -> TokenCache:
+    """Load the token cache of (files, tokenizer), building it first when absent.
+
+    Concurrent builders (DDP ranks) serialize on a lock file; the cache is written into a temporary directory
+    and renamed into place, so a crash never leaves a half-written cache behind.
+    """
+    files = [Path(p) for p in files]
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(files, tokenizer)
+    final = cache_dir / f"{name}-{key}"
+    if (final / "meta.json").exists():
+        return TokenCache.load(final)
+    with open(cache_dir / f".{name}-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (final / "meta.json").exists():
+            tmp = cache_dir / f".tmp-{name}-{key}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            try:
+                _write_token_cache(files, tokenizer, tmp, key)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return TokenCache.load(final)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Best-fit packing
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class PackPlan:
+    """Rows of an epoch: row i holds pieces row_ptr[i]:row_ptr[i+1]; piece p is the first takes[p] units of item
+    items[p]. `order` is the order rows are served in."""
+
+    items: np.ndarray
+    takes: np.ndarray
+    row_ptr: np.ndarray
+    order: np.ndarray
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_ptr) - 1
+
+
+def best_fit_pack(lengths: np.ndarray, capacity: int, order: Iterable[int], buffer_size: int = 1000,
+                  crop: bool = True) -> PackPlan:
+    """Pack items (taken from `order`) into rows of `capacity` units; every row starts with a whole item.
+
+    The packer keeps `buffer_size` upcoming items sorted by length and fills a row with the largest one that still
+    fits. When none fits: with `crop`, the shortest buffered item is cut to fill the row exactly (its tail is
+    dropped and counted); without, the row is closed and the remainder is padding. A final row that `crop` mode
+    cannot fill is dropped (counted), so cropped rows never contain padding.
+    """
+    if not crop and len(lengths) and int(np.max(lengths)) > capacity:
+        raise ValueError(f"an item of length {int(np.max(lengths))} exceeds the row capacity {capacity}")
+    buf: list[tuple[int, int, int]] = []  # (length, arrival, item), sorted
+    source = iter(order)
+    arrivals = 0
+    items: list[int] = []
+    takes: list[int] = []
+    row_ptr = [0]
+    cropped = padded = dropped = total = 0
+
+    def refill() -> None:
+        nonlocal arrivals, total
+        while len(buf) < buffer_size:
+            i = next(source, None)
+            if i is None:
+                return
+            n = int(lengths[i])
+            total += n
+            bisect.insort(buf, (n, arrivals, int(i)))
+            arrivals += 1
+
+    while True:
+        refill()
+        if not buf:
+            break
+        remaining = capacity
+        while remaining > 0:
+            refill()
+            if not buf:
+                break
+            j = bisect.bisect_right(buf, (remaining, arrivals, 0)) - 1  # largest item with length <= remaining
+            if j >= 0:
+                n, _, i = buf.pop(j)
+                take = n
+            elif crop:
+                n, _, i = buf.pop(0)
+                take = remaining
+                cropped += n - remaining
+            else:
+                break
+            items.append(i)
+            takes.append(take)
+            remaining -= take
+        if remaining and crop:  # data ran out mid-row
+            dropped += capacity - remaining
+            del items[row_ptr[-1]:], takes[row_ptr[-1]:]
+            break
+        padded += remaining
+        row_ptr.append(len(items))
+    n_rows = len(row_ptr) - 1
+    stats = {"rows": n_rows, "capacity": capacity, "units": total, "used": n_rows * capacity - padded,
+             "cropped": cropped, "padded": padded, "dropped": dropped}
+    return PackPlan(np.asarray(items, dtype=np.int64), np.asarray(takes, dtype=np.int64),
+                    np.asarray(row_ptr, dtype=np.int64), np.arange(n_rows), stats)
+
+
+def packing_report(stats: dict) -> dict[str, float]:
+    """Fractions a trainer can log: of all units, how many were cropped / dropped; of row capacity, how much padded."""
+    units = max(stats["units"], 1)
+    slots = max(stats["rows"] * stats["capacity"], 1)
+    return {"rows": stats["rows"], "crop_fraction": stats["cropped"] / units,
+            "drop_fraction": stats["dropped"] / units, "pad_fraction": stats["padded"] / slots}
+
+
+def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of flat[starts[k]:starts[k] + lens[k]] for all k, in one fancy-indexing read."""
+    ends = np.cumsum(lens)
+    idx = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lens), lens)
+    return np.asarray(flat[idx])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------------------------------
+class _RowLoader:
+    """Infinite, sharded, resumable iterator over the packed rows of each epoch (see the module docstring)."""
+
+    capacity: int
+    crop: bool
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, rank: int, world_size: int, seed: int,
+                 buffer_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = lengths
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.buffer_size = seed, buffer_size
+        self.epoch = 0
+        self.row = 0  # rows consumed in this epoch, summed over all ranks
+        self._plan: tuple[int, PackPlan] | None = None
+
+    # --- what subclasses provide
+    def _fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # --- epochs
+    def plan(self, epoch: int | None = None) -> PackPlan:
+        """The packed rows of an epoch: items permuted with `seed + epoch`, packed, rows shuffled."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._plan is None or self._plan[0] != epoch:
+            rng = np.random.default_rng(self.seed + epoch)
+            plan = best_fit_pack(self.lengths, self.capacity, rng.permutation(len(self.lengths)),
+                                 self.buffer_size, self.crop)
+            plan.order = rng.permutation(plan.n_rows)
+            self._plan = (epoch, plan)
+        return self._plan[1]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank gets in the current epoch (rows left over after the last full batch are skipped)."""
+        return self.plan().n_rows // (self.batch_size * self.world_size)
+
+    @property
+    def report(self) -> dict[str, float]:
+        """Packing efficiency of the current epoch, including the rows that do not fill a last global batch."""
+        plan = self.plan()
+        stride = self.batch_size * self.world_size
+        served = self.batches_per_epoch * stride
+        rep = packing_report(plan.stats)
+        rep["unserved_row_fraction"] = (plan.n_rows - served) / max(plan.n_rows, 1)
+        rep["batches_per_epoch"] = self.batches_per_epoch
+        return rep
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        stride = self.batch_size * self.world_size
+        while True:
+            plan = self.plan()
+            if plan.n_rows < stride:
+                raise ValueError(f"only {plan.n_rows} packed rows in an epoch, fewer than batch_size "
+                                 f"{self.batch_size} x world_size {self.world_size}; use less data per batch")
+            if self.row + stride > plan.n_rows:
+                self.epoch, self.row = self.epoch + 1, 0
+                continue
+            rows = plan.order[self.row + self.rank:self.row + stride:self.world_size]
+            self.row += stride
+            if self.row + stride > plan.n_rows:  # epoch done: the state already points at the next one
+                self.epoch, self.row = self.epoch + 1, 0
+            yield self._batch(plan, rows)
+
+    def eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Finite pass over the whole split in file order (no shuffling), this rank's share; the last batch may be
+        smaller. Rows beyond a multiple of world_size are left out so all ranks yield the same number of batches."""
+        plan = best_fit_pack(self.lengths, self.capacity, range(len(self.lengths)), self.buffer_size, self.crop)
+        n = plan.n_rows // self.world_size * self.world_size
+        mine = np.arange(self.rank, n, self.world_size)
+        for k, start in enumerate(range(0, len(mine), self.batch_size)):
+            if max_batches is not None and k >= max_batches:
+                return
+            yield self._batch(plan, mine[start:start + self.batch_size])
+
+    # --- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "row": self.row, "seed": self.seed, "data": self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a saved position. The data, seed and packing must match; batch size and world size may change
+        (the run continues at the same global row of the same epoch)."""
+        for key in ("seed", "data"):
+            if state.get(key) != self.state_dict()[key]:
+                raise ValueError(f"loader state does not match this data: {key} is {state.get(key)!r} in the "
+                                 f"saved state, {self.state_dict()[key]!r} here")
+        self.epoch, self.row = int(state["epoch"]), int(state["row"])
+
+
+class PackedLoader(_RowLoader):
+    """Pretraining rows of seq_len + 1 tokens cut into input_ids = row[:-1], labels = row[1:]; no padding."""
+
+    crop = True
+
+    def __init__(self, cache: TokenCache, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, buffer_size: int = 1000):
+        super().__init__(cache.doc_lengths(), batch_size, rank, world_size, seed, buffer_size)
+        self.cache = cache
+        self.seq_len = seq_len
+        self.capacity = seq_len + 1
+
+    @property
+    def chars_per_token(self) -> float:
+        return self.cache.chars_per_token
+
+    @property
+    def report(self) -> dict[str, float]:
+        rep = super().report
+        rep.update(docs=self.cache.n_docs, tokens=self.cache.n_tokens, chars_per_token=self.chars_per_token)
+        return rep
+
+    def _fingerprint(self) -> str:
+        return f"{self.cache.meta['key']}/len{self.seq_len}/buf{self.buffer_size}"
+
+    def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        pieces = np.concatenate([np.arange(plan.row_ptr[r], plan.row_ptr[r + 1]) for r in rows])
+        flat = _gather(self.cache.tokens, self.cache.offsets[plan.items[pieces]], plan.takes[pieces])
+        batch = torch.from_numpy(flat.astype(np.int64)).view(len(rows), self.capacity)
+        return {"input_ids": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+
+
+def pretrain_loader(data_dir: str | Path, tokenizer: Any, split: str, seq_len: int, batch_size: int,
+                    rank: int = 0, world_size: int = 1, seed: int = 0, cache_dir: str | Path | None = None,
+                    buffer_size: int = 1000) -> PackedLoader:
+    """The packed pretraining stream of one split of a prepared data directory (token cache built on first use)."""
+    files = find_shards(data_dir, split)
+    cache = build_token_cache(files, tokenizer, cache_dir or Path(data_dir) / ".cache", split)
+    return PackedLoader(cache, seq_len, batch_size, rank, world_size, seed, buffer_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------------------------------------------------
+Record = dict[str, Any] | Sequence[str]
+
+
+def to_messages(record: Record, where: str = "record") -> list[dict[str, str]]:
+    """A record as chat messages. Accepted: {"messages": [{"role", "content"}, ...]};
+    {"prompt", "response", "history"?: [(q, a), ...], "system"?: str}; or a (prompt, response) pair."""
+    if isinstance(record, dict) and "messages" in record:
+        msgs = record["messages"]
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: bad message {m!r} (need role system|user|assistant and str content)")
+        return list(msgs)
+    if isinstance(record, dict):
+        missing = [k for k in ("prompt", "response") if not isinstance(record.get(k), str)]
+        if missing:
+            raise ValueError(f"{where}: missing or non-string key(s) {missing}")
+        prompt, response = record["prompt"], record["response"]
+        history, system = record.get("history") or [], record.get("system")
+    elif isinstance(record, (tuple, list)) and len(record) == 2:
+        (prompt, response), history, system = record, [], None
+    else:
+        raise ValueError(f"{where}: expected a dict or a (prompt, response) pair, got {type(record).__name__}")
+    msgs = [{"role": "system", "content": system}] if system else []
+    for turn in history:
+        if len(turn) != 2:
+            raise ValueError(f"{where}: history turns must be (question, answer) pairs, got {turn!r}")
+        msgs += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+    return msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def _ends_turn_with_token(template: Any, tokenizer: Any) -> bool:
+    """Whether the template closes an answer with a special token (ChatML's <|im_end|>, Llama's </s> with a Llama
+    tokenizer). If not (wenda, human_assistant, raw, llama2 with our tokenizer), eos is appended after each answer."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\x00"}]
+    answer = next(text for text, trainable in template.segments(probe) if trainable)
+    marker = answer.split("\x00", 1)[1].strip()
+    tid = tokenizer.token_to_id(marker) if marker else None
+    return tid is not None and tokenizer.encode(marker) == [tid]
+
+
+@dataclass
+class SFTExamples:
+    """Tokenized conversations: example e is tokens[offsets[e]:offsets[e+1]] with a per-token `trainable` flag."""
+
+    tokens: np.ndarray  # int32
+    trainable: np.ndarray  # bool
+    offsets: np.ndarray  # int64 [n + 1]
+    stats: dict
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def example(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        s, t = self.offsets[e], self.offsets[e + 1]
+        return self.tokens[s:t], self.trainable[s:t]
+
+
+def tokenize_sft(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, template: Any, max_seq_len: int,
+                 skip_overlength: bool = False, train_on_prompt: bool = False) -> SFTExamples:
+    """Render each conversation segment by segment and tokenize it, marking the trainable tokens.
+
+    An example of n tokens trains n - 1 positions; one longer than max_seq_len positions is skipped
+    (`skip_overlength`) or cut to max_seq_len + 1 tokens. Examples left with nothing to learn are skipped.
+    """
+    append_eos = not _ends_turn_with_token(template, tokenizer)
+    eos = tokenizer.eos_id
+    seg_lists = [template.segments(msgs) for msgs in conversations]
+    texts = [text for segs in seg_lists for text, _ in segs]
+    ids: list[list[int]] = []
+    with _progress() as progress:
+        task = progress.add_task("tokenizing SFT examples", total=len(texts))
+        for s in range(0, len(texts), ENCODE_BATCH * 4):
+            ids.extend(tokenizer.encode_batch(texts[s:s + ENCODE_BATCH * 4]))
+            progress.advance(task, len(texts[s:s + ENCODE_BATCH * 4]))
+    stats = {"conversations": len(conversations), "examples": 0, "truncated": 0, "skipped_overlength": 0,
+             "skipped_no_target": 0}
+    toks: list[list[int]] = []
+    masks: list[list[bool]] = []
+    k = 0
+    for segs in seg_lists:
+        x: list[int] = []
+        m: list[bool] = []
+        for _, trainable in segs:
+            seg_ids = ids[k] + [eos] if trainable and append_eos else ids[k]
+            k += 1
+            x += seg_ids
+            m += [trainable or train_on_prompt] * len(seg_ids)
+        if len(x) - 1 > max_seq_len:
+            if skip_overlength:
+                stats["skipped_overlength"] += 1
+                continue
+            stats["truncated"] += 1
+            x, m = x[:max_seq_len + 1], m[:max_seq_len + 1]
+        if not any(m[1:]):
+            stats["skipped_no_target"] += 1
+            continue
+        toks.append(x)
+        masks.append(m)
+    if not toks:
+        raise ValueError(f"no usable SFT examples out of {len(conversations)} conversations ({stats})")
+    stats["examples"] = len(toks)
+    lens = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
+    return SFTExamples(np.fromiter(chain.from_iterable(toks), dtype=np.int32, count=int(lens.sum())),
+                       np.fromiter(chain.from_iterable(masks), dtype=bool, count=int(lens.sum())),
+                       np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), stats)
+
+
+class SFTLoader(_RowLoader):
+    """Rows of max_seq_len positions packed with whole examples; `segment_ids` keep examples apart (0, 1, ... per
+    row, PAD_SEGMENT on the padding, whose labels are IGNORE_INDEX)."""
+
+    crop = False
+
+    def __init__(self, examples: SFTExamples, pad_id: int, max_seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, buffer_size: int = 1000):
+        super().__init__(np.diff(examples.offsets) - 1, batch_size, rank, world_size, seed, buffer_size)
+        self.examples = examples
+        self.pad_id = pad_id
+        self.capacity = self.max_seq_len = max_seq_len
+        h = hashlib.sha256(examples.tokens.tobytes())
+        h.update(examples.trainable.tobytes())
+        self._data_hash = h.hexdigest()[:20]
+
+    @property
+    def report(self) -> dict[str, float]:
+        rep = super().report
+        rep.update(self.examples.stats)
+        return rep
+
+    def _fingerprint(self) -> str:
+        return f"{self._data_hash}/len{self.max_seq_len}/buf{self.buffer_size}"
+
+    def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        B, T = len(rows), self.max_seq_len
+        input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        segment_ids = np.full((B, T), PAD_SEGMENT, dtype=np.int64)
+        for b, r in enumerate(rows):
+            pos = 0
+            for seg, p in enumerate(range(plan.row_ptr[r], plan.row_ptr[r + 1])):
+                x, m = self.examples.example(plan.items[p])
+                n = len(x) - 1
+                input_ids[b, pos:pos + n] = x[:-1]
+                labels[b, pos:pos + n] = np.where(m[1:], x[1:], IGNORE_INDEX)
+                segment_ids[b, pos:pos + n] = seg
+                pos += n
+        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                "segment_ids": torch.from_numpy(segment_ids)}
+
+
+def load_sft_records(data_dir: str | Path, split: str) -> list[dict[str, str]]:
+    """(prompt, response) records of a prepared split; rows with a null field are skipped."""
+    records = []
+    for cols in iter_parquet(find_shards(data_dir, split), ("prompt", "response")):
+        records += [{"prompt": p, "response": r} for p, r in zip(cols["prompt"], cols["response"])
+                    if p is not None and r is not None]
+    return records
+
+
+def sft_loader(records_or_data_dir: str | Path | Sequence[Record], tokenizer: Any, template: Any = None,
+               max_seq_len: int = 512, batch_size: int | None = None, tokens_per_batch: int | None = None,
+               rank: int = 0, world_size: int = 1, seed: int = 0, skip_overlength: bool = False,
+               train_on_prompt: bool = False, split: str = "train", buffer_size: int = 1000) -> SFTLoader:
+    """Packed SFT batches from a prepared data directory (its `split`) or in-memory records (see `to_messages`).
+
+    template: a ChatTemplate, a template name, or None for the tokenizer's default. Give either batch_size (rows)
+    or tokens_per_batch (rows = tokens_per_batch // max_seq_len).
+    """
+    if (batch_size is None) == (tokens_per_batch is None):
+        raise ValueError("give exactly one of batch_size or tokens_per_batch")
+    if batch_size is None:
+        batch_size = max(1, tokens_per_batch // max_seq_len)
+    if template is None or isinstance(template, str):
+        from utils.templates import get_template
+        template = get_template(template or tokenizer.default_template)
+    if isinstance(records_or_data_dir, (str, Path)):
+        records: Sequence[Record] = load_sft_records(records_or_data_dir, split)
+        source = f"{records_or_data_dir} ({split})"
+    else:
+        records, source = records_or_data_dir, "records"
+    if not records:
+        raise ValueError(f"no SFT records in {source}")
+    convs = [to_messages(r, f"{source}[{i}]") for i, r in enumerate(records)]
+    examples = tokenize_sft(convs, tokenizer, template, max_seq_len, skip_overlength, train_on_prompt)
+    return SFTLoader(examples, tokenizer.pad_id, max_seq_len, batch_size, rank, world_size, seed, buffer_size)
