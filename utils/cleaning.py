@@ -1,0 +1,131 @@
+"""Normalization and filters: the seed's per-corpus rules (seeds.md 1.1-1.3) as configurable defaults.
+
+Seed quirks fixed here rather than copied:
+- the duplicate-punctuation set held a literal backslash + `s` (so "ss" collapsed to "s"); we collapse real
+  punctuation only, and only separators (，。！？；：、 and their ASCII forms), never closing quotes or brackets;
+- every space became `，` (breaking English and code); now only whitespace between two CJK characters does;
+- newlines after punctuation were deleted; paragraphs are kept (runs of blank lines collapse to one newline);
+- en->zh punctuation turned decimal points and thousands separators into `。`/`，`; digits are left alone;
+- Dice similarity divided by zero on two empty strings;
+- BELLE's `input` field was ignored (see corpora.py); the translation filter uses the SFT stage's wider word list;
+- lengths were cut twice (512 at merge, 320 at split); there is one cap, cut or drop.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from utils.corpora import Record
+
+CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_CJK_CHAR = f"[{CJK}]"
+
+# separators that collapse when repeated or mixed ("，，" -> "，", "。！" -> "。", "!!!" -> "!")
+_SEPARATORS = "，。！？；：、,.!?;:"
+_SEP_RUN = re.compile(f"([{re.escape(_SEPARATORS)}])[{re.escape(_SEPARATORS)}]+")
+_LONG_ELLIPSIS = re.compile(r"…{3,}|\.{4,}")
+_LONG_DASH = re.compile(r"—{3,}")
+_TILDE_RUN = re.compile(r"([~～])[~～]+")
+_CJK_SPACE = re.compile(f"(?<={_CJK_CHAR})[ \t\u3000\u00a0]+(?={_CJK_CHAR})")
+_SPACES = re.compile(r"[ \t\u3000\u00a0]+")
+_SPACE_AROUND_NL = re.compile(r" *\n[\n ]*")
+_EN_PUNCT_AFTER_CJK = re.compile(f"(?<={_CJK_CHAR})([,!;:?]|\\.(?!\\d))")
+_EN_PUNCT_TO_ZH = str.maketrans({",": "，", "!": "！", ";": "；", ":": "：", "?": "？", ".": "。"})
+_PARENS = re.compile(f"\\(([^()\\n]*{_CJK_CHAR}[^()\\n]*)\\)")
+
+TRANSLATION_WORDS = ("translate", "翻译", "英译", "译英", "中译", "译中", "汉译", "译汉")
+_TRANSLATION = re.compile("|".join(TRANSLATION_WORDS), re.IGNORECASE)
+_TABLE = re.compile(r"-----|\|\s*:?-{3,}|-{3,}:?\s*\|")
+
+
+def dice(a: str, b: str) -> float:
+    """Dice coefficient over character sets, as the seed computes it (0 for two empty strings)."""
+    sa, sb = set(a), set(b)
+    total = len(sa) + len(sb)
+    return 2 * len(sa & sb) / total if total else 0.0
+
+
+def merge_title(title: str, body: str, threshold: float, keep: str = "title") -> str:
+    """The seed's title/question rule: when the two say the same thing (Dice >= threshold) keep one of them
+    (`keep` = "title" for baike, "body" for medical), otherwise ask both, title first."""
+    title, body = title.strip(), body.strip()
+    if not title or not body:
+        return title or body
+    if dice(title, body) >= threshold:
+        return title if keep == "title" else body
+    return f"{title}\n{body}"
+
+
+def normalize_punctuation(text: str) -> str:
+    """Collapse repeated separators, tidy whitespace, keep paragraphs (see module docstring for the seed's rule)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CJK_SPACE.sub("，", text)
+    text = _SPACES.sub(" ", text)
+    text = _SPACE_AROUND_NL.sub("\n", text)
+    text = _SEP_RUN.sub(r"\1", text)
+    text = _LONG_ELLIPSIS.sub("……", text)
+    text = _LONG_DASH.sub("——", text)
+    text = _TILDE_RUN.sub(r"\1", text)
+    return text.strip()
+
+
+def en_to_zh_punctuation(text: str) -> str:
+    """ASCII `,.!?;:` right after a CJK character -> full width (not decimal points); `(...)` around CJK -> `（...）`.
+    The seed applies this to wiki text only."""
+    text = _EN_PUNCT_AFTER_CJK.sub(lambda m: m.group(1).translate(_EN_PUNCT_TO_ZH), text)
+    return _PARENS.sub(r"（\1）", text)
+
+
+def is_translation_task(prompt: str) -> bool:
+    return _TRANSLATION.search(prompt) is not None
+
+
+def has_table(prompt: str, response: str) -> bool:
+    """The seed's table rule (`表格` in the prompt, `-----` anywhere) plus markdown table rules (`|---`)."""
+    return "表格" in prompt or _TABLE.search(prompt) is not None or _TABLE.search(response) is not None
+
+
+# (min prompt chars, min response chars) per corpus, from seeds.md 1.1 (merge step: 3 / 3 for the rest). The
+# instruction formats are not in the seed: their short answers ("没有", a label) are valid, so only non-empty.
+SEED_MIN_LENGTHS: dict[str, tuple[int, int]] = {
+    "webtext": (3, 15), "baike": (3, 15), "medical": (3, 15), "zhihu": (4, 10), "belle": (3, 5),
+    "instruct": (1, 1), "alpaca": (1, 1), "sharegpt": (1, 1), "qa": (1, 1), "hc3": (1, 1),
+}
+
+
+@dataclass
+class CleanConfig:
+    normalize: bool = True                      # normalize_punctuation on both fields
+    min_lengths: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(SEED_MIN_LENGTHS))
+    default_min_lengths: tuple[int, int] = (3, 3)
+    max_len: int = 512                          # per field, in characters
+    overlong: str = "cut"                       # "cut" (seed) or "drop"
+    drop_translation: tuple[str, ...] = ("belle",)  # corpora whose translation tasks are dropped
+    drop_tables: tuple[str, ...] = ("belle",)       # corpora whose tables are dropped
+
+    def __post_init__(self) -> None:
+        if self.overlong not in ("cut", "drop"):
+            raise ValueError(f"overlong must be 'cut' or 'drop', got {self.overlong!r}")
+
+
+def clean_record(rec: Record, corpus: str, cfg: CleanConfig) -> str | None:
+    """Clean `rec` in place; return the reason it must be dropped, or None to keep it."""
+    if corpus in cfg.drop_translation and is_translation_task(rec.prompt):
+        return "translation"
+    if corpus in cfg.drop_tables and has_table(rec.prompt, rec.response):
+        return "table"
+    if cfg.normalize:
+        rec.prompt = normalize_punctuation(rec.prompt)
+        rec.response = normalize_punctuation(rec.response)
+    else:
+        rec.prompt, rec.response = rec.prompt.strip(), rec.response.strip()
+    min_prompt, min_response = cfg.min_lengths.get(corpus, cfg.default_min_lengths)
+    if len(rec.prompt) < min_prompt:
+        return "short_prompt"
+    if len(rec.response) < min_response:
+        return "short_response"
+    if len(rec.prompt) > cfg.max_len or len(rec.response) > cfg.max_len:
+        if cfg.overlong == "drop":
+            return "too_long"
+        rec.prompt, rec.response = rec.prompt[:cfg.max_len], rec.response[:cfg.max_len]
+    return None

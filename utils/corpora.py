@@ -1,0 +1,591 @@
+"""One streaming reader per raw corpus format -> `Record`s, and a registry by name.
+
+A reader is `fn(path, opts, tally) -> Iterator[Record]` for one file. It never holds the file in memory, and it
+never raises on bad input: a malformed line, undecodable bytes or a missing field is counted in `tally` with its
+file and line, and the reader goes on. `read_corpus` expands a directory into the files its reader understands.
+Later stages (LoRA instruction data) reuse `READERS` / `read_corpus` / `read_file`.
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow.parquet as pq
+
+
+@dataclass(slots=True)
+class Record:
+    prompt: str
+    response: str
+    source: str = ""
+    history: list[tuple[str, str]] = field(default_factory=list)  # earlier (q, a) turns, oldest first
+    system: str = ""
+
+
+@dataclass
+class Tally:
+    """Rows read and dropped by reason, with the first few examples of each reason (file:line and a detail)."""
+    read: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    examples: list[dict] = field(default_factory=list)
+    max_examples: int = 3
+
+    def drop(self, reason: str, where: str = "", detail: str = "") -> None:
+        self.dropped[reason] += 1
+        if self.dropped[reason] <= self.max_examples:
+            self.examples.append({"reason": reason, "where": where, "detail": detail[:200]})
+
+
+@dataclass
+class ReaderOptions:
+    encoding: str | None = None      # None: detect (BOM, then strict UTF-8, then GB18030)
+    min_star: int = 5                # webtext: drop answers with fewer stars (seed: 5)
+    dice_threshold: float = 0.9      # baike / medical: title and question merge rule
+    hc3_answers: str = "both"        # hc3: "human", "chatgpt" or "both"
+    wiki_max_chars: int = 512        # wiki: answer = first paragraphs up to this many characters
+    seed: int = 23333                # wiki: question template choice
+
+
+# drop reasons that judge content rather than readability (a file holding only these is still readable)
+FILTER_REASONS = {"low_star"}
+
+Reader = Callable[[Path, ReaderOptions, Tally], Iterator[Record]]
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    fn: Reader
+    patterns: tuple[str, ...]        # which files of a directory this reader takes
+
+
+READERS: dict[str, ReaderSpec] = {}
+JSON_PATTERNS = ("*.json", "*.jsonl", "*.txt")
+
+
+def register(name: str, patterns: tuple[str, ...] = JSON_PATTERNS) -> Callable[[Reader], Reader]:
+    def wrap(fn: Reader) -> Reader:
+        READERS[name] = ReaderSpec(fn, patterns)
+        return fn
+    return wrap
+
+
+# ----------------------------------------------------------------------------------------------- low-level input
+
+def detect_encoding(path: Path, sample_bytes: int = 1 << 20) -> str:
+    with open(path, "rb") as f:
+        head = f.read(sample_bytes)
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    for enc in ("utf-8", "gb18030"):
+        try:
+            codecs.getincrementaldecoder(enc)().decode(head, final=False)
+            return enc
+        except UnicodeDecodeError:
+            continue
+    return "utf-8"  # mostly undecodable: every bad line is counted
+
+
+def text_lines(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) for each line that decodes; the others are counted as `undecodable`."""
+    enc = opts.encoding or detect_encoding(path)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode(enc)
+            except UnicodeDecodeError as e:
+                tally.read += 1
+                tally.drop("undecodable", f"{path}:{n}", f"{enc}: {e.reason} at byte {e.start}")
+
+
+def json_objects(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tuple[str, dict]]:
+    """Objects of a JSON-lines file or of a top-level JSON array (streamed), each with its `file:line`."""
+    enc = opts.encoding or detect_encoding(path)
+    with open(path, "rb") as f:
+        head = f.read(4096).decode(enc, errors="ignore").lstrip("\ufeff \t\r\n")
+    if head.startswith("["):
+        yield from _json_array(path, enc, tally)
+        return
+    for n, line in text_lines(path, opts, tally):
+        line = line.strip()
+        if not line:
+            continue
+        tally.read += 1
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            tally.drop("bad_json", f"{path}:{n}", str(e))
+            continue
+        if not isinstance(obj, dict):
+            tally.drop("not_an_object", f"{path}:{n}", type(obj).__name__)
+            continue
+        yield f"{path}:{n}", obj
+
+
+def _json_array(path: Path, enc: str, tally: Tally, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, dict]]:
+    """Stream the items of `[ {...}, {...} ]` with raw_decode over a sliding buffer (no whole-file load)."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding=enc, errors="strict") as f:
+        buf, pos, eof, item, line, started = "", 0, False, 0, 1, False
+        while True:
+            while pos < len(buf) and (buf[pos] in " \t\r\n,\ufeff" or (buf[pos] == "[" and not started)):
+                started |= buf[pos] == "["
+                line += buf[pos] == "\n"
+                pos += 1
+            if pos >= len(buf):
+                if eof:
+                    return
+                try:
+                    more = f.read(chunk_chars)
+                except UnicodeDecodeError as e:
+                    tally.read += 1
+                    tally.drop("undecodable", f"{path}:{line}", f"{enc}: {e.reason}; rest of the array skipped")
+                    return
+                buf, pos, eof = more, 0, not more
+                continue
+            if buf[pos] == "]":
+                return
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+            except ValueError as e:
+                if not eof:  # the item may continue in the next chunk
+                    try:
+                        more = f.read(chunk_chars)
+                    except UnicodeDecodeError as e2:
+                        more, e = "", e2
+                    buf, pos, eof = buf[pos:] + more, 0, not more
+                    if more:
+                        continue
+                tally.read += 1
+                tally.drop("bad_json", f"{path}:{line}", f"{e}; rest of the array skipped")
+                return
+            item += 1
+            tally.read += 1
+            where = f"{path}:{line}"
+            line += buf.count("\n", pos, end)
+            pos = end
+            if isinstance(obj, dict):
+                yield where, obj
+            else:
+                tally.drop("not_an_object", where, type(obj).__name__)
+
+
+def _text(obj: dict, key: str) -> str:
+    """A field as text: strings as they are, numbers as str, None / missing as ''."""
+    v = obj.get(key)
+    if v is None:
+        return ""
+    return v if isinstance(v, str) else str(v)
+
+
+def _require(obj: dict, keys: tuple[str, ...], where: str, tally: Tally) -> bool:
+    missing = [k for k in keys if not _text(obj, k).strip()]
+    if missing:
+        tally.drop("missing_field", where, f"missing or empty: {', '.join(missing)}")
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+@register("webtext")
+def read_webtext(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """webtext2019zh: title -> content; answers with `star` below `min_star` are dropped (seed: `desc` unused)."""
+    for where, obj in json_objects(path, opts, tally):
+        if not _require(obj, ("title", "content"), where, tally):
+            continue
+        try:
+            star = int(obj.get("star") or 0)
+        except (TypeError, ValueError):
+            tally.drop("bad_field", where, f"star={obj.get('star')!r}")
+            continue
+        if star < opts.min_star:
+            tally.drop("low_star", where, f"star={star}")
+            continue
+        yield Record(_text(obj, "title"), _text(obj, "content"), "webtext")
+
+
+@register("baike")
+def read_baike(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """baike_qa2019: title (+ desc unless Dice-similar) -> answer."""
+    from utils.cleaning import merge_title
+    for where, obj in json_objects(path, opts, tally):
+        if not _require(obj, ("title", "answer"), where, tally):
+            continue
+        prompt = merge_title(_text(obj, "title"), _text(obj, "desc"), opts.dice_threshold, keep="title")
+        yield Record(prompt, _text(obj, "answer"), "baike")
+
+
+MEDICAL_COLUMNS = ("department", "title", "ask", "answer")
+
+
+@register("medical", patterns=("*.csv",))
+def read_medical(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """Toyhom medical dialogue CSV (department,title,ask,answer), GB18030 or UTF-8: title + ask (one of them when
+    Dice-similar) -> answer. Quoted fields may span lines; a stray quote inside an unquoted field is literal."""
+    from utils.cleaning import merge_title
+    lines = text_lines(path, opts, tally)
+    line_no = [0]
+
+    def numbered() -> Iterator[str]:
+        for n, line in lines:
+            line_no[0] = n
+            yield line
+
+    rows = csv.reader(numbered())
+    header: list[str] | None = None
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            tally.read += 1
+            tally.drop("malformed_row", f"{path}:{line_no[0]}", str(e))
+            continue
+        if not row or not any(c.strip() for c in row):
+            continue
+        if header is None and {c.strip().lower() for c in row} >= {"title", "ask", "answer"}:
+            header = [c.strip().lower() for c in row]
+            continue
+        tally.read += 1
+        where = f"{path}:{line_no[0]}"
+        if header is not None:
+            idx = {name: header.index(name) for name in MEDICAL_COLUMNS if name in header}
+            if len(row) < len(header):
+                tally.drop("missing_field", where, f"{len(row)} of {len(header)} columns")
+                continue
+            title, ask = row[idx["title"]], row[idx["ask"]]
+            answer = "，".join(row[idx["answer"]:]) if idx["answer"] == len(header) - 1 else row[idx["answer"]]
+        else:
+            if len(row) < 4:
+                tally.drop("missing_field", where, f"{len(row)} of 4 columns")
+                continue
+            title, ask, answer = row[1], row[2], "，".join(row[3:])  # an unquoted comma split the answer
+        if ask.strip() in ("无", "无。"):
+            ask = ""
+        prompt = merge_title(title, ask, opts.dice_threshold, keep="body")
+        if not prompt.strip() or not answer.strip():
+            tally.drop("missing_field", where, "empty title/ask or answer")
+            continue
+        yield Record(prompt, answer, "medical")
+
+
+def _parquet_rows(path: Path, columns: list[str], tally: Tally, batch_rows: int = 8192) -> Iterator[tuple[str, dict]]:
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        tally.read += 1
+        tally.drop("bad_parquet", str(path), str(e))
+        return
+    names = set(f.schema_arrow.names)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        tally.read += f.metadata.num_rows
+        tally.dropped["missing_field"] += f.metadata.num_rows
+        tally.examples.append({"reason": "missing_field", "where": str(path), "detail": f"no column {missing}"})
+        return
+    n = 0
+    for batch in f.iter_batches(batch_size=batch_rows, columns=[c for c in columns if c in names]):
+        for row in batch.to_pylist():
+            n += 1
+            tally.read += 1
+            yield f"{path}:row {n}", row
+
+
+@register("zhihu", patterns=("*.parquet",))
+def read_zhihu(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """Zhihu-KOL parquet: INSTRUCTION -> RESPONSE."""
+    for where, row in _parquet_rows(path, ["INSTRUCTION", "RESPONSE"], tally):
+        if _require(row, ("INSTRUCTION", "RESPONSE"), where, tally):
+            yield Record(row["INSTRUCTION"], row["RESPONSE"], "zhihu")
+
+
+@register("parquet", patterns=("*.parquet",))
+def read_parquet(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """Our own prepared parquet (prompt, response[, source])."""
+    for where, row in _parquet_rows(path, ["prompt", "response"], tally):
+        if _require(row, ("prompt", "response"), where, tally):
+            yield Record(row["prompt"], row["response"], "parquet")
+
+
+def _instruction(obj: dict) -> str:
+    """instruction + input, one per line (the seed dropped `input`, which loses the question in many records)."""
+    parts = [_text(obj, "instruction").strip(), _text(obj, "input").strip()]
+    return "\n".join(p for p in parts if p)
+
+
+@register("belle")
+def read_belle(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """BELLE instruction / input / output (JSON lines or array)."""
+    for where, obj in json_objects(path, opts, tally):
+        prompt = _instruction(obj)
+        if not prompt or not _require(obj, ("output",), where, tally):
+            if not prompt:
+                tally.drop("missing_field", where, "missing or empty: instruction")
+            continue
+        yield Record(prompt, _text(obj, "output"), "belle")
+
+
+def _history(obj: dict, where: str, tally: Tally) -> list[tuple[str, str]] | None:
+    hist = obj.get("history") or []
+    if not isinstance(hist, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in hist):
+        tally.drop("bad_field", where, "history must be a list of [question, answer] pairs")
+        return None
+    return [(str(q), str(a)) for q, a in hist]
+
+
+@register("alpaca")
+def read_alpaca(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """alpaca / LLaMA-Factory: instruction + input -> output, optional system and history [[q, a], ...]."""
+    for where, obj in json_objects(path, opts, tally):
+        prompt = _instruction(obj)
+        if not prompt:
+            tally.drop("missing_field", where, "missing or empty: instruction and input")
+            continue
+        if not _require(obj, ("output",), where, tally):
+            continue
+        history = _history(obj, where, tally)
+        if history is not None:
+            yield Record(prompt, _text(obj, "output"), "alpaca", history, _text(obj, "system"))
+
+
+@register("instruct")
+def read_instruct(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """taishan1994 instruct / query / answer: prompt = instruct + "\\n" + query."""
+    for where, obj in json_objects(path, opts, tally):
+        if not _require(obj, ("instruct", "answer"), where, tally):
+            continue
+        prompt = "\n".join(p for p in (_text(obj, "instruct").strip(), _text(obj, "query").strip()) if p)
+        yield Record(prompt, _text(obj, "answer"), "instruct")
+
+
+QA_KEYS = (("q", "a"), ("question", "answer"), ("question", "std_answer"), ("问", "答"), ("prompt", "response"))
+
+
+@register("qa")
+def read_qa(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """Plain question/answer JSON: {"q","a"} (HC3 LoRA seed), {"question","answer"}, {"问","答"}, ..."""
+    for where, obj in json_objects(path, opts, tally):
+        for qk, ak in QA_KEYS:
+            if qk in obj and ak in obj:
+                if _require(obj, (qk, ak), where, tally):
+                    yield Record(_text(obj, qk), _text(obj, ak), "qa")
+                break
+        else:
+            tally.drop("missing_field", where, f"none of the key pairs {QA_KEYS}")
+
+
+@register("hc3")
+def read_hc3(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """Original HC3: {"question", "human_answers": [...], "chatgpt_answers": [...]} -> one record per kept answer.
+    HC3-Plus lines ({"text", "label"}) have no question, so they are counted as `no_question_hc3plus`."""
+    if opts.hc3_answers not in ("human", "chatgpt", "both"):
+        raise ValueError(f"hc3_answers must be human, chatgpt or both, got {opts.hc3_answers!r}")
+    keys = {"human": ("human_answers",), "chatgpt": ("chatgpt_answers",)}.get(
+        opts.hc3_answers, ("human_answers", "chatgpt_answers"))
+    for where, obj in json_objects(path, opts, tally):
+        if "question" not in obj and "text" in obj and "label" in obj:
+            tally.drop("no_question_hc3plus", where, "HC3-Plus {text,label} record: no question to answer")
+            continue
+        if not _require(obj, ("question",), where, tally):
+            continue
+        answers = [a for k in keys for a in (obj.get(k) or []) if isinstance(a, str) and a.strip()]
+        if not answers:
+            tally.drop("missing_field", where, f"no non-empty {' / '.join(keys)}")
+            continue
+        for a in answers:
+            yield Record(_text(obj, "question"), a, "hc3")
+
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+          "bot": "assistant", "system": "system"}
+
+
+@register("sharegpt")
+def read_sharegpt(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """ShareGPT {"conversations": [{"from","value"}]} or {"messages": [{"role","content"}]}: the last
+    user/assistant pair is prompt/response, earlier pairs are `history`, a leading system turn is `system`."""
+    for where, obj in json_objects(path, opts, tally):
+        turns = obj.get("conversations") or obj.get("messages")
+        if not isinstance(turns, list) or not turns:
+            tally.drop("missing_field", where, "no conversations / messages list")
+            continue
+        system, pairs, pending, ok = _text(obj, "system"), [], None, True
+        for t in turns:
+            if not isinstance(t, dict):
+                ok = False
+                break
+            role = _ROLES.get(str(t.get("from", t.get("role", ""))).lower())
+            text = str(t.get("value", t.get("content", "")) or "")
+            if role == "system":
+                system = text
+            elif role == "user" and pending is None:
+                pending = text
+            elif role == "assistant" and pending is not None:
+                pairs.append((pending, text))
+                pending = None
+            else:
+                ok = False
+                break
+        if not ok or not pairs:
+            tally.drop("bad_field", where, "turns must alternate user / assistant")
+            continue
+        (q, a), history = pairs[-1], pairs[:-1]
+        if not q.strip() or not a.strip():
+            tally.drop("missing_field", where, "empty last question or answer")
+            continue
+        yield Record(q, a, "sharegpt", history, system)
+
+
+# ----------------------------------------------------------------------------------------------- wiki
+
+WIKI_TEMPLATES = (
+    "什么是{}？", "介绍一下{}", "介绍一下什么是{}", "写一篇关于{}的介绍", "{}是什么？", "你知道{}吗？", "生成关于{}的介绍",
+    "我想知道关于{}的详细信息", "你了解{}吗？", "请解释一下{}", "对于{}，你有什么了解或看法吗？", "请告诉我关于{}的信息",
+    "请简要描述一下{}", "请提供有关{}的一些详细信息", "能否解释一下{}是什么？", "请分享一些关于{}的背景知识",
+    "请简要概括一下{}", "能给我一些关于{}的背景资料吗？", "有关{}的信息可以分享一下吗？", "你能告诉我{}是什么吗？",
+)
+_DOC_OPEN = re.compile(r'<doc\b[^>]*\btitle="([^"]*)"[^>]*>')
+_WIKI_QUOTES = str.maketrans({"「": "“", "」": "”", "『": "“", "』": "”", "｢": "“", "｣": "”"})
+_WIKI_FIXES = ((re.compile(r"[，；]）"), "）"), (re.compile(r"[（(]，"), "（"), (re.compile(r"（）|\(\)"), ""))
+_SENTENCE_END = re.compile(r"[。！？!?]")
+_t2s = None
+
+
+def to_simplified(text: str) -> str:
+    global _t2s
+    if _t2s is None:
+        import opencc
+        _t2s = opencc.OpenCC("t2s")
+    return _t2s.convert(text)
+
+
+def _wiki_articles(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tuple[str, str, str]]:
+    """(where, title, body text) from WikiExtractor --json lines or classic `<doc ...>` text."""
+    lines = text_lines(path, opts, tally)
+    first = next(lines, None)
+    if first is None:
+        return
+    if first[1].lstrip("\ufeff").lstrip().startswith("{"):
+        for n, line in ((first[0], first[1]), *lines):
+            line = line.strip()
+            if not line:
+                continue
+            tally.read += 1
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                tally.drop("bad_json", f"{path}:{n}", str(e))
+                continue
+            if not isinstance(obj, dict) or not _require(obj, ("title", "text"), f"{path}:{n}", tally):
+                continue
+            yield f"{path}:{n}", _text(obj, "title"), _text(obj, "text")
+        return
+    title, body, start = None, [], 0
+    for n, line in ((first[0], first[1]), *lines):
+        m = _DOC_OPEN.match(line.strip())
+        if m:
+            title, body, start = m.group(1), [], n
+            tally.read += 1
+        elif line.strip() == "</doc>":
+            if title is not None:
+                yield f"{path}:{start}", title, "".join(body)
+            title = None
+        elif title is not None:
+            body.append(line)
+    if title is not None:
+        tally.drop("truncated_article", f"{path}:{start}", "no closing </doc>")
+
+
+def wiki_answer(title: str, text: str, max_chars: int) -> str:
+    """The first paragraphs after the title line, up to max_chars; a first paragraph that is too long is cut at
+    its last sentence end (the seed cut at max_chars mid-sentence)."""
+    paras = [p.strip() for p in text.split("\n") if p.strip()]
+    if paras and paras[0] == title.strip():
+        paras = paras[1:]
+    out = ""
+    for p in paras:
+        if len(out) + len(p) + (1 if out else 0) > max_chars:
+            if not out:
+                cut = p[:max_chars]
+                ends = [m.end() for m in _SENTENCE_END.finditer(cut)]
+                out = cut[:ends[-1]] if ends else cut
+            break
+        out = f"{out}\n{p}" if out else p
+    return out
+
+
+def clean_wiki_text(text: str) -> str:
+    """The seed's wiki conversion: traditional -> simplified, corner quotes, bracket leftovers, en -> zh punctuation."""
+    from utils.cleaning import en_to_zh_punctuation
+    text = to_simplified(text).translate(_WIKI_QUOTES)
+    for pattern, repl in _WIKI_FIXES:
+        text = pattern.sub(repl, text)
+    return en_to_zh_punctuation(text)
+
+
+@register("wiki", patterns=("*",))
+def read_wiki(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """WikiExtractor output -> (templated question about the title, first <= wiki_max_chars of the article).
+    Only the part that is kept is converted (OpenCC is slow). The template depends on the title and seed only,
+    so the output does not depend on file order."""
+    for where, title, text in _wiki_articles(path, opts, tally):
+        # convert a little more than we keep: t2s can change lengths only marginally
+        answer = clean_wiki_text(wiki_answer(title, text[: opts.wiki_max_chars * 3 + len(title) + 8], opts.wiki_max_chars * 2))
+        answer = wiki_answer("", answer, opts.wiki_max_chars)
+        title = to_simplified(title.strip())
+        if not title or not answer:
+            tally.drop("empty_article", where, title or "(no title)")
+            continue
+        template = WIKI_TEMPLATES[zlib.crc32(f"{opts.seed}:{title}".encode()) % len(WIKI_TEMPLATES)]
+        yield Record(template.format(title), answer, "wiki")
+
+
+# ----------------------------------------------------------------------------------------------- corpus level
+
+def get_reader(name: str) -> ReaderSpec:
+    if name not in READERS:
+        raise ValueError(f"unknown corpus format {name!r}; known: {', '.join(sorted(READERS))}")
+    return READERS[name]
+
+
+def list_files(name: str, path: str | Path) -> list[Path]:
+    """The files of a corpus: `path` itself, or the files under a directory that match the reader's patterns
+    (recursively, sorted, hidden files skipped). Raises for a path that does not exist or holds no such file."""
+    spec, path = get_reader(name), Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus {name}: {path} does not exist")
+    if path.is_file():
+        return [path]
+    files = sorted({p for pat in spec.patterns for p in path.rglob(pat)
+                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)})
+    if not files:
+        raise FileNotFoundError(f"corpus {name}: no {' / '.join(spec.patterns)} files under {path}")
+    return files
+
+
+def is_blank_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return not f.read(4096).strip(b" \t\r\n\xef\xbb\xbf")
+
+
+def read_file(name: str, path: Path, opts: ReaderOptions | None = None, tally: Tally | None = None) -> Iterator[Record]:
+    opts, tally = opts or ReaderOptions(), tally if tally is not None else Tally()
+    if is_blank_file(path):
+        tally.drop("empty_file", str(path))
+        return
+    yield from get_reader(name).fn(path, opts, tally)
+
+
+def read_corpus(name: str, path: str | Path, opts: ReaderOptions | None = None,
+                tally: Tally | None = None) -> Iterator[Record]:
+    """Every record of a corpus file or directory, in file order."""
+    for f in list_files(name, path):
+        yield from read_file(name, f, opts, tally)

@@ -1,0 +1,196 @@
+"""Exact and MinHash-LSH near-duplicate removal, vectorized so that 10M rows fit in a few GB and run at CPU speed.
+
+Per row we keep only a 64-bit exact hash and one 64-bit key per LSH band, never the text or the full signature.
+The MinHash is datasketch's default scheme ("affine32": MurmurHash3 fmix32 of the shingle hash, then
+`a * h + b mod 2**32` with datasketch's `a, b` for the same seed), computed for a whole chunk of rows at once with
+numpy; the band count and width come from `datasketch.MinHashLSH` for the same threshold and num_perm. So a
+signature equals `datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash).hashvalues`, and a row is a
+near-duplicate exactly when datasketch's LSH, fed the rows in order (query, then insert), returns a candidate.
+Like the seed, the first occurrence is kept; unlike the seed, shingles are character n-grams (default 3), not
+single characters, whose set-Jaccard calls most long Chinese texts duplicates of each other.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+FNV_PRIME = np.uint32(16777619)
+FNV_OFFSET = np.uint32(2166136261)
+_FMIX = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
+_EXACT_STRIP = re.compile(r"[\W_]+")
+_NOT_KEPT = re.compile(r"[^\u3400-\u4dbf\u4e00-\u9fff0-9a-z]+")
+_GOLDEN, _M64A, _M64B = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.85   # Jaccard threshold of the LSH (seed: 0.85)
+    num_perm: int = 256       # permutations (seed: 256)
+    ngram: int = 3            # character shingle length (the seed effectively used 1)
+    seed: int = 1             # datasketch's default MinHash seed
+
+
+def exact_key(prompt: str, response: str) -> bytes:
+    """Rows that differ only in case, whitespace or punctuation share this key."""
+    norm = _EXACT_STRIP.sub("", prompt.lower()) + "\x1f" + _EXACT_STRIP.sub("", response.lower())
+    return hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest()
+
+
+def exact_hashes(prompts: list[str], responses: list[str]) -> np.ndarray:
+    return np.frombuffer(b"".join(map(exact_key, prompts, responses)), dtype=np.uint64).copy()
+
+
+def shingle_hash(gram: str) -> int:
+    """32-bit FNV-1 over code points: the scalar twin of the vectorized hash (pass it to datasketch as hashfunc)."""
+    h = int(FNV_OFFSET)
+    for ch in gram:
+        h = ((h * int(FNV_PRIME)) & 0xFFFFFFFF) ^ ord(ch)
+    return h
+
+
+def _keep_mask(cp: np.ndarray) -> np.ndarray:
+    """The characters MinHash looks at: CJK ideographs, ASCII letters and digits (seed regex minus its `[` and `|`)."""
+    return (((cp >= 0x4E00) & (cp <= 0x9FFF)) | ((cp >= 0x3400) & (cp <= 0x4DBF))
+            | ((cp >= 0x30) & (cp <= 0x39)) | ((cp >= 0x61) & (cp <= 0x7A)))
+
+
+def shingles(text: str, ngram: int) -> set[str]:
+    """The shingle set of one document, as the vectorized code sees it (for tests and datasketch comparison)."""
+    kept = _NOT_KEPT.sub("", text.lower())
+    if not kept:
+        return set()
+    if len(kept) <= ngram:
+        return {kept}
+    return {kept[i:i + ngram] for i in range(len(kept) - ngram + 1)}
+
+
+@lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's affine32 parameters: same RandomState calls, same order."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+@lru_cache(maxsize=8)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) exactly as datasketch.MinHashLSH picks them."""
+    from datasketch import MinHashLSH
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    s1, m1, s2, m2, s3 = _FMIX
+    h = h ^ (h >> s1)
+    h = h * m1
+    h = h ^ (h >> s2)
+    h = h * m2
+    return h ^ (h >> s3)
+
+
+def chunk_shingle_hashes(docs: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """All shingle hashes of a chunk of documents, concatenated, and each document's start offset into them.
+    Documents with no kept character get no shingles (offset[i] == offset[i+1])."""
+    text = "\x00".join(docs).lower()
+    if text.count("\x00") != len(docs) - 1:  # NUL separates documents, so none may hide inside one
+        text = "\x00".join(d.replace("\x00", "") for d in docs).lower()
+    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    doc_id = np.cumsum(cp == 0, dtype=np.int64)  # separators are NUL; a NUL inside a doc only splits its shingles
+    keep = _keep_mask(cp)
+    cp, doc_id = cp[keep], doc_id[keep]
+    n = len(docs)
+    lengths = np.bincount(doc_id, minlength=n)[:n] if len(doc_id) else np.zeros(n, np.int64)
+    # n-gram hashes at every position whose n-gram stays inside one document
+    m = len(cp)
+    if m >= ngram:
+        h = np.full(m - ngram + 1, FNV_OFFSET, dtype=np.uint32)
+        for k in range(ngram):
+            h = (h * FNV_PRIME) ^ cp[k:m - ngram + 1 + k]
+        valid = doc_id[:m - ngram + 1] == doc_id[ngram - 1:]
+        h, hid = h[valid], doc_id[:m - ngram + 1][valid]
+    else:
+        h, hid = np.empty(0, np.uint32), np.empty(0, np.int64)
+    # documents shorter than n: one shingle, the whole (kept) document
+    short = np.flatnonzero((lengths > 0) & (lengths < ngram))
+    if len(short):
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        extra = np.array([shingle_hash("".join(map(chr, cp[starts[i]:starts[i] + lengths[i]]))) for i in short],
+                         dtype=np.uint32)
+        h, hid = np.concatenate([h, extra]), np.concatenate([hid, short])
+        order = np.argsort(hid, kind="stable")
+        h, hid = h[order], hid[order]
+    offsets = np.searchsorted(hid, np.arange(n + 1))
+    return h, offsets
+
+
+def minhash_signatures(docs: list[str], num_perm: int = 256, seed: int = 1, ngram: int = 3,
+                       block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(signatures [n, num_perm] uint32, has_shingles [n] bool). Rows without shingles get all-max signatures,
+    like an empty datasketch MinHash."""
+    a, b = _permutations(num_perm, seed)
+    hv, offsets = chunk_shingle_hashes(docs, ngram)
+    hv = _fmix32(hv)
+    n = len(docs)
+    sig = np.full((num_perm, n), np.iinfo(np.uint32).max, dtype=np.uint32)
+    nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
+    # permutation-major blocks of ~`block` shingles keep the [num_perm, block] temporaries in cache
+    i = 0
+    while i < len(nonempty):
+        j = int(np.searchsorted(offsets[nonempty], offsets[nonempty[i]] + block, side="right"))
+        j = max(j, i + 1)
+        docs_blk = nonempty[i:j]
+        s0, s1 = offsets[docs_blk[0]], offsets[docs_blk[-1] + 1]
+        perm = a[:, None] * hv[None, s0:s1]
+        perm += b[:, None]
+        sig[:, docs_blk] = np.minimum.reduceat(perm, offsets[docs_blk] - s0, axis=1)
+        i = j
+    return sig.T, offsets[1:] > offsets[:-1]
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One 64-bit key per (row, band): a multiply-xor fold of the band's `rows` values, then the MurmurHash3
+    64-bit finalizer. [n, bands] uint64."""
+    sig = sig.astype(np.uint64)
+    out = np.empty((sig.shape[0], bands), dtype=np.uint64)
+    for k in range(bands):
+        h = np.full(sig.shape[0], ((k + 1) * int(_GOLDEN)) % (1 << 64), dtype=np.uint64)
+        for j in range(k * rows, (k + 1) * rows):
+            h = (h ^ sig[:, j]) * _M64A
+        h ^= h >> np.uint64(33)
+        h *= _M64B
+        out[:, k] = h ^ (h >> np.uint64(33))
+    return out
+
+
+def near_keys(docs: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(band keys [n, bands], has_shingles [n]) for a chunk: all that near-dup removal needs to remember."""
+    bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
+    sig, has = minhash_signatures(docs, cfg.num_perm, cfg.seed, cfg.ngram)
+    return band_keys(sig, bands, rows), has
+
+
+def first_occurrence(keys: np.ndarray) -> np.ndarray:
+    """Boolean mask: True where keys[i] did not occur at any j < i."""
+    mask = np.zeros(len(keys), dtype=bool)
+    if len(keys):
+        _, first = np.unique(keys, return_index=True)
+        mask[first] = True
+    return mask
+
+
+def near_duplicates(bands: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """True for each eligible row that shares a band key with an earlier eligible row (the LSH query-then-insert
+    rule); rows that are not eligible (exact duplicates, empty documents) neither match nor get matched."""
+    idx = np.flatnonzero(eligible)
+    dup = np.zeros(len(bands), dtype=bool)
+    for k in range(bands.shape[1]):
+        dup[idx[~first_occurrence(bands[idx, k])]] = True
+    return dup

@@ -1,0 +1,376 @@
+"""`train.py prepare`: raw corpora -> cleaned, deduplicated, shuffled, split zstd parquet shards + stats.json.
+
+Two passes in bounded memory. Pass 1 streams every corpus through its reader and the cleaning rules, spools the
+kept rows to temporary parquet chunks, and remembers per row only a source id, an exact hash and the LSH band keys
+(computed on a worker thread; numpy releases the GIL). Dedup then runs on those arrays, a seeded permutation
+assigns every surviving row a shard and a slot, and pass 2 scatters the spool into per-shard buckets that are
+sorted into their final order. Everything is built in a temporary sibling directory renamed into place at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from utils.cleaning import CleanConfig, clean_record
+from utils.corpora import FILTER_REASONS, READERS, Record, ReaderOptions, Tally, is_blank_file, list_files, read_file
+from utils.dedup import DedupConfig, exact_hashes, first_occurrence, near_duplicates, near_keys
+from utils.io import atomic_dir, write_json
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+SPLITS = ("train", "valid", "test")
+SCHEMA = pa.schema([("prompt", pa.string()), ("response", pa.string()), ("source", pa.string())])
+
+
+@dataclass
+class PrepareConfig:
+    seed: int = 23333
+    split: tuple[float, float, float] = (0.98, 0.01, 0.01)
+    shard_rows: int = 100_000
+    chunk_rows: int = 20_000
+    multi_turn: str = "first"   # records with history: "first" turn only, every turn as its own row, or "drop"
+    overwrite: bool = False
+    read: ReaderOptions = field(default_factory=ReaderOptions)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+
+    def __post_init__(self) -> None:
+        if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1) > 1e-6:
+            raise ValueError(f"split must be three non-negative fractions summing to 1, got {self.split}")
+        if self.multi_turn not in ("first", "turns", "drop"):
+            raise ValueError(f"multi_turn must be first, turns or drop, got {self.multi_turn!r}")
+
+
+def bundled_sources() -> list[tuple[str, Path]]:
+    return [(d.name, d) for d in sorted(SAMPLES.iterdir()) if d.is_dir() and d.name in READERS]
+
+
+def single_turns(rec: Record, policy: str) -> list[Record]:
+    """The prepared data is single-turn: keep the first (self-contained) turn, every turn, or nothing."""
+    if not rec.history:
+        return [rec]
+    if policy == "drop":
+        return []
+    turns = [*rec.history, (rec.prompt, rec.response)]
+    if policy == "first":
+        turns = turns[:1]
+    return [Record(q, a, rec.source) for q, a in turns]
+
+
+def _validate(sources: list[tuple[str, Path]], cfg: PrepareConfig) -> list[tuple[str, list[Path]]]:
+    """Fail before any work: unknown corpus, missing path, or a non-empty file in which no record is readable."""
+    plan = []
+    for name, path in sources:
+        files = list_files(name, path)  # raises for an unknown name or a missing path
+        for f in files:
+            if is_blank_file(f):
+                continue
+            probe = Tally()
+            records = read_file(name, f, cfg.read, probe)
+            first = next(records, None)
+            records.close()
+            if first is None and not FILTER_REASONS & set(probe.dropped):
+                problems = "; ".join(f"{e['reason']} at {e['where']}: {e['detail']}" for e in probe.examples[:3])
+                raise ValueError(f"corpus {name}: no readable {name} record in {f} ({problems or 'no records'})")
+        if all(is_blank_file(f) for f in files):
+            raise ValueError(f"corpus {name}: every file under {path} is empty")
+        plan.append((name, files))
+    return plan
+
+
+class _Spool:
+    """Pass-1 sink: buffers cleaned rows, writes them as spool chunks, hashes them on a worker thread."""
+
+    def __init__(self, tmp: Path, cfg: PrepareConfig, n_sources: int):
+        self.tmp, self.cfg = tmp, cfg
+        self.prompts: list[str] = []
+        self.responses: list[str] = []
+        self.source_ids: list[int] = []
+        self.files: list[Path] = []
+        self.parts: list[Future] = []
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.sources = np.empty(0, np.uint8) if n_sources < 256 else np.empty(0, np.uint16)
+
+    def add(self, rec: Record, source_id: int) -> None:
+        self.prompts.append(rec.prompt)
+        self.responses.append(rec.response)
+        self.source_ids.append(source_id)
+        if len(self.prompts) >= self.cfg.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.prompts:
+            return
+        if self.parts:
+            self.parts[-1].result()  # one chunk in flight at a time: memory stays flat
+        path = self.tmp / f"spool-{len(self.files):05d}.parquet"
+        self.files.append(path)
+        self.parts.append(self.pool.submit(self._process, path, self.prompts, self.responses, self.source_ids))
+        self.prompts, self.responses, self.source_ids = [], [], []
+
+    def _process(self, path: Path, prompts: list[str], responses: list[str], sources: list[int]):
+        table = pa.table({"prompt": prompts, "response": responses}, schema=SCHEMA.remove(2))
+        pq.write_table(table, path, compression="lz4")
+        dc = self.cfg.dedup
+        exact = exact_hashes(prompts, responses) if dc.exact else np.arange(len(prompts), dtype=np.uint64)
+        bands, has = near_keys([p + r for p, r in zip(prompts, responses)], dc) if dc.near else (None, None)
+        return np.asarray(sources, dtype=self.sources.dtype), exact, bands, has
+
+    def arrays(self):
+        self.flush()
+        parts = [f.result() for f in self.parts]
+        self.pool.shutdown()
+        if not parts:
+            return self.sources, np.empty(0, np.uint64), None, None
+        sources, exact, bands, has = zip(*parts)
+        near = self.cfg.dedup.near
+        return (np.concatenate(sources), np.concatenate(exact),
+                np.concatenate(bands) if near else None, np.concatenate(has) if near else None)
+
+
+def _assign(n: int, cfg: PrepareConfig) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+    """Rank of every kept row in a seeded permutation, and (split, first rank, row count) per split. The split
+    sizes are exact fractions of n (the seed drew one random number per row)."""
+    rank = np.random.default_rng(cfg.seed).permutation(n)
+    n_valid, n_test = round(n * cfg.split[1]), round(n * cfg.split[2])
+    sizes = (n - n_valid - n_test, n_valid, n_test)
+    bounds, start = [], 0
+    for name, size in zip(SPLITS, sizes):
+        bounds.append((name, start, size))
+        start += size
+    return rank, bounds
+
+
+def _write_shards(tmp: Path, out: Path, spool_files: list[Path], keep: np.ndarray, sources: np.ndarray,
+                  names: list[str], cfg: PrepareConfig) -> dict[str, int]:
+    """Pass 2: scatter spooled rows into per-shard buckets by rank, then sort each bucket into its shard."""
+    rank_of_kept, bounds = _assign(int(keep.sum()), cfg)
+    rank = np.full(len(keep), -1, dtype=np.int64)
+    rank[keep] = rank_of_kept
+    shard_of: list[tuple[str, int, int]] = []  # (split, shard index, first rank) in rank order
+    for split, start, size in bounds:
+        for s, first in enumerate(range(start, start + max(size, 1), cfg.shard_rows)):
+            shard_of.append((split, s, first))
+    firsts = np.array([f for _, _, f in shard_of])
+    bucket_schema = SCHEMA.append(pa.field("rank", pa.int64()))
+    writers: dict[int, pq.ParquetWriter] = {}
+    source_names = np.array(names, dtype=object)
+    offset = 0
+    for path in spool_files:
+        table = pq.read_table(path)
+        n = table.num_rows
+        r, src = rank[offset:offset + n], sources[offset:offset + n]
+        offset += n
+        rows = np.flatnonzero(r >= 0)
+        shard = np.searchsorted(firsts, r[rows], side="right") - 1
+        for s in np.unique(shard):
+            sel = rows[shard == s]
+            part = pa.table({"prompt": table["prompt"].take(sel), "response": table["response"].take(sel),
+                             "source": pa.array(source_names[src[sel]], pa.string()), "rank": pa.array(r[sel])},
+                            schema=bucket_schema)
+            if s not in writers:
+                writers[s] = pq.ParquetWriter(tmp / f"bucket-{s:05d}.parquet", bucket_schema, compression="lz4")
+            writers[s].write_table(part)
+        path.unlink()
+    for w in writers.values():
+        w.close()
+    counts = dict.fromkeys(SPLITS, 0)
+    for s, (split, idx, _) in enumerate(shard_of):
+        bucket = tmp / f"bucket-{s:05d}.parquet"
+        if bucket.exists():
+            table = pq.read_table(bucket)
+            table = table.take(pc.sort_indices(table["rank"])).drop_columns(["rank"])
+            bucket.unlink()
+        else:
+            table = SCHEMA.empty_table()
+        pq.write_table(table, out / f"{split}-{idx:05d}.parquet", compression="zstd")
+        counts[split] += table.num_rows
+    return counts
+
+
+def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str | Path,
+                    config: PrepareConfig | None = None, progress: bool = False) -> dict:
+    """Prepare `sources` ([(corpus format, file or dir)], default: the bundled samples) into `out_dir`.
+    Returns the stats that are also written to `out_dir/stats.json`."""
+    cfg = config or PrepareConfig()
+    out_dir = Path(out_dir)
+    sources = [(n, Path(p)) for n, p in sources] if sources else bundled_sources()
+    if out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite / --overwrite to replace it)")
+    plan = _validate(sources, cfg)
+    labels = [name if [n for n, _ in plan].count(name) == 1 else f"{name}:{files[0].parent.name}"
+              for name, files in plan]
+    tallies = [Tally() for _ in plan]
+    times, kept_clean = [0.0] * len(plan), [0] * len(plan)
+    t_start = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        spool = _Spool(tmp, cfg, len(plan))
+        bar = _progress() if progress else None
+        task = bar.add_task("reading", total=None) if bar else None
+        if bar:
+            bar.start()
+        try:
+            for i, (name, files) in enumerate(plan):
+                t0, tally = time.perf_counter(), tallies[i]
+                if bar:
+                    bar.update(task, description=f"reading {labels[i]}")
+                for f in files:
+                    for n, raw in enumerate(read_file(name, f, cfg.read, tally)):
+                        turns = single_turns(raw, cfg.multi_turn)
+                        if not turns:
+                            tally.drop("multi_turn", str(f), "multi-turn record dropped (multi_turn=drop)")
+                        for rec in turns:
+                            reason = clean_record(rec, name, cfg.clean)
+                            if reason:
+                                tally.drop(reason, str(f), rec.prompt[:60])
+                            else:
+                                spool.add(rec, i)
+                                kept_clean[i] += 1
+                        if bar and n % 2048 == 0:
+                            bar.update(task, completed=sum(t.read for t in tallies))
+                times[i] = time.perf_counter() - t0
+            sources_arr, exact, bands, has = spool.arrays()
+        finally:
+            if bar:
+                bar.stop()
+        t_dedup = time.perf_counter()
+        keep = first_occurrence(exact) if cfg.dedup.exact else np.ones(len(exact), dtype=bool)
+        dup_exact = ~keep
+        dup_near = near_duplicates(bands, keep & has) if cfg.dedup.near else np.zeros_like(keep)
+        keep &= ~dup_near
+        for i, tally in enumerate(tallies):
+            mine = sources_arr == i
+            for reason, mask in (("duplicate", dup_exact), ("near_duplicate", dup_near)):
+                if c := int((mask & mine).sum()):
+                    tally.dropped[reason] += c
+        t_write = time.perf_counter()
+        counts = _write_shards(tmp, tmp, spool.files, keep, sources_arr, labels, cfg)
+        stats = {
+            "corpora": {labels[i]: {
+                "format": name, "files": [str(f) for f in files], "read": tallies[i].read,
+                "kept": int((keep & (sources_arr == i)).sum()), "dropped": dict(tallies[i].dropped.most_common()),
+                "seconds": round(times[i], 3), "examples": tallies[i].examples,
+            } for i, (name, files) in enumerate(plan)},
+            "splits": counts,
+            "total": {"read": sum(t.read for t in tallies), "kept": int(keep.sum()),
+                      "seconds": round(time.perf_counter() - t_start, 3),
+                      "dedup_seconds": round(t_write - t_dedup, 3),
+                      "write_seconds": round(time.perf_counter() - t_write, 3)},
+            "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        }
+        write_json(tmp / "stats.json", stats)
+    return stats
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("rows"), TimeElapsedColumn(), transient=True)
+
+
+def print_stats(stats: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="prepare: rows per corpus")
+    for col, justify in (("corpus", "left"), ("read", "right"), ("kept", "right"), ("dropped (reason: rows)", "left"),
+                         ("seconds", "right")):
+        table.add_column(col, justify=justify)
+    for name, c in stats["corpora"].items():
+        dropped = ", ".join(f"{r}: {n:,}" for r, n in c["dropped"].items()) or "-"
+        table.add_row(name, f"{c['read']:,}", f"{c['kept']:,}", dropped, f"{c['seconds']:.1f}")
+    t = stats["total"]
+    table.add_row("total", f"{t['read']:,}", f"{t['kept']:,}", f"{t['read'] - t['kept']:,}", f"{t['seconds']:.1f}",
+                  style="bold")
+    console = Console()
+    console.print(table)
+    console.print("splits: " + ", ".join(f"{k} {v:,}" for k, v in stats["splits"].items()))
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def _corpus_arg(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected FORMAT=PATH, got {text!r}")
+    if name not in READERS:
+        raise argparse.ArgumentTypeError(f"unknown corpus format {name!r}; known: {', '.join(sorted(READERS))}")
+    return name, Path(path)
+
+
+def _min_len_arg(text: str) -> tuple[str, tuple[int, int]]:
+    name, sep, vals = text.partition("=")
+    try:
+        p, r = (int(v) for v in vals.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CORPUS=PROMPT,RESPONSE, got {text!r}") from None
+    return name, (p, r)
+
+
+def _split_arg(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three fractions like 0.98,0.01,0.01, got {text!r}") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three fractions, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    d, c, r, x = PrepareConfig(), CleanConfig(), ReaderOptions(), DedupConfig()
+    parser.add_argument("--corpus", action="append", type=_corpus_arg, default=[], metavar="FORMAT=PATH",
+                        help=f"a corpus file or directory (repeatable); formats: {', '.join(sorted(READERS))}. "
+                             "None: the bundled samples in data/samples")
+    parser.add_argument("--out", type=Path, default=Path("data/corpus"), help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--seed", type=int, default=d.seed, help="shuffle / split seed")
+    parser.add_argument("--split", type=_split_arg, default=d.split, help="train,valid,test fractions")
+    parser.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per output parquet shard")
+    parser.add_argument("--encoding", default=r.encoding, help="input encoding (default: detect UTF-8 / GB18030)")
+    parser.add_argument("--min-star", type=int, default=r.min_star, help="webtext: minimum answer stars")
+    parser.add_argument("--dice", type=float, default=r.dice_threshold,
+                        help="baike/medical: title and question this similar (Dice) are not both kept")
+    parser.add_argument("--hc3-answers", choices=("human", "chatgpt", "both"), default=r.hc3_answers,
+                        help="hc3: which answers become rows")
+    parser.add_argument("--min-len", action="append", type=_min_len_arg, default=[], metavar="CORPUS=P,R",
+                        help=f"minimum prompt,response characters for a corpus (repeatable); seed defaults "
+                             f"{c.min_lengths}, others {c.default_min_lengths}")
+    parser.add_argument("--max-len", type=int, default=c.max_len, help="maximum characters per field")
+    parser.add_argument("--overlong", choices=("cut", "drop"), default=c.overlong, help="what to do beyond --max-len")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=c.normalize,
+                        help="normalize punctuation and whitespace")
+    parser.add_argument("--multi-turn", choices=("first", "turns", "drop"), default=d.multi_turn,
+                        help="records with history: keep the first turn, every turn as a row, or drop them")
+    parser.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
+                        help="exact (normalized hash) duplicate removal")
+    parser.add_argument("--near-dedup", action=argparse.BooleanOptionalAction, default=True,
+                        help="MinHash-LSH near-duplicate removal")
+    parser.add_argument("--threshold", type=float, default=x.threshold, help="MinHash-LSH Jaccard threshold")
+    parser.add_argument("--num-perm", type=int, default=x.num_perm, help="MinHash permutations")
+    parser.add_argument("--ngram", type=int, default=x.ngram, help="MinHash character shingle length")
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareConfig:
+    clean = CleanConfig(normalize=args.normalize, max_len=args.max_len, overlong=args.overlong)
+    clean.min_lengths.update(dict(args.min_len))
+    return PrepareConfig(
+        seed=args.seed, split=args.split, shard_rows=args.shard_rows, multi_turn=args.multi_turn,
+        overwrite=args.overwrite, clean=clean,
+        read=ReaderOptions(encoding=args.encoding, min_star=args.min_star, dice_threshold=args.dice,
+                           hc3_answers=args.hc3_answers),
+        dedup=DedupConfig(exact=args.dedup, near=args.near_dedup, threshold=args.threshold,
+                          num_perm=args.num_perm, ngram=args.ngram))
+
+
+def main(args: argparse.Namespace) -> None:
+    stats = prepare_corpora(args.corpus, args.out, config_from_args(args), progress=True)
+    print_stats(stats)
+    print(f"wrote {args.out}/{{train,valid,test}}-NNNNN.parquet and {args.out}/stats.json")
