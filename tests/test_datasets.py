@@ -15,8 +15,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from utils.datasets import (IGNORE_INDEX, PAD_SEGMENT, PackedLoader, best_fit_pack, build_token_cache, find_shards,
-                            pretrain_loader, sft_loader, to_messages)
+                            pretrain_loader, sft_loader, to_messages, token_dtype)
 from utils.templates import get_template
+from utils.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = ["今天", "天气", "很好", "我们", "一起", "去", "公园", "散步", "医生", "建议", "多喝水", "注意休息", "什么是",
          "机器学习", "人工智能", "的", "方法", "，", "。", "？", "hello", "world", "123", "数据", "模型", "训练"]
@@ -40,47 +41,17 @@ def write_split(data_dir: Path, split: str, records: list[dict], shards: int = 2
     return paths
 
 
-class FixtureTokenizer:
-    """The utils.tokenizer.Tokenizer interface over a tiny byte-level BPE trained here."""
-
-    def __init__(self, tok):
-        self.tokenizer = tok
-        self.eos_id, self.pad_id = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
-        self.vocab_size = tok.get_vocab_size()
-        self.default_template = "chatml"
-
-    def to_str(self) -> str:
-        return self.tokenizer.to_str()
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts)]
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-    def token_to_id(self, tok: str) -> int | None:
-        return self.tokenizer.token_to_id(tok)
-
-
-def train_fixture_tokenizer(vocab_size: int = 400, extra: str = "") -> FixtureTokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>", "<|im_start|>",
-                                                                        "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = [r["prompt"] + "\n" + r["response"] for r in make_records(300, seed=123)] + [extra]
-    tok.train_from_iterator(corpus, trainer)
-    return FixtureTokenizer(tok)
+def train_small_tokenizer(out: Path, vocab_size: int = 400) -> Tokenizer:
+    """A tiny byte-level BPE of our own (utils.tokenizer) trained on records like the test data."""
+    text = out.parent / f"{out.name}.txt"
+    text.write_text("\n".join(r["prompt"] + "\n" + r["response"] for r in make_records(300, seed=123)))
+    train_tokenizer([text], vocab_size, out)
+    return Tokenizer.load(out)
 
 
 @pytest.fixture(scope="module")
-def tok() -> FixtureTokenizer:
-    return train_fixture_tokenizer()
+def tok(tmp_path_factory) -> Tokenizer:
+    return train_small_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -136,22 +107,21 @@ def test_cache_reused_then_rebuilt_when_data_or_tokenizer_change(tmp_path, tok):
     c = pretrain_loader(data, tok, "train", seq_len=16, batch_size=2).cache
     assert c.path != a.path and c.n_docs == 60
 
-    other = train_fixture_tokenizer(vocab_size=350)
+    other = train_small_tokenizer(tmp_path / "other", vocab_size=350)
     d = pretrain_loader(data, other, "train", seq_len=16, batch_size=2).cache
     assert d.path not in (a.path, c.path) and d.meta["vocab_size"] == other.vocab_size
     assert not [p for p in (data / ".cache").iterdir() if p.name.startswith(".tmp")]  # no temp dirs left
     del paths
 
 
-def test_large_vocabulary_uses_uint32(tmp_path, tok):
-    class Big(FixtureTokenizer):
-        vocab_size = 70_000
-    big = Big.__new__(Big)
-    big.__dict__.update(tok.__dict__)
-    big.vocab_size = 70_000
-    write_split(tmp_path, "train", make_records(10))
-    cache = build_token_cache(find_shards(tmp_path, "train"), big, tmp_path / "c", "train")
-    assert cache.tokens.dtype == np.uint32 and cache.document(0)[-1] == tok.eos_id
+def test_large_vocabulary_uses_uint32(tmp_path, shared_corpora):
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    qwen = Tokenizer.load(shared_corpora / "tokenizers" / "qwen2")
+    recs = make_records(20)
+    write_split(tmp_path, "train", recs, shards=1)
+    cache = build_token_cache(find_shards(tmp_path, "train"), qwen, tmp_path / "c", "train")
+    assert cache.tokens.dtype == np.uint32 and cache.tokens.max() > 65535 or qwen.vocab_size > 65536
+    assert qwen.decode(cache.document(3)) == recs[3]["prompt"] + "\n" + recs[3]["response"] + "<|endoftext|>"
 
 
 def test_bad_input_is_a_clear_error(tmp_path, tok):
@@ -234,8 +204,10 @@ def test_pretrain_rows_start_at_document_boundaries(corpus, tok, tmp_path):
         for row in b["input_ids"]:
             assert tuple(row[:8].tolist()) in doc_starts
     rep = loader.report
-    # an epoch uses each document at most once; best-fit packing wastes little
-    assert rep["crop_fraction"] + rep["drop_fraction"] < 0.2 and rep["pad_fraction"] == 0
+    # documents longer than a row must lose their tail; best-fit packing wastes little beyond that
+    lengths = cache.doc_lengths()
+    must_crop = np.maximum(lengths - 33, 0).sum() / lengths.sum()
+    assert must_crop <= rep["crop_fraction"] < must_crop + 0.03 and rep["pad_fraction"] == 0
     assert loader.epoch == 1 and rep["tokens"] == cache.n_tokens
     assert 0.5 < loader.chars_per_token < 5
 
@@ -366,7 +338,7 @@ def test_multi_turn_trains_every_answer_and_system_is_masked(tok):
 
 def test_chatml_tokens_match_transformers_chat_template(tok, tmp_path):
     transformers = pytest.importorskip("transformers")
-    tok.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    tok.backend.save(str(tmp_path / "tokenizer.json"))
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
                                               chat_template=get_template("chatml").jinja())
     rec = {"system": "简短回答", "history": [("一", "二")], "prompt": "三", "response": "四"}
@@ -428,3 +400,11 @@ def test_packed_and_unpacked_give_the_same_per_example_loss(tok):
                 packed = torch.nn.functional.cross_entropy(logits[b][sel], y, ignore_index=IGNORE_INDEX)
                 alone = model(x, labels=y[None])  # the example by itself: no packing, no mask
                 torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_llama_tokenizer_end_of_turn_is_its_eos_token(shared_corpora):
+    llama = Tokenizer.load(shared_corpora / "tokenizers" / "llama")
+    loader = sft_loader([("你好", "今天天气很好")], llama, "llama2", max_seq_len=64, batch_size=1)
+    x, trainable = loader.examples.example(0)
+    assert x[-1] == llama.eos_id and (x == llama.eos_id).sum() == 1  # "</s>" is the token itself: no eos appended
+    assert llama.decode(x[trainable]).strip() == "今天天气很好 </s>"

@@ -18,12 +18,10 @@ stride), so the rows consumed after k batches are always a prefix of the epoch's
 from __future__ import annotations
 
 import bisect
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -35,6 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from utils.io import atomic_dir
 
 IGNORE_INDEX = -100
 PAD_SEGMENT = -1  # segment id of the padding at the end of a packed SFT row
@@ -90,7 +90,7 @@ def _progress() -> Progress:
 # ---------------------------------------------------------------------------------------------------------------------
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 of the tokenizer's serialized form (its tokenizer.json content)."""
-    for obj in (tokenizer, getattr(tokenizer, "tokenizer", None), getattr(tokenizer, "_tokenizer", None)):
+    for obj in (getattr(tokenizer, "backend", None), tokenizer):
         if obj is not None and callable(getattr(obj, "to_str", None)):
             return hashlib.sha256(obj.to_str().encode()).hexdigest()
     raise TypeError(f"cannot fingerprint tokenizer {type(tokenizer).__name__}: it exposes no to_str()")
@@ -183,7 +183,7 @@ def build_token_cache(files: Sequence[Path], tokenizer: Any, cache_dir: str | Pa
     """Load the token cache of (files, tokenizer), building it first when absent.
 
     Concurrent builders (DDP ranks) serialize on a lock file; the cache is written into a temporary directory
-    and renamed into place, so a crash never leaves a half-written cache behind.
+    and renamed into place (utils.io.atomic_dir), so a crash never leaves a half-written cache behind.
     """
     files = [Path(p) for p in files]
     cache_dir = Path(cache_dir)
@@ -195,14 +195,8 @@ def build_token_cache(files: Sequence[Path], tokenizer: Any, cache_dir: str | Pa
     with open(cache_dir / f".{name}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (final / "meta.json").exists():
-            tmp = cache_dir / f".tmp-{name}-{key}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            try:
+            with atomic_dir(final) as tmp:
                 _write_token_cache(files, tokenizer, tmp, key)
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
     return TokenCache.load(final)
 
 
@@ -230,7 +224,7 @@ def best_fit_pack(lengths: np.ndarray, capacity: int, order: Iterable[int], buff
     """Pack items (taken from `order`) into rows of `capacity` units; every row starts with a whole item.
 
     The packer keeps `buffer_size` upcoming items sorted by length and fills a row with the largest one that still
-    fits. When none fits: with `crop`, the shortest buffered item is cut to fill the row exactly (its tail is
+    fits (an item longer than a row starts a row of its own and is cut). When none fits: with `crop`, the shortest buffered item is cut to fill the row exactly (its tail is
     dropped and counted); without, the row is closed and the remainder is padding. A final row that `crop` mode
     cannot fill is dropped (counted), so cropped rows never contain padding.
     """
@@ -265,7 +259,13 @@ def best_fit_pack(lengths: np.ndarray, capacity: int, order: Iterable[int], buff
             if not buf:
                 break
             j = bisect.bisect_right(buf, (remaining, arrivals, 0)) - 1  # largest item with length <= remaining
-            if j >= 0:
+            if crop and remaining == capacity and buf[-1][0] > capacity:
+                # an over-long item fills a row of its own; left waiting, such items would clog the buffer and
+                # end up cut to fill the small gaps at the ends of rows
+                n, _, i = buf.pop()
+                take = capacity
+                cropped += n - capacity
+            elif j >= 0:
                 n, _, i = buf.pop(j)
                 take = n
             elif crop:
