@@ -186,3 +186,19 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary.reset(torch.device(device))
     return model.eval()
+
+
+@torch.no_grad()
+def load_weights_into(model: Transformer, path: str | Path) -> None:
+    """Copy a model directory's weights into an existing model in place (resume: same shapes, same dtype)."""
+    params = model.state_dict()
+    seen = set()
+    for file, raw_key, raw in iter_tensors(weight_files(Path(path))):
+        for key, tensor in hf_to_ours(raw_key, raw, model.config):
+            if key not in params or params[key].shape != tensor.shape:
+                raise CheckpointError(f"{file}: key {raw_key!r} does not fit this model")
+            params[key].copy_(tensor)
+            seen.add(key)
+    missing = set(params) - seen - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    if missing:
+        raise CheckpointError(f"{path}: missing keys {', '.join(sorted(missing)[:5])}")

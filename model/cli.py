@@ -1,0 +1,181 @@
+"""`train.py pretrain | sft | lora | merge`: build the model and data, hand them to the shared Trainer."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from utils.tokenizer import Tokenizer
+
+from .checkpoint import load_model, load_weights_into, write_model_files
+from .config import PRESETS, ModelConfig
+from .trainer import TrainConfig, Trainer, make_accelerator, set_seed_everywhere
+from .transformer import Transformer
+
+DEFAULT_SAMPLE_PROMPTS = ["什么是机器学习？", "感冒了应该注意什么？", "请介绍一下长城。"]
+
+TRAIN_HELP = {
+    "out_dir": "run directory (checkpoints, logs, tensorboard)",
+    "epochs": "passes over the training data (ignored when --max-steps > 0)",
+    "max_steps": "optimizer steps; 0 derives them from --epochs",
+    "batch_size": "rows per micro-batch per process",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "cosine decays to lr x this",
+    "warmup_steps": "linear warmup steps",
+    "schedule": "learning-rate schedule after warmup",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "max gradient norm (0 disables clipping)",
+    "mixed_precision": "auto = bf16 on a GPU that supports it, else no",
+    "compile": "torch.compile the model",
+    "gradient_checkpointing": "recompute each decoder block in backward (less memory, ~30%% more compute)",
+    "log_every": "log every N optimizer steps",
+    "eval_every": "evaluate every N steps (0 = only at the end)",
+    "eval_batches": "batches per evaluation",
+    "save_every": "checkpoint every N steps (0 = only at the end)",
+    "save_total_limit": "keep the newest N checkpoints (0 keeps all)",
+    "seed": "random seed (data order, init, dropout)",
+    "resume": "resume from the run's latest checkpoint (flag alone) or from a checkpoint path",
+    "cpu": "train on the CPU even when a GPU is present",
+}
+CHOICES = {"schedule": ["cosine", "constant"], "mixed_precision": ["auto", "no", "bf16", "fp16"]}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
+    """Every TrainConfig field as an option (defaults overridable per command)."""
+    group = parser.add_argument_group("training")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in TRAIN_HELP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        if f.name == "out_dir":
+            group.add_argument("--out", "--out-dir", dest="out_dir", default=default, help=TRAIN_HELP[f.name])
+        elif f.name == "resume":
+            group.add_argument(flag, nargs="?", const="auto", default=None, help=TRAIN_HELP[f.name])
+        elif f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=TRAIN_HELP[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
+            group.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name),
+                               help=TRAIN_HELP[f.name])
+
+
+def train_config(args: argparse.Namespace, **extra) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names}, **extra)
+
+
+class FullModelIO:
+    """Checkpoints hold a complete model directory (loadable by load_model and transformers) + the tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def save(self, model: Transformer, out_dir: Path) -> None:
+        write_model_files(model, out_dir)
+        self.tokenizer.save(out_dir)
+
+    def load(self, model: Transformer, ckpt_dir: Path) -> None:
+        load_weights_into(model, ckpt_dir)
+
+
+def sample_fn(tokenizer: Tokenizer, template_name: str, prompts: list[str], max_new_tokens: int = 48):
+    """A few greedy answers for the training log."""
+    from utils.templates import get_template
+
+    from .generation import SamplingConfig, generate
+    template = get_template(template_name)
+
+    def samples(model: Transformer) -> list[str]:
+        ids = [tokenizer.encode(template.render([{"role": "user", "content": p}])) for p in prompts]
+        stop = [tokenizer.eos_id] + [i for s in template.stop_strings if (i := tokenizer.token_to_id(s)) is not None]
+        out = generate(model, ids, SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=stop),
+                       pad_id=tokenizer.pad_id)
+        return [f"{p} -> {tokenizer.decode(o, skip_special_tokens=True)!r}" for p, o in zip(prompts, out)]
+    return samples
+
+
+# ---- pretrain / sft ------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    if command == "pretrain":
+        parser.add_argument("--data", required=True, help="prepared data directory (train-*.parquet, valid-*)")
+        parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
+        parser.add_argument("--preset", default="small", choices=list(PRESETS), help="model shape")
+        parser.add_argument("--init", default=None, help="continue pretraining from this model directory")
+        parser.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
+        parser.add_argument("--cache-dir", default=None, help="token cache location (default DATA/.cache)")
+        add_train_arguments(parser, out_dir="runs/pretrain", lr=6e-4, warmup_steps=200)
+    elif command == "sft":
+        parser.add_argument("--init", required=True, help="model directory to fine-tune (e.g. runs/pretrain/latest)")
+        parser.add_argument("--data", required=True, help="prepared data directory (its train/valid splits)")
+        parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --init directory)")
+        parser.add_argument("--template", default=None,
+                            help="chat template: chatml, wenda, human_assistant, llama2, raw (default: tokenizer's)")
+        parser.add_argument("--max-seq-len", type=int, default=512, help="tokens per packed row")
+        parser.add_argument("--skip-overlength", action=argparse.BooleanOptionalAction, default=False,
+                            help="drop examples longer than --max-seq-len instead of truncating them")
+        parser.add_argument("--train-on-prompt", action=argparse.BooleanOptionalAction, default=False,
+                            help="also learn the prompt tokens (no masking)")
+        add_train_arguments(parser, out_dir="runs/sft", lr=1e-4, warmup_steps=50, epochs=2.0)
+    else:
+        from . import lora_cli
+        lora_cli.add_arguments(parser, command)
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.command == "pretrain":
+        pretrain(args)
+    elif args.command == "sft":
+        sft(args)
+    else:
+        from . import lora_cli
+        lora_cli.main(args)
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    from utils.datasets import pretrain_loader
+    cfg = train_config(args, sample_prompts=DEFAULT_SAMPLE_PROMPTS)
+    acc = make_accelerator(cfg)
+    set_seed_everywhere(cfg.seed)  # same init on every rank
+    tokenizer = Tokenizer.load(args.tokenizer)
+    if args.init:
+        model = load_model(args.init, dtype=torch.float32)
+    else:
+        model = Transformer(ModelConfig.preset(
+            args.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=max(args.seq_len, 512),
+            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id))
+    train = pretrain_loader(args.data, tokenizer, "train", args.seq_len, cfg.batch_size, acc.process_index,
+                            acc.num_processes, cfg.seed, args.cache_dir)
+    valid = pretrain_loader(args.data, tokenizer, "valid", args.seq_len, cfg.batch_size, acc.process_index,
+                            acc.num_processes, cfg.seed, args.cache_dir)
+    trainer = Trainer(model, train, cfg, FullModelIO(tokenizer), eval_loader=valid.eval_batches,
+                      chars_per_token=valid.chars_per_token, accelerator=acc,
+                      run_info={"command": "pretrain", "data": str(args.data), "packing": train.report})
+    return trainer.train()
+
+
+def sft(args: argparse.Namespace) -> dict:
+    from utils.datasets import sft_loader
+    cfg = train_config(args, sample_prompts=DEFAULT_SAMPLE_PROMPTS)
+    acc = make_accelerator(cfg)
+    set_seed_everywhere(cfg.seed)
+    tokenizer = Tokenizer.load(args.tokenizer or args.init)
+    template = args.template or tokenizer.default_template
+    model = load_model(args.init, dtype=torch.float32)
+    eos = sorted({tokenizer.eos_id} | ({tokenizer.token_to_id("<|im_end|>")} if template == "chatml" else set()))
+    model.config.eos_token_id = eos[0] if len(eos) == 1 else eos  # generation stops at the end of a turn too
+    common = dict(tokenizer=tokenizer, template=template, max_seq_len=args.max_seq_len, batch_size=cfg.batch_size,
+                  rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
+                  skip_overlength=args.skip_overlength, train_on_prompt=args.train_on_prompt)
+    train = sft_loader(args.data, split="train", **common)
+    valid = sft_loader(args.data, split="valid", **common)
+    trainer = Trainer(model, train, cfg, FullModelIO(tokenizer), eval_loader=valid.eval_batches, accelerator=acc,
+                      sample_fn=sample_fn(tokenizer, template, cfg.sample_prompts),
+                      run_info={"command": "sft", "data": str(args.data), "template": template,
+                                "packing": train.report})
+    return trainer.train()

@@ -1,0 +1,396 @@
+"""The training loop shared by pretraining, SFT and LoRA.
+
+One `accelerate.Accelerator` handles devices, mixed precision, gradient accumulation and DDP / FSDP / DeepSpeed (from
+an accelerate config file). The loop itself is plain: a resumable batch iterator, AdamW with weight decay on matrices
+only, warmup + cosine (or constant) learning rate, gradient clipping, periodic evaluation, atomic checkpoints with
+rotation and a `latest` pointer, exact resume, and a clean stop on SIGINT / SIGTERM or a non-finite loss.
+
+A run directory:
+    checkpoint-STEP/          model dir (or adapter dir) + training_state/
+    latest -> checkpoint-STEP symlink, replaced atomically
+    train.log                 plain-text log; tensorboard/ holds the scalars
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from utils.io import atomic_dir, write_json
+
+from .transformer import Transformer
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; an unknown device reports no MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+                   "L4": 121e12, "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+STATE_DIR = "training_state"
+
+
+class BatchLoader(Protocol):
+    """What the loop needs from a data loader (utils.datasets provides pretraining and SFT loaders)."""
+
+    batches_per_epoch: int
+
+    def __iter__(self): ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    epochs: float = 1.0
+    max_steps: int = 0  # optimizer steps; 0 = derived from epochs
+    batch_size: int = 8  # rows per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 50
+    save_every: int = 0  # 0 = only at the end
+    save_total_limit: int = 3
+    seed: int = 42
+    resume: str | None = None  # "auto" = the run's latest checkpoint, or a checkpoint path
+    sample_prompts: list[str] = field(default_factory=list)
+    cpu: bool = False
+
+
+class WeightsIO(Protocol):
+    """How a checkpoint stores the trainable weights: a full model dir, or a LoRA adapter dir."""
+
+    def save(self, model: nn.Module, out_dir: Path) -> None: ...
+    def load(self, model: nn.Module, ckpt_dir: Path) -> None: ...
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine to lr * min_lr_ratio at `total` (or constant)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; weight decay on matrices only (not norms, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """6N + 12 L H Q T (PaLM appendix B): N non-embedding-lookup parameters that see each token, plus attention."""
+    c = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    if c.tie_word_embeddings:
+        n += c.vocab_size * c.hidden_size  # the tied head still multiplies every token
+    return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+
+
+def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
+    if device.type != "cuda" or mixed_precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def resolve_mixed_precision(choice: str, cpu: bool) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """Built before the data so loaders know their rank; the accelerate config / launcher decides the topology."""
+    return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cfg.cpu),
+                       gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu, log_with="tensorboard",
+                       project_dir=cfg.out_dir)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------------
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    found = [p for p in run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def point_latest(run_dir: Path, target: Path) -> None:
+    """Replace the `latest` symlink atomically (symlink to a temp name, then rename over)."""
+    tmp = run_dir / f".latest.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.name)
+    os.replace(tmp, run_dir / "latest")
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    path = run_dir / "latest" if resume == "auto" else Path(resume)
+    if resume == "auto" and not path.exists():
+        return None  # nothing to resume: start fresh
+    if not (path / STATE_DIR).is_dir():
+        raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_DIR}/ inside)")
+    return path.resolve()
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
+             "numpy_pos": np.random.get_state()[2], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"].numpy(), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, model: Transformer, train_loader: BatchLoader, cfg: TrainConfig, weights_io: WeightsIO,
+                 eval_loader: Callable[[], Iterable[dict]] | None = None, chars_per_token: float | None = None,
+                 sample_fn: Callable[[nn.Module], list[str]] | None = None,
+                 accelerator: Accelerator | None = None, run_info: dict | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out_dir)
+        self.mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cfg.cpu)
+        self.accelerator = accelerator or make_accelerator(cfg)
+        self.console = Console(stderr=True, quiet=not self.accelerator.is_main_process)
+        self.raw_model = model
+        self.train_loader, self.eval_loader = train_loader, eval_loader
+        self.chars_per_token, self.sample_fn = chars_per_token, sample_fn
+        self.weights_io = weights_io
+        self.run_info = run_info or {}
+        self.step = 0
+        self._stop_signal: int | None = None
+
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        model.train()
+        optimizer = build_optimizer(model, cfg, self.accelerator.device)
+        compiled = torch.compile(model) if cfg.compile else model
+        self.model, self.optimizer = self.accelerator.prepare(compiled, optimizer)
+        steps_per_epoch = max(1, train_loader.batches_per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    # -- logging
+    def log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        self.console.print(message, markup=False, highlight=False)
+
+    # -- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint-STEP atomically, point `latest` at it, then rotate old ones."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        target = self.run_dir / f"checkpoint-{self.step}"
+        unwrapped = acc.unwrap_model(self.model)
+        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
+        per_rank = {"rng": _rng_state(), "loader": self.train_loader.state_dict()}
+        rank_file = f"rank{acc.process_index}.pt"
+        if acc.is_main_process:
+            with atomic_dir(target) as tmp:
+                self.weights_io.save(unwrapped, tmp)
+                state = tmp / STATE_DIR
+                state.mkdir()
+                torch.save(self.optimizer.state_dict(), state / "optimizer.pt")
+                torch.save(per_rank, state / rank_file)
+                write_json(state / "trainer_state.json", {
+                    "step": self.step, "total_steps": self.total_steps, "world_size": acc.num_processes,
+                    "config": dataclasses.asdict(self.cfg), "run": self.run_info})
+            point_latest(self.run_dir, target)
+        acc.wait_for_everyone()
+        if not acc.is_main_process:  # other ranks add their RNG / loader cursor beside rank 0's
+            torch.save(per_rank, target / STATE_DIR / rank_file)
+        acc.wait_for_everyone()
+        if acc.is_main_process and self.cfg.save_total_limit > 0:
+            for old in checkpoint_dirs(self.run_dir)[:-self.cfg.save_total_limit]:
+                if old.resolve() != target.resolve():
+                    shutil.rmtree(old, ignore_errors=True)
+        self.log(f"saved {target}")
+        return target
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        acc = self.accelerator
+        state = ckpt / STATE_DIR
+        meta = json.loads((state / "trainer_state.json").read_text())
+        if meta["world_size"] != acc.num_processes:
+            raise ValueError(f"{ckpt}: saved with {meta['world_size']} processes, resuming with "
+                             f"{acc.num_processes}; exact resume needs the same number")
+        unwrapped = acc.unwrap_model(self.model)
+        self.weights_io.load(getattr(unwrapped, "_orig_mod", unwrapped), ckpt)
+        self.optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location=acc.device,
+                                                  weights_only=True))
+        per_rank = torch.load(state / f"rank{acc.process_index}.pt", weights_only=True)
+        _set_rng_state(per_rank["rng"])
+        self.train_loader.load_state_dict(per_rank["loader"])
+        self.step = meta["step"]
+        self.log(f"resumed from {ckpt} at step {self.step}")
+
+    # -- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        model = self.model
+        model.eval()
+        total = torch.zeros(2, device=self.accelerator.device)  # summed loss, tokens
+        for i, batch in enumerate(self.eval_loader()):
+            if i >= self.cfg.eval_batches:
+                break
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            n = (batch["labels"] != -100).sum()
+            with self.accelerator.autocast():
+                loss = model(batch.pop("input_ids"), batch.pop("labels"), **batch)
+            total += torch.stack([loss.float() * n, n.float()])
+        total = self.accelerator.reduce(total, reduction="sum")
+        model.train()
+        loss = (total[0] / total[1].clamp(min=1)).item()
+        metrics = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50))}
+        if self.chars_per_token:
+            metrics["eval/bits_per_char"] = loss / math.log(2) / self.chars_per_token
+        return metrics
+
+    # -- signals
+    def _handle_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _should_stop(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self._stop_signal is not None
+        flag = torch.tensor(float(self._stop_signal is not None), device=self.accelerator.device)
+        return self.accelerator.reduce(flag, reduction="sum").item() > 0  # every rank stops at the same step
+
+    # -- train
+    def train(self) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        acc.init_trackers("tensorboard")
+        resume_from = resolve_resume(self.run_dir, cfg.resume)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        else:
+            set_seed_everywhere(cfg.seed, acc.process_index)
+        old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._loop()
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            acc.end_training()
+
+    def _loop(self) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        unwrapped = acc.unwrap_model(self.model)
+        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
+        batches = iter(self.train_loader)
+        peak = peak_flops(acc.device, self.mixed_precision)
+        self.log(f"training {unwrapped.num_parameters(trainable_only=True):,} trainable parameters for "
+                 f"{self.total_steps} steps on {acc.num_processes} x {acc.device} ({self.mixed_precision})")
+        metrics: dict[str, float] = {}
+        tokens_since, t_since = 0, time.perf_counter()
+        progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                            console=self.console, disable=not acc.is_main_process)
+        with progress:
+            task = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
+            while self.step < self.total_steps:
+                lr = learning_rate(self.step, self.total_steps, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=acc.device)
+                for _ in range(cfg.grad_accum):
+                    batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(batches).items()}
+                    seq_len = batch["input_ids"].shape[1]
+                    tokens_since += batch["input_ids"].numel()
+                    with acc.accumulate(self.model), acc.autocast():
+                        loss = self.model(batch.pop("input_ids"), batch.pop("labels"), **batch)
+                        acc.backward(loss)
+                        if acc.sync_gradients and cfg.grad_clip > 0:
+                            acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    loss_sum += loss.detach()
+                train_loss = (loss_sum / cfg.grad_accum).item()  # one host sync per optimizer step
+                if not math.isfinite(train_loss):
+                    raise NonFiniteLoss(f"non-finite training loss ({train_loss}) at step {self.step + 1}; stopped "
+                                        f"without saving. The last good checkpoint is {self.run_dir / 'latest'}")
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    dt = time.perf_counter() - t_since
+                    tok_s = tokens_since * acc.num_processes / dt
+                    metrics = {"train/loss": train_loss, "train/lr": lr, "train/tokens_per_s": tok_s}
+                    info = f"loss {train_loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s"
+                    if peak:
+                        mfu = tok_s * flops_per_token(unwrapped, seq_len) / (peak * acc.num_processes)
+                        metrics["train/mfu"] = mfu
+                        info += f" MFU {mfu:.1%}"
+                    acc.log(metrics, step=self.step)
+                    self.log(f"step {self.step} {info}")
+                    progress.update(task, info=info)
+                    tokens_since, t_since = 0, time.perf_counter()
+                progress.update(task, completed=self.step)
+                if self.eval_loader and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._eval_and_log(unwrapped)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                if self._should_stop():
+                    self.log(f"received signal {self._stop_signal}: saving and stopping at step {self.step}")
+                    self.save_checkpoint()
+                    return metrics | {"stopped_early": 1.0}
+        if self.eval_loader:
+            metrics |= self._eval_and_log(unwrapped)
+        self.save_checkpoint()
+        return metrics
+
+    def _eval_and_log(self, unwrapped: nn.Module) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.accelerator.log(metrics, step=self.step)
+        self.log(f"eval step {self.step}: " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items()))
+        if self.sample_fn and self.accelerator.is_main_process:
+            unwrapped.eval()
+            for text in self.sample_fn(unwrapped):
+                self.log(f"sample: {text}")
+            unwrapped.train()
+        return metrics
+
+
+def set_seed_everywhere(seed: int, rank: int = 0) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
