@@ -1,0 +1,327 @@
+"""Text generation: incremental decoding over the preallocated KV cache, Hugging Face-compatible logits processing
+(repetition penalty, then temperature, top-k, top-p), stop tokens, batched left-padded generation, a UTF-8-safe text
+stream, and the chat prompt builder shared by the console chat and the HTTP server.
+
+The per-step work is pure tensor code (no `.item()`, no Python branching on values): the only host sync per step is
+the "has every row stopped?" check, so the step can later be compiled or captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+import torch
+
+from utils.templates import ChatTemplate, get_template
+
+from .transformer import Transformer
+
+REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder gives for an incomplete UTF-8 sequence
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick the next token. temperature 0 is greedy (argmax after the repetition penalty).
+
+    top_k 0 and top_p 1.0 switch those filters off; repetition_penalty follows Hugging Face (every token already in
+    the prompt or the answer gets its logit divided by the penalty when positive, multiplied when negative).
+    stop_ids: generation stops at the first of these (not returned); empty means the default stops (the model's
+    eos for `generate`, the tokenizer's for `stream`). seed: a fixed seed reproduces the same sample.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    stop_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.stop_ids = tuple(int(i) for i in self.stop_ids)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# ---- logits processing (Hugging Face semantics, checked against transformers' processors in the tests) ----------
+def token_presence(ids: torch.Tensor, vocab_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, vocab] bool: which tokens occur in each row of ids [B, T] (positions where valid is False are ignored)."""
+    if valid is not None:
+        ids = ids.masked_fill(~valid.bool(), vocab_size)  # an extra column that is dropped below
+    seen = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids, True)[:, :vocab_size]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (and any tied with the k-th), -inf elsewhere."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    remove_sorted = cumulative <= 1 - p
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, config: SamplingConfig, seen: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits after the repetition penalty, temperature, top-k and top-p (transformers' order)."""
+    logits = logits.float()
+    if seen is not None and config.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    if config.greedy:
+        return logits
+    if config.temperature != 1.0:
+        logits = logits / config.temperature
+    if config.top_k > 0:
+        logits = top_k_filter(logits, config.top_k)
+    if config.top_p < 1.0:
+        logits = top_p_filter(logits, config.top_p)
+    return logits
+
+
+def next_token(logits: torch.Tensor, config: SamplingConfig, seen: torch.Tensor | None,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """[B] next ids. Sampling uses the exponential race (argmax of p / Exp(1) samples a categorical exactly) so it
+    needs no host sync, unlike torch.multinomial on some backends."""
+    logits = process_logits(logits, config, seen)
+    if config.greedy:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+# ---- decoding ----------------------------------------------------------------------------------------------------
+def _model_device(model: Transformer) -> torch.device:
+    return model.model.embed_tokens.weight.device
+
+
+def default_model_stop_ids(model: Transformer) -> tuple[int, ...]:
+    eos = model.config.eos_token_id
+    return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+
+
+@torch.inference_mode()
+def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: SamplingConfig,
+                 pad_id: int = 0) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, [B] on the model's device, one step at a time.
+
+    Prompts are left-padded to a common length. Stops when every row has produced a stop id (rows that stopped
+    keep producing tokens, which callers drop), after max_new_tokens, or when the context window is full.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    vocab, max_pos = model.config.vocab_size, model.config.max_position_embeddings
+    for row, p in enumerate(prompts):
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt {row} has token id {bad}, outside the model's vocabulary of {vocab}")
+    B, L = len(prompts), max(map(len, prompts))
+    if L >= max_pos:
+        raise ValueError(f"prompt of {L} tokens leaves no room in the context window of {max_pos} tokens")
+    max_new = min(config.max_new_tokens, max_pos - L)
+    device = _model_device(model)
+
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.ones(B, L + max_new, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, :L - len(p)] = 0
+    ids, mask = ids.to(device), mask.to(device)
+    padded = any(len(p) != L for p in prompts)  # without padding the cache needs no mask at all
+
+    stop = torch.tensor(config.stop_ids or default_model_stop_ids(model), dtype=torch.long, device=device)
+    seen = token_presence(ids, vocab, mask[:, :L]) if config.repetition_penalty != 1.0 else None
+    generator = None
+    if not config.greedy and config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    cache = model.setup_cache(B, L + max_new)
+    logits = model(ids, attention_mask=mask[:, :L] if padded else None, cache=cache)[:, -1]
+    for step in range(max_new):
+        token = next_token(logits, config, seen, generator)
+        yield token
+        finished |= torch.isin(token, stop)
+        if step + 1 == max_new or bool(finished.all()):  # the one host sync per step
+            return
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        logits = model(token[:, None], attention_mask=mask[:, :L + step + 1] if padded else None, cache=cache)[:, -1]
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], config: SamplingConfig,
+             pad_id: int | None = None) -> list[list[int]]:
+    """New tokens for each prompt (batched, left-padded), each cut before its first stop id."""
+    pad = pad_id if pad_id is not None else model.config.pad_token_id or 0
+    steps = list(decode_steps(model, prompts, config, pad))
+    rows = torch.stack(steps, 1).tolist()
+    stops = set(config.stop_ids or default_model_stop_ids(model))
+    out = []
+    for row in rows:
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        out.append(row[:end])
+    return out
+
+
+# ---- text streaming ----------------------------------------------------------------------------------------------
+def truncate_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """Text up to the earliest stop string (for templates whose end of turn is several tokens, e.g. "\\n问：")."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _held_back(text: str, stop_strings: Sequence[str]) -> int:
+    """Length of the longest suffix of text that could still grow into a stop string."""
+    return max((n for s in stop_strings for n in range(min(len(s) - 1, len(text)), 0, -1)
+                if s.startswith(text[-n:])), default=0)
+
+
+class TextStream:
+    """Iterator of text deltas of one answer. Only complete characters are emitted (a token that ends inside a
+    multi-byte UTF-8 character waits for the next one), and text that might be the start of a stop string is held
+    back until it is not. After iteration: `token_ids`, `text`, `finish_reason` ("stop", "length" or None while
+    running or when interrupted), and timings for tokens/s."""
+
+    def __init__(self, model: Transformer, prompt_ids: Sequence[int], config: SamplingConfig, tokenizer,
+                 stop_strings: Sequence[str] = ()):
+        self.config = config if config.stop_ids else replace(config, stop_ids=default_stop_ids(tokenizer))
+        self.tokenizer, self.stop_strings = tokenizer, tuple(s for s in stop_strings if s)
+        self.prompt_tokens = len(prompt_ids)
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.start = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.end_time: float | None = None
+        self._steps = decode_steps(model, [list(prompt_ids)], self.config, tokenizer.pad_id)
+        self._deltas = self._run()
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def close(self) -> None:
+        self._deltas.close()
+        self._steps.close()
+
+    def tokens_per_second(self) -> float | None:
+        """Decoding speed after the first token (prefill excluded)."""
+        if self.first_token_time is None or self.end_time is None or len(self.token_ids) < 2:
+            return None
+        return (len(self.token_ids) - 1) / max(self.end_time - self.first_token_time, 1e-9)
+
+    def _run(self) -> Iterator[str]:
+        stops = set(self.config.stop_ids)
+        for step in self._steps:
+            token = int(step[0])
+            now = time.perf_counter()
+            self.first_token_time = self.first_token_time or now
+            self.end_time = now
+            if token in stops:
+                self.finish_reason = "stop"
+                break
+            self.token_ids.append(token)
+            full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            stable = full.rstrip(REPLACEMENT_CHAR)
+            cut = truncate_at_stop_strings(stable, self.stop_strings)
+            if len(cut) < len(stable):  # a stop string completed
+                self.finish_reason = "stop"
+                yield from self._emit(cut)
+                return
+            yield from self._emit(stable[:len(stable) - _held_back(stable, self.stop_strings)])
+        else:
+            self.finish_reason = "length"
+        yield from self._emit(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+
+    def _emit(self, text: str) -> Iterator[str]:
+        if len(text) > len(self.text):
+            delta, self.text = text[len(self.text):], text
+            yield delta
+
+
+def stream(model: Transformer, prompt_ids: Sequence[int], config: SamplingConfig, tokenizer,
+           stop_strings: Sequence[str] = ()) -> TextStream:
+    """Text deltas of one answer as they are generated; joined, they equal the decoded answer (cut at the first
+    stop string). Empty `config.stop_ids` means `default_stop_ids(tokenizer)`."""
+    return TextStream(model, prompt_ids, config, tokenizer, stop_strings)
+
+
+# ---- chat ----------------------------------------------------------------------------------------------------------
+def resolve_template(template: str | ChatTemplate | None, tokenizer) -> ChatTemplate:
+    if isinstance(template, ChatTemplate):
+        return template
+    return get_template(template or tokenizer.default_template)
+
+
+def default_stop_ids(tokenizer, template: str | ChatTemplate | None = None) -> tuple[int, ...]:
+    """eos, `<|im_end|>` when the vocabulary has it, and every template stop string that is a single token."""
+    ids = [tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>")]
+    for s in resolve_template(template, tokenizer).stop_strings:
+        encoded = tokenizer.encode(s)
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def encode_chat(tokenizer, template: ChatTemplate, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation plus the generation prompt. Each template piece is encoded on its own (as the
+    SFT data is, so the answer starts on the same token boundary as in training); a bos id, when the tokenizer has
+    one and the template does not write it, comes first."""
+    ids = [i for piece, _ in template.segments(messages, add_generation_prompt=True) for i in tokenizer.encode(piece)]
+    bos = getattr(tokenizer, "bos_id", None)
+    return [bos, *ids] if bos is not None and ids[:1] != [bos] else ids
+
+
+def chat_prompt(tokenizer, messages: list[dict], template: str | ChatTemplate | None = None,
+                max_tokens: int | None = None) -> list[int]:
+    """Prompt ids for the next answer to `messages` (an optional system message, then user/assistant turns ending
+    with the user's question). When they exceed max_tokens (the context window minus max_new_tokens), the oldest
+    user/assistant pairs are dropped; the system prompt and the current question always stay. Raises ValueError
+    when the system prompt plus the question alone do not fit."""
+    tpl = resolve_template(template, tokenizer)
+    system = list(messages[:1]) if messages and messages[0].get("role") == "system" else []
+    turns = list(messages[len(system):])
+    if not turns or turns[-1].get("role") != "user":
+        raise ValueError("the conversation must end with a user message")
+    for start in range(0, len(turns), 2):
+        ids = encode_chat(tokenizer, tpl, system + turns[start:])
+        if max_tokens is None or len(ids) <= max_tokens:
+            return ids
+    raise ValueError(f"the question takes {len(ids)} tokens with the template, more than the {max_tokens} the "
+                     "context window leaves for a prompt: shorten it or lower max_new_tokens")
+
+
+def context_budget(model: Transformer, config: SamplingConfig) -> int:
+    """Prompt tokens that still leave room for max_new_tokens in the model's context window."""
+    budget = model.config.max_position_embeddings - config.max_new_tokens
+    if budget < 1:
+        raise ValueError(f"max_new_tokens {config.max_new_tokens} does not fit the context window of "
+                         f"{model.config.max_position_embeddings} tokens")
+    return budget
