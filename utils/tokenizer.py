@@ -345,8 +345,7 @@ class _Sampler:
         self.docs = self.chars = self.bytes = 0
         self.heldout: list[str] = []
 
-    def __iter__(self) -> Iterator[list[str]]:
-        batch: list[str] = []
+    def __iter__(self) -> Iterator[str]:
         for path in self.files:
             for doc in iter_documents(path):
                 if self.hold_out and _heldout_doc(doc):
@@ -354,15 +353,49 @@ class _Sampler:
                     continue
                 if self.keep < 1.0 and self.rng.random() >= self.keep:
                     continue
+                size = len(doc.encode("utf-8"))
                 self.docs += 1
                 self.chars += len(doc)
-                self.bytes += len(doc.encode("utf-8"))
-                batch.append(doc)
-                if len(batch) == 1000:
-                    yield batch
-                    batch = []
-        if batch:
-            yield batch
+                self.bytes += size
+                yield doc
+
+
+class WordCounter:
+    """Pre-token counts with a hard cap on distinct words: the BPE trainer's memory is about 1.5 KB per distinct
+    word, so when the table passes max_words the rarest words are dropped (count below a rising threshold) until
+    it is half full. The merges come from the frequent words, which are kept exactly."""
+
+    def __init__(self, max_words: int):
+        self.max_words = max_words
+        self.counts: dict[str, int] = {}
+        self.min_count = 1  # words seen fewer times than this may have been dropped
+        self._split = pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated")
+
+    def add(self, text: str) -> None:
+        counts = self.counts
+        for word, _ in self._split.pre_tokenize_str(text):
+            counts[word] = counts.get(word, 0) + 1
+        if len(counts) > self.max_words:
+            self.prune(self.max_words // 2)
+
+    def prune(self, target: int) -> None:
+        while len(self.counts) > target:
+            self.min_count += 1
+            self.counts = {w: c for w, c in self.counts.items() if c >= self.min_count}
+
+    def sequences(self, batch: int = 8192) -> Iterator[list[str]]:
+        """Each word repeated by its count, in batches, for `train_from_iterator` (which takes text, not counts)."""
+        out: list[str] = []
+        for word, count in self.counts.items():
+            while count:
+                n = min(count, batch - len(out))
+                out += [word] * n
+                count -= n
+                if len(out) == batch:
+                    yield out
+                    out = []
+        if out:
+            yield out
 
 
 def new_bpe() -> _HFTokenizer:
@@ -388,9 +421,11 @@ def peak_rss_mb() -> float:
 
 def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | None = None, *,
                     min_frequency: int = 2, template: str = "chatml", compare: str | Path | None = None,
-                    heldout_chars: int = 2_000_000, seed: int = 0, show_progress: bool = False) -> dict:
+                    max_words: int = 1_000_000, heldout_chars: int = 2_000_000, seed: int = 0,
+                    show_progress: bool = False) -> dict:
     """Train our BPE on the training files, save it to out_dir (atomically) and return the report (also written to
-    out_dir/tokenizer_report.json). compare: another tokenizer dir (e.g. Qwen2) measured on the same held-out text."""
+    out_dir/tokenizer_report.json). Memory is bounded twice: by the byte sample and by max_words distinct pre-tokens.
+    compare: another tokenizer dir (e.g. Qwen2) measured on the same held-out text."""
     floor = len(SPECIAL_TOKENS) + 256 + 1
     if vocab_size < floor:
         raise ValueError(f"vocab_size {vocab_size} is too small: 4 special tokens + 256 bytes need at least {floor}")
@@ -401,15 +436,23 @@ def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | 
     sampler = _Sampler(train_files, keep, seed, hold_out=not heldout_files)
 
     start = time.perf_counter()
+    words = WordCounter(max_words)
+    with _progress(show_progress) as progress:
+        task = progress.add_task("counting words", total=int(total * keep))
+        for doc in sampler:
+            words.add(doc)
+            progress.update(task, completed=sampler.bytes)
+    if sampler.docs == 0:
+        raise ValueError(f"empty corpus: no non-blank documents in {[str(p) for p in train_files]}")
+    distinct, dropped_below = len(words.counts), words.min_count
     tk = new_bpe()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
                                   special_tokens=[AddedToken(t, special=True, normalized=False)
                                                   for t in SPECIAL_TOKENS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(sampler, trainer=trainer)
+    tk.train_from_iterator(words.sequences(), trainer=trainer, length=sum(words.counts.values()))
+    del words
     seconds = time.perf_counter() - start
-    if sampler.docs == 0:
-        raise ValueError(f"empty corpus: no non-blank documents in {[str(p) for p in train_files]}")
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tk.token_to_id(t) == i, (t, tk.token_to_id(t))
     tok = Tokenizer(tk, eos="<|endoftext|>", pad="<|pad|>", default_template=template)
@@ -423,6 +466,7 @@ def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | 
         "vocab_size": tok.vocab_size, "requested_vocab_size": vocab_size, "train_seconds": round(seconds, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1), "corpus_bytes": total, "sample_fraction": round(keep, 6),
         "trained_docs": sampler.docs, "trained_chars": sampler.chars, "trained_bytes": sampler.bytes,
+        "distinct_words": distinct, "words_dropped_below_count": dropped_below,
         "heldout": "valid split" if heldout_files else "1% of documents", "heldout_chars": sum(map(len, heldout)),
         "chars_per_token": _round(chars_per_token(tok, heldout)),
     }
@@ -440,6 +484,13 @@ def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | 
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                    disable=not enabled)
 
 
 def print_report(report: dict) -> None:
@@ -465,6 +516,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--sample-bytes", type=int, default=256 * 2**20,
                         help="train on a deterministic sample of about this many text bytes when the corpus is "
                              "larger (bounds memory); 0 = use everything")
+    parser.add_argument("--max-words", type=int, default=1_000_000,
+                        help="cap on distinct pre-tokens held for training (about 1.5 KB of RAM each); rarer ones "
+                             "are dropped past it")
     parser.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
     parser.add_argument("--template", default="chatml", choices=sorted(TEMPLATES),
                         help="chat template written into tokenizer_config.json as the default")
@@ -478,7 +532,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def main(args: argparse.Namespace) -> None:
     report = train_tokenizer(args.data, args.vocab_size, args.out, args.sample_bytes or None,
-                             min_frequency=args.min_frequency, template=args.template, compare=args.compare,
+                             min_frequency=args.min_frequency, max_words=args.max_words, template=args.template, compare=args.compare,
                              seed=args.seed, show_progress=args.progress)
     print_report(report)
     print(f"saved to {args.out}")
