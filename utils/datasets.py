@@ -326,6 +326,7 @@ class _RowLoader:
         self.epoch = 0
         self.row = 0  # rows consumed in this epoch, summed over all ranks
         self._plan: tuple[int, PackPlan] | None = None
+        self._eval_plan: PackPlan | None = None
 
     # --- what subclasses provide
     def _fingerprint(self) -> str:
@@ -381,7 +382,10 @@ class _RowLoader:
     def eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Finite pass over the whole split in file order (no shuffling), this rank's share; the last batch may be
         smaller. Rows beyond a multiple of world_size are left out so all ranks yield the same number of batches."""
-        plan = best_fit_pack(self.lengths, self.capacity, range(len(self.lengths)), self.buffer_size, self.crop)
+        if self._eval_plan is None:
+            self._eval_plan = best_fit_pack(self.lengths, self.capacity, range(len(self.lengths)), self.buffer_size,
+                                            self.crop)
+        plan = self._eval_plan
         n = plan.n_rows // self.world_size * self.world_size
         mine = np.arange(self.rank, n, self.world_size)
         for k, start in enumerate(range(0, len(mine), self.batch_size)):
