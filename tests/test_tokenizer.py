@@ -1,0 +1,203 @@
+"""Tokenizer: training on prepared parquet, lossless roundtrip, files transformers can load, and loaders whose ids
+equal transformers.AutoTokenizer on the real Qwen2 and LLaMA tokenizer files."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from utils.tokenizer import SPECIAL_TOKENS, Tokenizer, WordCounter, train_tokenizer
+
+MIXED = ("你好，世界！今天是2024年11月21日，气温 -3.5°C。Hello world, it's Qwen2 & LLaMA-2 🤗🚀 naïve café "
+         "e\u0301 Ａ全角１２ 東京タワー 한국어\n\n  code:\tx = f(1)  # 注释\r\n<|im_start|>user\n问题<|im_end|>\n")
+
+
+def qa_pairs(corpora: Path) -> list[tuple[str, str]]:
+    """Real Chinese Q&A: the translational-style dialogues (问/答 JSON lines)."""
+    path = corpora / "translational_style" / "2_Dialogues.first6000.jsonl"
+    rows = [json.loads(line) for line in path.open(encoding="utf-8")]
+    return [(r["问"], r["答"]) for r in rows]
+
+
+def write_shard(path: Path, pairs: list[tuple[str, str]]) -> None:
+    pq.write_table(pa.table({"prompt": [p for p, _ in pairs], "response": [r for _, r in pairs],
+                             "source": ["tsl"] * len(pairs)}), path, compression="zstd")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shared_corpora) -> Path:
+    pairs = qa_pairs(shared_corpora)
+    d = tmp_path_factory.mktemp("corpus")
+    write_shard(d / "train-00000.parquet", pairs[:1500])
+    write_shard(d / "train-00001.parquet", pairs[1500:3000])
+    write_shard(d / "valid-00000.parquet", pairs[5800:])
+    write_shard(d / "test-00000.parquet", pairs[5600:5800])
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    report = train_tokenizer(corpus, 3000, out)
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def tok(trained) -> Tokenizer:
+    return Tokenizer.load(trained[0])
+
+
+def test_training_report_and_files(trained, corpus):
+    out, report = trained
+    assert {p.name for p in out.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "tokenizer_report.json"}
+    assert json.loads((out / "tokenizer_report.json").read_text(encoding="utf-8")) == report
+    assert report["vocab_size"] == 3000 and report["heldout"] == "valid split"
+    assert report["trained_docs"] == 3000 and report["sample_fraction"] == 1.0
+    assert report["peak_rss_mb"] > 0 and report["train_seconds"] > 0
+    assert 1.0 < report["chars_per_token"] < 4.0  # BPE on Chinese merges common character pairs
+
+
+def test_special_tokens_fixed_ids(tok):
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert (tok.eos_id, tok.pad_id, tok.bos_id, tok.vocab_size, tok.default_template) == (0, 1, None, 3000, "chatml")
+    ids = tok.encode("<|im_start|>user\n你好<|im_end|><|endoftext|>")
+    assert ids[0] == 2 and ids[-2:] == [3, 0]
+    assert tok.decode(ids, skip_special_tokens=True) == "user\n你好"
+
+
+def test_learned_chinese_merges(tok, shared_corpora):
+    q, a = qa_pairs(shared_corpora)[5000]
+    text = q + "\n" + a
+    assert len(tok.encode(text)) < 0.8 * len(text.encode("utf-8")) / 2  # well below one token per 2 bytes
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(
+    st.text(),  # arbitrary Unicode (no lone surrogates: they are not encodable text)
+    st.text(alphabet=st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), max_size=200),  # CJK
+    st.text(alphabet=st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF), max_size=50),  # emoji
+    st.lists(st.sampled_from(["中文", "English", " ", "\n", "\t", "123", "🤗", "é", "e\u0301", "ﬁ", "<|im_end|>",
+                              "<|endoftext|>", "<|im_start", "。", "，", "　", "\r\n", "\x00"]),
+             max_size=40).map("".join),
+))
+def test_roundtrip_lossless(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.encode_batch([text, text]) == [ids, ids]
+
+
+def test_transformers_loads_our_dir_with_same_ids(trained, tok):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(trained[0]))
+    assert hf.encode(MIXED, add_special_tokens=False) == tok.encode(MIXED)
+    assert hf.decode(tok.encode(MIXED)) == MIXED
+    assert (hf.eos_token_id, hf.pad_token_id) == (tok.eos_id, tok.pad_id)
+
+
+def test_save_load_roundtrip(tok, tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # save() into a model dir keeps the model's files
+    tok.save(tmp_path)
+    again = Tokenizer.load(tmp_path)
+    assert (tmp_path / "config.json").exists()
+    assert again.encode(MIXED) == tok.encode(MIXED) and again.vocab_size == tok.vocab_size
+
+
+def test_cli_and_deterministic_sampling(corpus, tmp_path):
+    import train
+
+    argv = ["tokenizer", "--data", str(corpus), "--vocab-size", "600", "--sample-bytes", "150000",
+            "--no-progress", "--seed", "3"]
+    train.main(argv + ["--out", str(tmp_path / "a")])
+    train.main(argv + ["--out", str(tmp_path / "b")])
+    report = json.loads((tmp_path / "a" / "tokenizer_report.json").read_text(encoding="utf-8"))
+    assert report["sample_fraction"] < 0.5 and report["trained_bytes"] < 2 * 150000
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+
+
+def test_text_and_json_files_and_holdout(shared_corpora, tmp_path):
+    report = train_tokenizer([shared_corpora / "belle" / "eval_set.json", shared_corpora / "translational_style" /
+                              "1_Topics.txt"], 500, tmp_path / "t")
+    assert report["heldout"] == "1% of documents" and report["trained_docs"] > 900
+    assert report["chars_per_token"] is not None
+
+
+def test_word_table_cap():
+    words = WordCounter(max_words=50)
+    for i in range(200):
+        words.add(f"{chr(0x4E00 + i)}{chr(0x6000 + i)} 中华人民共和国 常见 常见")  # one new word per line
+    assert len(words.counts) <= 50 and words.min_count > 1
+    assert words.counts["常见"] == 400  # frequent words keep exact counts
+    assert sum(len(b) for b in words.sequences(batch=64)) == sum(words.counts.values())
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty corpus"):
+        train_tokenizer([empty], 500, tmp_path / "o")
+    bad = tmp_path / "train-00000.parquet"
+    bad.write_bytes(b"not a parquet file")
+    with pytest.raises(ValueError, match="train-00000.parquet"):
+        train_tokenizer(tmp_path, 500, tmp_path / "o")
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes("中文".encode("gb18030"))
+    with pytest.raises(ValueError, match="gbk.txt"):
+        train_tokenizer([gbk], 500, tmp_path / "o")
+    jl = tmp_path / "x.jsonl"
+    jl.write_text('{"a": "好"}\n{broken\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="x.jsonl:2"):
+        train_tokenizer([jl], 500, tmp_path / "o")
+    with pytest.raises(FileNotFoundError):
+        train_tokenizer([tmp_path / "missing"], 500, tmp_path / "o")
+    with pytest.raises(ValueError, match="too small"):
+        train_tokenizer([empty], 100, tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # nothing half-written
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        Tokenizer.load(tmp_path)
+
+
+# ------------------------------------------------------------------ the 7B checkpoints' tokenizers
+def _real_texts(corpora: Path) -> list[str]:
+    return [MIXED] + [q + "\n" + a for q, a in qa_pairs(corpora)[:200]]
+
+
+def test_qwen2_vocab_merges_matches_transformers(shared_corpora, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    src = shared_corpora / "tokenizers" / "qwen2"
+    ours = Tokenizer.load(src)
+    hf = transformers.AutoTokenizer.from_pretrained(str(src))
+    texts = _real_texts(shared_corpora)
+    assert ours.encode_batch(texts) == [hf.encode(t) for t in texts]
+    assert (ours.eos_id, ours.pad_id, ours.bos_id, ours.vocab_size) == (151643, 151643, None, 151646)
+    assert ours.token_to_id("<|im_start|>") == 151644 and ours.default_template == "qwen"
+    # the same tokenizer as a tokenizer.json dir (how Qwen1.5-7B ships) loads to the same ids, in both libraries
+    ours.save(tmp_path)
+    for name in ("vocab.json", "merges.txt"):
+        assert not (tmp_path / name).exists()
+    again = Tokenizer.load(tmp_path)
+    assert again.encode_batch(texts) == ours.encode_batch(texts) and again.eos_id == 151643
+    hf2 = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf2.encode(MIXED, add_special_tokens=False) == ours.encode(MIXED)
+
+
+def test_sentencepiece_llama_matches_transformers(shared_corpora, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    shutil.copy(shared_corpora / "tokenizers" / "llama" / "tokenizer.model", tmp_path / "tokenizer.model")
+    ours = Tokenizer.load(tmp_path)
+    # Llama-2-7b-hf's tokenizer_config.json: LlamaTokenizer, add_bos_token true, legacy false
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None}))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = _real_texts(shared_corpora) + ["</s>x<s> y", "  two leading spaces", "a  b   c"]
+    for text in texts:
+        assert ours.encode(text, add_bos=True) == hf.encode(text), text
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert (ours.eos_id, ours.bos_id, ours.pad_id, ours.vocab_size) == (2, 1, 2, 32000)
+    assert ours.decode(ours.encode(MIXED)) == hf.decode(hf.encode(MIXED, add_special_tokens=False))
