@@ -287,7 +287,7 @@ def print_stats(stats: dict) -> None:
         dropped = ", ".join(f"{r}: {n:,}" for r, n in c["dropped"].items()) or "-"
         table.add_row(name, f"{c['read']:,}", f"{c['kept']:,}", dropped, f"{c['seconds']:.1f}")
     t = stats["total"]
-    table.add_row("total", f"{t['read']:,}", f"{t['kept']:,}", f"{t['read'] - t['kept']:,}", f"{t['seconds']:.1f}",
+    table.add_row("total", f"{t['read']:,}", f"{t['kept']:,}", f"{sum(sum(c['dropped'].values()) for c in stats['corpora'].values()):,}", f"{t['seconds']:.1f}",
                   style="bold")
     console = Console()
     console.print(table)
