@@ -156,9 +156,10 @@ class _NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        weight = NF4Weight(*ctx.saved_tensors, ctx.shape, grad.dtype)
+        packed = ctx.saved_tensors  # read once: checkpointing allows a single unpack
+        weight = NF4Weight(*packed, ctx.shape, grad.dtype)
         grad_x = (grad @ weight.dequantize()).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return (grad_x, None) + (None,) * len(ctx.saved_tensors)
+        return (grad_x, None) + (None,) * len(packed)
 
 
 class NF4Linear(nn.Module):

@@ -1,0 +1,214 @@
+"""NF4 + double quantization against its definition and against bitsandbytes; the QLoRA load path."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model import load_model
+from model.lora import LoRALinear, apply_lora, merge_lora
+from model.nf4 import (BLOCK_LINEARS, DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4Weight, nf4_hook, pack_nibbles,
+                       unpack_nibbles)
+
+
+def test_nf4_table_is_bitsandbytes_normal_map():
+    """create_normal_map(offset=0.9677083, use_extra_value=True): 8 positive and 7 negative normal quantiles and 0."""
+    norm = pytest.importorskip("scipy.stats").norm
+    offset = 0.9677083
+    pos = norm.ppf(torch.linspace(offset, 0.5, 9)[:-1].double().numpy()).tolist()
+    neg = (-norm.ppf(torch.linspace(offset, 0.5, 8)[:-1].double().numpy())).tolist()
+    values = torch.tensor(sorted(pos + [0.0] + neg), dtype=torch.float64)
+    torch.testing.assert_close(NF4_CODE.double(), values / values.abs().max(), rtol=0, atol=1e-6)
+    assert DYNAMIC_CODE.numel() == 256 and DYNAMIC_CODE.unique().numel() == 256
+    assert DYNAMIC_CODE.min() > -1 and DYNAMIC_CODE.max() == 1 and (DYNAMIC_CODE == 0).any()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 15), min_size=2, max_size=300).filter(lambda q: len(q) % 2 == 0))
+def test_pack_unpack_is_exact(indices):
+    q = torch.tensor(indices, dtype=torch.uint8)
+    packed = pack_nibbles(q)
+    assert packed.dtype == torch.uint8 and packed.numel() == q.numel() // 2
+    assert torch.equal(unpack_nibbles(packed), q)
+    assert torch.equal(packed[0] >> 4, q[0])  # first element in the high nibble (bnb / torchao order)
+
+
+def gaussian(shape, dtype=torch.float32, seed=0):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02).to(dtype)
+
+
+def test_quantize_picks_the_nearest_code_and_dequantize_inverts_it():
+    w = gaussian((96, 200))  # 19200 values: 300 blocks, a partial group of scales
+    nf4 = NF4Weight.quantize(w)
+    absmax = nf4.block_absmax()
+    blocks = w.view(-1, 64)
+    scaled = blocks / blocks.abs().amax(1, keepdim=True)
+    brute = (scaled.reshape(-1, 1) - NF4_CODE).abs().argmin(1)
+    assert torch.equal(unpack_nibbles(nf4.packed).long(), brute)
+    expected = (NF4_CODE[brute].view(-1, 64) * absmax[:, None]).view(w.shape)
+    torch.testing.assert_close(nf4.dequantize(), expected, rtol=0, atol=0)
+
+
+def test_dequantization_error_is_within_the_bound_on_gaussian_weights():
+    w = gaussian((512, 1024))
+    nf4 = NF4Weight.quantize(w)
+    err = (nf4.dequantize() - w).abs().view(-1, 64)
+    true_absmax = w.view(-1, 64).abs().amax(1)
+    approx_absmax = nf4.block_absmax()
+    # Double quantization: the 8-bit dynamic code keeps every block scale within 1% of the true one here.
+    assert ((approx_absmax - true_absmax).abs() / true_absmax).max() < 0.01
+    # |w - q*a'| <= |w/a - q| a + |q| |a - a'|, and |w/a - q| <= half the widest NF4 gap (0.1385, between 0.72 and 1).
+    half_gap = (NF4_CODE[1:] - NF4_CODE[:-1]).max() / 2
+    bound = half_gap * true_absmax + (approx_absmax - true_absmax).abs()
+    assert (err <= bound[:, None] * (1 + 1e-5)).all()
+    # NF4 is information-theoretically good for normal data: RMS error ~ 9-10% of the weights' std.
+    rel_rms = (err.pow(2).mean().sqrt() / w.std()).item()
+    assert 0.05 < rel_rms < 0.11
+
+
+def test_memory_per_parameter_is_about_4_13_bits():
+    w = gaussian((1024, 4096), torch.bfloat16)
+    layer = NF4Linear(NF4Weight.quantize(w))
+    resident = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert resident == layer.weight.nbytes()
+    bits = 8 * resident / w.numel()
+    assert 4.12 < bits < 4.135, bits  # 4 + 8/64 + 32/(64*256), plus one fp32 offset
+    assert not list(layer.parameters())  # nothing trainable, nothing float of weight size
+
+
+def test_nf4_linear_forward_and_backward_keep_only_4_bit_data():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(128, 192, bias=True)
+    layer = NF4Linear.from_linear(dense)
+    w = layer.weight.dequantize()
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, w, dense.bias))
+    assert saved and all(t.dtype == torch.uint8 or t.numel() <= w.numel() // 64 for t in saved)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ w)
+    # bf16 compute: the weight is dequantized to the input's dtype
+    xb = x.detach().bfloat16()
+    torch.testing.assert_close(layer(xb), F.linear(xb, w.bfloat16(), dense.bias.bfloat16().detach()),
+                               rtol=0.02, atol=0.02)
+
+
+# ---- QLoRA load path ---------------------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def hf_dir(request, tmp_path_factory):
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=192, max_position_embeddings=128, tie_word_embeddings=False)
+    cls, cfg = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if request.param == "llama" else
+                (transformers.Qwen2ForCausalLM, transformers.Qwen2Config))
+    hf = cls(cfg(**common))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.05) if p.ndim > 1 else p.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return request.param, path
+
+
+IDS = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def test_nf4_hook_quantizes_block_linears_while_loading(hf_dir):
+    kind, path = hf_dir
+    dense = load_model(path)
+    quant = load_model(path, tensor_hook=nf4_hook())
+    quantized = {n: m for n, m in quant.named_modules() if isinstance(m, NF4Linear)}
+    assert len(quantized) == 2 * len(BLOCK_LINEARS)
+    for name, module in quantized.items():
+        ref = dense.get_submodule(name)
+        with torch.no_grad():  # the dense model with each weight replaced by its NF4 round trip
+            ref.weight.copy_(module.weight.dequantize())
+        assert (module.bias is None) == (ref.bias is None)
+        if ref.bias is not None:  # Qwen2's q/k/v bias, read before its weight, carried over
+            assert kind == "qwen2" and torch.equal(module.bias, ref.bias)
+    assert type(quant.lm_head) is torch.nn.Linear and type(quant.model.embed_tokens) is torch.nn.Embedding
+    assert all(p.device.type == "cpu" for p in quant.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(quant(IDS), dense(IDS), rtol=1e-4, atol=1e-5)
+    quant_bytes = sum(t.numel() * t.element_size() for t in quant.state_dict().values())
+    dense_bytes = sum(t.numel() * t.element_size() for t in dense.state_dict().values())
+    assert quant_bytes < dense_bytes  # (embeddings dominate at this size; see the per-parameter test)
+
+
+def test_nf4_hook_carries_a_bias_read_after_its_weight():
+    torch.manual_seed(0)
+    from model import ModelConfig, Transformer
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(vocab_size=16, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=128, qkv_bias=True))
+    hook = nf4_hook(["q_proj"])
+    w, b = torch.randn(64, 64), torch.randn(64)
+    assert hook(model, "model.layers.0.self_attn.q_proj.weight", w)
+    assert model.model.layers[0].self_attn.q_proj.bias.device.type == "meta"
+    assert hook(model, "model.layers.0.self_attn.q_proj.bias", b)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.bias, b)
+    assert not hook(model, "model.layers.0.self_attn.k_proj.weight", w)
+    assert not hook(model, "lm_head.weight", torch.randn(16, 64))
+    with pytest.raises(ValueError, match="lm_head"):
+        nf4_hook(["lm_head"])
+
+
+def test_qlora_trains_adapters_on_the_4_bit_base_with_gradient_checkpointing(hf_dir):
+    _, path = hf_dir
+    labels = torch.roll(IDS, -1, 1)
+    grads = []
+    for ckpt in (False, True):
+        model = load_model(path, tensor_hook=nf4_hook()).train()
+        torch.manual_seed(2)
+        apply_lora(model, r=4, alpha=8, targets="all-linear")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        model.gradient_checkpointing = ckpt
+        model(IDS, labels).backward()
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.requires_grad})
+    assert len(grads[0]) == 2 * 7 * 2 and all(g is not None and g.abs().sum() > 0 for g in grads[0].values())
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k])
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, LoRALinear) and isinstance(layer.base_layer, NF4Linear)
+    with pytest.raises(ValueError, match="4-bit base"):
+        merge_lora(model)
+
+
+# ---- bitsandbytes (CPU backend here; CUDA on the GPU machine) -----------------------------------------------------
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_bitsandbytes_nf4_with_double_quantization(device, dtype):
+    bnb_f = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    w = gaussian((384, 320), dtype).to(device)  # 1920 blocks: 7.5 groups of 256 scales
+    q, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    ours = NF4Weight.quantize(w)
+    assert torch.equal(q.view(-1), ours.packed)  # identical 4-bit codes, identical nibble order
+    assert torch.equal(state.offset, ours.offset)
+    assert torch.equal(state.state2.absmax, ours.scale_absmax)
+    # 8-bit scale codes: ours is the exact nearest code (bnb's pure-torch backend); bnb's native CPU kernel's
+    # search picks the neighbour for a few values within ~0.3% of a midpoint.
+    diff = (state.absmax.int() - ours.scales.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    # bnb's dequantization of OUR packed state equals ours bit for bit.
+    state.absmax = ours.scales
+    torch.testing.assert_close(bnb_f.dequantize_4bit(ours.packed.view(-1, 1), state), ours.dequantize(),
+                               rtol=0, atol=0)
