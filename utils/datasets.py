@@ -21,7 +21,6 @@ import bisect
 import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
