@@ -1,0 +1,232 @@
+"""Readers: bundled samples, the real corpora samples in ../shared/corpora, and every kind of bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from utils.corpora import (READERS, ReaderOptions, Tally, _json_array, detect_encoding, list_files, read_corpus,
+                           read_file, WIKI_TEMPLATES)
+
+SAMPLE_FORMATS = ["webtext", "baike", "medical", "zhihu", "belle", "wiki", "hc3", "instruct", "alpaca", "sharegpt"]
+
+
+def read_all(name: str, path: Path, **opts) -> tuple[list, Tally]:
+    tally = Tally()
+    return list(read_corpus(name, path, ReaderOptions(**opts), tally)), tally
+
+
+@pytest.mark.parametrize("name", SAMPLE_FORMATS)
+def test_bundled_sample_reads(samples_dir, name):
+    recs, tally = read_all(name, samples_dir / name)
+    assert 45 <= tally.read <= 300
+    assert len(recs) >= 40
+    assert all(isinstance(r.prompt, str) and r.prompt.strip() and r.response.strip() for r in recs)
+    assert {r.source for r in recs} == {name}
+    assert not {"undecodable", "bad_json", "malformed_row"} & set(tally.dropped)
+
+
+def test_registry_has_every_format():
+    assert set(SAMPLE_FORMATS) | {"parquet", "qa"} <= set(READERS)
+    with pytest.raises(ValueError, match="unknown corpus format"):
+        list_files("nope", ".")
+
+
+def test_medical_sample_gb18030_multiline_and_stray_quote(samples_dir):
+    path = samples_dir / "medical" / "neike_sample.csv"
+    assert detect_encoding(path) == "gb18030"
+    recs, tally = read_all("medical", path)
+    multi = [r for r in recs if r.prompt.startswith("胃镜检查前")]
+    assert len(multi) == 1 and multi[0].response.count("\n") == 2
+    stray = [r for r in recs if "痛风" in r.prompt and '"' in r.prompt]
+    assert len(stray) == 1 and stray[0].response.startswith("急性发作时")
+    # an ask of "无" is no question: the title alone is the prompt
+    assert any(r.prompt == "甲亢能吃海带吗？" for r in recs)
+    # Dice-similar title and ask: only the ask is kept
+    assert any(r.prompt == "头疼" for r in recs)
+
+
+def test_webtext_star_filter_and_option(samples_dir):
+    recs, tally = read_all("webtext", samples_dir / "webtext")
+    assert tally.dropped["low_star"] == 4
+    recs0, tally0 = read_all("webtext", samples_dir / "webtext", min_star=0)
+    assert len(recs0) == len(recs) + 4 and "low_star" not in tally0.dropped
+
+
+def test_baike_title_desc_rule(samples_dir):
+    recs, _ = read_all("baike", samples_dir / "baike")
+    same = [r for r in recs if r.prompt.startswith("感冒了能不能洗澡")]
+    assert same[0].prompt == "感冒了能不能洗澡？"  # desc equal to the title is not repeated
+    both = [r for r in recs if r.prompt.startswith("怎么去除衣服上的油渍")]
+    assert both[0].prompt == "怎么去除衣服上的油渍？\n不小心把菜汤洒到衬衫上了，有什么办法吗？"
+    assert "\r" in both[0].response  # raw: cleaning removes it
+
+
+def test_alpaca_history_system_and_sharegpt_turns(samples_dir):
+    recs, _ = read_all("alpaca", samples_dir / "alpaca")
+    hist = [r for r in recs if r.prompt == "再简单一点。"][0]
+    assert len(hist.history) == 2 and hist.history[0][0] == "给我出一道小学数学题。"
+    assert any(r.system == "你是一个环保知识助手。" for r in recs)
+    assert any(r.prompt == "计算一下。\n二十五乘以四等于多少？" for r in recs)  # instruction + input
+    conv, tally = read_all("sharegpt", samples_dir / "sharegpt")
+    joke = [r for r in conv if r.prompt == "哈哈，再来一个。"][0]
+    assert joke.history[0][0] == "给我讲个笑话吧。"
+    assert any(r.system == "你是一个专业的健身教练。" for r in conv)
+    assert any(r.prompt == "你会做什么？" for r in conv)  # role/content form
+    assert tally.dropped["bad_field"] == 1 and tally.dropped["missing_field"] == 1
+
+
+def test_hc3_answer_choice(samples_dir):
+    both, t = read_all("hc3", samples_dir / "hc3")
+    human, _ = read_all("hc3", samples_dir / "hc3", hc3_answers="human")
+    gpt, _ = read_all("hc3", samples_dir / "hc3", hc3_answers="chatgpt")
+    assert len(both) == len(human) + len(gpt) and len(human) > 40 and len(gpt) > 40
+    assert t.dropped["missing_field"] == 1
+
+
+def test_wiki_sample_both_layouts(samples_dir):
+    recs, tally = read_all("wiki", samples_dir / "wiki")
+    assert tally.dropped["empty_article"] == 1
+    titles = {r.prompt for r in recs}
+    assert any("黄河" in p for p in titles) and not any("黃河" in r.prompt + r.response for r in recs)
+    assert any("数学" in p for p in titles)  # JSON-lines layout
+    templates = [t.split("{}") for t in WIKI_TEMPLATES]
+    for r in recs:
+        assert any(r.prompt.startswith(a) and r.prompt.endswith(b) for a, b in templates)
+        assert len(r.response) <= 512 and not r.response.startswith(r.prompt)
+
+
+def test_wiki_template_independent_of_order(tmp_path, samples_dir):
+    lines = (samples_dir / "wiki" / "AB" / "wiki_00").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "a").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "b").write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")
+    a = {(r.prompt, r.response) for r in read_file("wiki", tmp_path / "a")}
+    b = {(r.prompt, r.response) for r in read_file("wiki", tmp_path / "b")}
+    assert a == b
+
+
+def test_zhihu_and_own_parquet(tmp_path, samples_dir):
+    recs, _ = read_all("zhihu", samples_dir / "zhihu")
+    assert any(r.prompt == "如何评价《三体》这部小说？" for r in recs)
+    pq.write_table(pa.table({"prompt": ["问", ""], "response": ["答", "x"], "source": ["a", "b"]}), tmp_path / "p.parquet")
+    own, tally = read_all("parquet", tmp_path / "p.parquet")
+    assert [(r.prompt, r.response) for r in own] == [("问", "答")] and tally.dropped["missing_field"] == 1
+
+
+# ----------------------------------------------------------------------------------------------- real samples
+
+def test_real_medical_csv(shared_corpora):
+    recs, tally = read_all("medical", shared_corpora / "medical_dialogue")
+    assert tally.read == 7444 and "undecodable" not in tally.dropped
+    assert len(recs) == 7444 - sum(tally.dropped.values())
+    assert len(recs) > 7400
+    assert any("\n" in r.response for r in recs) or any("\n" in r.prompt for r in recs)
+
+
+def test_real_gbk_strict_decoding_counts_bad_bytes(shared_corpora):
+    """gb2312 (the seed's encoding) cannot decode the file: bad lines are counted, good ones still read."""
+    recs, tally = read_all("medical", shared_corpora / "medical_dialogue", encoding="gb2312")
+    assert tally.dropped["undecodable"] > 0 and len(recs) > 1000
+    assert tally.examples[0]["where"].startswith(str(shared_corpora / "medical_dialogue"))
+
+
+def test_real_belle_instruct_alpaca_qa(shared_corpora):
+    belle, t = read_all("belle", shared_corpora / "belle" / "dev1K.first800.json")
+    assert len(belle) == 800 and t.read == 800
+    ner, _ = read_all("instruct", shared_corpora / "msra_ner_instruct")
+    assert len(ner) == 800 and ner[0].prompt.endswith("文本：因有关日寇在京掠夺文物详情，藏界较为重视，也是我们收藏北京史料中的要件之一。")
+    tsl, _ = read_all("alpaca", shared_corpora / "translational_style" / "TslDial.json")
+    assert len(tsl) == 11543 and tsl[0].prompt == "你有最近看过什么好电影吗？"
+    qa, _ = read_all("qa", shared_corpora / "translational_style" / "2_Dialogues.first6000.jsonl")
+    assert len(qa) == 6000
+    ev, t = read_all("qa", shared_corpora / "belle" / "eval_set.json")  # question / std_answer
+    assert len(ev) + t.dropped["missing_field"] == 1000 and len(ev) > 500
+
+
+def test_real_wiki_both_layouts(shared_corpora):
+    j, _ = read_all("wiki", shared_corpora / "wiki_zh" / "wiki_zh_2019")
+    d, _ = read_all("wiki", shared_corpora / "wiki_zh" / "zhwiki_doc")
+    assert len(j) >= 60 and len(d) >= 14
+    math = [r for r in d if "数学" in r.prompt][0]
+    assert "數" not in math.response and "数学是利用符号语言研究数量" in math.response
+
+
+def test_real_hc3_plus_has_no_question(shared_corpora):
+    """HC3-Plus ({text,label}) has answers without questions: every line is counted, none becomes a Q/A pair."""
+    recs, tally = read_all("hc3", shared_corpora / "hc3_plus_zh" / "val_hc3_QA.main.jsonl")
+    assert recs == [] and tally.dropped["no_question_hc3plus"] == 1580
+
+
+def test_real_readme_examples_field_layout(shared_corpora):
+    web, t = read_all("webtext", shared_corpora / "webtext2019zh")
+    assert web == [] and t.dropped["low_star"] == 1  # star 3 < 5
+    web, _ = read_all("webtext", shared_corpora / "webtext2019zh", min_star=0)
+    assert web[0].prompt == "AlphaGo只会下围棋吗？阿法狗能写小说吗？"
+    baike, _ = read_all("baike", shared_corpora / "baike_qa2019")
+    assert baike[0].prompt.startswith("冬天进补好一些呢") and "\r" in baike[0].response
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def test_bad_json_lines_are_counted_with_location(tmp_path):
+    p = tmp_path / "b.json"
+    p.write_bytes("\n".join([
+        json.dumps({"instruction": "问题一", "input": "", "output": "回答一"}, ensure_ascii=False),
+        '{"instruction": "broken", ',
+        "[1, 2]",
+        json.dumps({"instruction": "问题二"}, ensure_ascii=False),
+        "",
+        json.dumps({"instruction": "问题三", "output": "回答三"}, ensure_ascii=False),
+    ]).encode() + b"\n\xff\xfe{bad bytes}\n")
+    recs, tally = read_all("belle", p)
+    assert [r.prompt for r in recs] == ["问题一", "问题三"]
+    assert tally.dropped == {"bad_json": 1, "not_an_object": 1, "missing_field": 1, "undecodable": 1}
+    assert {e["where"] for e in tally.examples} >= {f"{p}:2", f"{p}:3", f"{p}:4", f"{p}:7"}
+    assert tally.read == 6
+
+
+def test_empty_file_counted(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    tally = Tally()
+    assert list(read_file("belle", tmp_path / "e.jsonl", tally=tally)) == []
+    assert tally.dropped["empty_file"] == 1
+
+
+def test_missing_path_and_empty_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_files("belle", tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no .*csv"):
+        list_files("medical", tmp_path)
+
+
+def test_json_array_streams_across_chunk_boundaries(tmp_path):
+    items = [{"instruction": f"问题{i}", "input": "", "output": "答案" * (i % 7 + 1)} for i in range(50)]
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps(items, ensure_ascii=False, indent=2), encoding="utf-8")
+    tally = Tally()
+    got = [obj for _, obj in _json_array(p, "utf-8", tally, chunk_chars=7)]
+    assert got == items and tally.read == 50
+
+
+def test_json_array_truncated_keeps_good_items(tmp_path):
+    text = json.dumps([{"instruction": "一", "output": "甲"}, {"instruction": "二", "output": "乙"}], ensure_ascii=False)
+    p = tmp_path / "t.json"
+    p.write_text(text[:-12], encoding="utf-8")
+    recs, tally = read_all("alpaca", p)
+    assert [r.prompt for r in recs] == ["一"] and tally.dropped["bad_json"] == 1
+
+
+def test_medical_short_rows_and_utf8(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("department,title,ask,answer\n内科,头疼怎么办,最近经常头疼,注意休息，必要时就医\n内科,只有标题\n", encoding="utf-8")
+    recs, tally = read_all("medical", p)
+    assert len(recs) == 1 and tally.dropped["missing_field"] == 1 and detect_encoding(p) == "utf-8"
+
+
+def test_bad_parquet_counted(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"not a parquet file")
+    recs, tally = read_all("zhihu", tmp_path / "x.parquet")
+    assert recs == [] and tally.dropped["bad_parquet"] == 1
