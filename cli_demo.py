@@ -1,0 +1,212 @@
+"""Console chat with a model directory: streamed answers, multi-turn history fed back through the chat template.
+
+    python cli_demo.py --model DIR            # chat; /clear resets, /exit or Ctrl-D quits, Ctrl-C stops an answer
+    python cli_demo.py --model DIR --prompt "你好"   # one answer on stdout, then exit (for scripts)
+    printf '你好\\n再见\\n' | python cli_demo.py --model DIR  # one answer per input line, the history kept
+
+Unlike the seed's demo (history shown but never fed to the model), earlier turns are part of every prompt; when they
+no longer fit the context window the oldest turns are dropped, never the current question.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from model import Transformer, load_model
+from model.generation import (SamplingConfig, TextStream, chat_prompt, context_budget, default_stop_ids,
+                              resolve_template, stream)
+from utils.templates import TEMPLATES, ChatTemplate
+from utils.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMMANDS_HELP = "/clear resets the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer"
+# C0 controls (and DEL) from a model are shown as their Unicode control pictures, never sent to the terminal raw
+_CONTROL_PICTURES = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {127: 0x2421}
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str = "chat") -> None:
+    parser.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
+    parser.add_argument("--template", default=None, choices=sorted(TEMPLATES),
+                        help="chat template; unset = the tokenizer's own (tokenizer_config.json)")
+    parser.add_argument("--system", default=None, help="system prompt for the conversation")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold; 1 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.1,
+                        help="divide the logits of tokens already in the conversation (Hugging Face); 1 = off")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed; unset = a different sample each time")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="weights dtype; auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU")
+    parser.add_argument("--prompt", default=None, help="answer this one question, print the answer and exit")
+    parser.add_argument("--verbose", action="store_true", help="print tokens/s and token counts after each answer")
+
+
+# ---- loading -------------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+def load_chat_model(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) from the command line: the one place that knows how a chat model is assembled."""
+    path = Path(args.model)
+    device = resolve_device(args.device)
+    model = load_model(path, dtype=resolve_dtype(args.dtype, device), device=device)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, vocab.json + merges.txt or "
+                                "tokenizer.model); save the model with its tokenizer")
+    return model, Tokenizer.load(path)
+
+
+# ---- the conversation ----------------------------------------------------------------------------------------------
+@dataclass
+class Chat:
+    """History as chat messages; every question is asked with the whole (trimmed) history in the prompt."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    config: SamplingConfig
+    system: str | None = None
+    turns: list[dict] = field(default_factory=list)
+
+    def reply(self, question: str) -> TextStream:
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+        messages.append({"role": "user", "content": question})
+        ids = chat_prompt(self.tokenizer, messages, self.template, context_budget(self.model, self.config))
+        return stream(self.model, ids, self.config, self.tokenizer, self.template.stop_strings)
+
+    def record(self, question: str, answer: str) -> None:
+        self.turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+    def clear(self) -> None:
+        self.turns.clear()
+
+
+def build_chat(args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer) -> Chat:
+    template = resolve_template(args.template, tokenizer)
+    config = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                            stop_ids=default_stop_ids(tokenizer, template), seed=args.seed)
+    context_budget(model, config)  # fail now, not at the first question
+    return Chat(model, tokenizer, template, config, args.system)
+
+
+def answer(chat: Chat, question: str, out: Console, err: Console, verbose: bool) -> None:
+    """Stream one answer to `out`; Ctrl-C stops it (what was shown stays in the history)."""
+    reply = None
+    try:
+        reply = chat.reply(question)
+        for delta in reply:
+            out.print(delta.translate(_CONTROL_PICTURES), end="", markup=False, highlight=False, emoji=False,
+                      soft_wrap=True)
+        out.print()
+    except ValueError as e:  # the question alone does not fit the context window
+        out.print()
+        err.print(f"[red]error:[/] {e}")
+        return
+    except KeyboardInterrupt:
+        if reply is not None:
+            reply.close()
+        out.print()
+        err.print("[dim](answer stopped)[/]")
+        if reply is None:
+            return
+    if reply.text:
+        chat.record(question, reply.text)
+    if verbose:
+        speed = reply.tokens_per_second()
+        err.print(f"[dim]{len(reply.token_ids)} tokens ({reply.prompt_tokens} in the prompt), "
+                  f"{'-' if speed is None else f'{speed:.1f}'} tokens/s, finish: {reply.finish_reason}[/]")
+
+
+def run(chat: Chat, lines, out: Console, err: Console, verbose: bool, interactive: bool) -> None:
+    """The loop over user input. `lines` yields input lines and raises EOFError at the end."""
+    while True:
+        try:
+            line = lines()
+        except EOFError:
+            if interactive:
+                out.print()
+            return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line, as a shell does
+            out.print()
+            continue
+        question = line.strip()
+        if not question:
+            continue
+        if question in ("/exit", "/quit"):
+            return
+        if question == "/clear":
+            chat.clear()
+            if interactive:
+                out.clear()
+                out.print(f"[dim]conversation cleared; {COMMANDS_HELP}[/]")
+            continue
+        if interactive:
+            out.print("[bold cyan]Assistant[/]: ", end="")
+        answer(chat, question, out, err, verbose)
+
+
+def main(args: argparse.Namespace) -> None:
+    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    try:
+        model, tokenizer = load_chat_model(args)
+        chat = build_chat(args, model, tokenizer)
+    except (OSError, ValueError, KeyError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise SystemExit(2) from None
+    if args.prompt is not None:
+        answer(chat, args.prompt, out, err, args.verbose)
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  line editing and history for input()
+        except ImportError:
+            pass
+        p = next(model.parameters())
+        out.print(f"[bold]Chat-LM-small[/] · {args.model} · template {chat.template.name} · {p.device} "
+                  f"{str(p.dtype).removeprefix('torch.')}\n[dim]{COMMANDS_HELP}[/]")
+        lines = lambda: input("User: ")  # noqa: E731  a plain prompt, so readline knows its width
+    else:
+        def lines() -> str:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line
+    run(chat, lines, out, err, args.verbose, interactive)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the usage examples' line breaks and shows every default."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    add_arguments(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
