@@ -23,13 +23,14 @@ _CJK_CHAR = f"[{CJK}]"
 # separators that collapse when repeated or mixed ("，，" -> "，", "。！" -> "。", "!!!" -> "!")
 _SEPARATORS = "，。！？；：、,.!?;:"
 _SEP_RUN = re.compile(f"([{re.escape(_SEPARATORS)}])[{re.escape(_SEPARATORS)}]+")
-_LONG_ELLIPSIS = re.compile(r"…{3,}|\.{4,}")
+_LONG_ELLIPSIS = re.compile(f"…{{3,}}|(?<={_CJK_CHAR})\\.{{3,}}")
 _LONG_DASH = re.compile(r"—{3,}")
 _TILDE_RUN = re.compile(r"([~～])[~～]+")
 _CJK_SPACE = re.compile(f"(?<={_CJK_CHAR})[ \t\u3000\u00a0]+(?={_CJK_CHAR})")
 _SPACES = re.compile(r"[ \t\u3000\u00a0]+")
 _SPACE_AROUND_NL = re.compile(r" *\n[\n ]*")
-_EN_PUNCT_AFTER_CJK = re.compile(f"(?<={_CJK_CHAR})([,!;:?]|\\.(?!\\d))")
+_EN_PUNCT = re.compile(r"[,!;:?.]")
+_IS_CJK = re.compile(_CJK_CHAR)
 _EN_PUNCT_TO_ZH = str.maketrans({",": "，", "!": "！", ";": "；", ":": "：", "?": "？", ".": "。"})
 _PARENS = re.compile(f"\\(([^()\\n]*{_CJK_CHAR}[^()\\n]*)\\)")
 
@@ -62,18 +63,25 @@ def normalize_punctuation(text: str) -> str:
     text = _CJK_SPACE.sub("，", text)
     text = _SPACES.sub(" ", text)
     text = _SPACE_AROUND_NL.sub("\n", text)
-    text = _SEP_RUN.sub(r"\1", text)
     text = _LONG_ELLIPSIS.sub("……", text)
+    text = _SEP_RUN.sub(r"\1", text)
     text = _LONG_DASH.sub("——", text)
     text = _TILDE_RUN.sub(r"\1", text)
     return text.strip()
 
 
 def en_to_zh_punctuation(text: str) -> str:
-    """ASCII `,.!?;:` right after a CJK character -> full width (not decimal points); `(...)` around CJK -> `（...）`.
+    """ASCII `,.!?;:` next to a CJK character -> full width (never decimal points, times or thousands separators);
+    `(...)` around CJK -> `（...）`.
     The seed applies this to wiki text only."""
-    text = _EN_PUNCT_AFTER_CJK.sub(lambda m: m.group(1).translate(_EN_PUNCT_TO_ZH), text)
-    return _PARENS.sub(r"（\1）", text)
+    def zh(m: re.Match) -> str:
+        i, ch = m.start(), m.group()
+        before = text[i - 1] if i else ""
+        after = text[i + 1] if i + 1 < len(text) else ""
+        if _IS_CJK.match(before) or (_IS_CJK.match(after) and not (ch in ".:" and before.isdigit())):
+            return ch.translate(_EN_PUNCT_TO_ZH)
+        return ch
+    return _PARENS.sub(r"（\1）", _EN_PUNCT.sub(zh, text))
 
 
 def is_translation_task(prompt: str) -> bool:
