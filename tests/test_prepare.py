@@ -1,0 +1,166 @@
+"""`train.py prepare` end to end: outputs, stats, determinism, atomicity, and clear errors before any work."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+import train
+from utils import prepare as prep
+from utils.corpora import Record
+from utils.dedup import DedupConfig
+from utils.prepare import PrepareConfig, prepare_corpora, single_turns
+
+
+def load(out: Path, split: str | None = None) -> pd.DataFrame:
+    files = sorted(out.glob(f"{split or '*'}-*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("p") / "corpus"
+    return out, prepare_corpora(None, out, PrepareConfig(split=(0.8, 0.1, 0.1)))
+
+
+def test_bundled_samples_layout_and_schema(bundled):
+    out, stats = bundled
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["stats.json", "test-00000.parquet", "train-00000.parquet", "valid-00000.parquet"]
+    for f in out.glob("*.parquet"):
+        meta = pq.ParquetFile(f)
+        assert meta.schema_arrow.names == ["prompt", "response", "source"]
+        assert meta.metadata.row_group(0).column(0).compression == "ZSTD"
+    df = load(out)
+    assert len(df) == stats["total"]["kept"] == sum(stats["splits"].values())
+    assert set(df.source) == {"webtext", "baike", "medical", "zhihu", "belle", "wiki", "hc3", "instruct", "alpaca",
+                              "sharegpt"}
+    assert df.prompt.str.len().min() >= 1 and df.response.str.len().max() <= 512
+    assert not df.duplicated(["prompt", "response"]).any()
+    assert stats["splits"]["valid"] == round(len(df) * 0.1) and stats["splits"]["test"] == round(len(df) * 0.1)
+    assert json.loads((out / "stats.json").read_text()) == stats
+
+
+def test_bundled_stats_count_every_filter(bundled):
+    _, stats = bundled
+    c = stats["corpora"]
+    assert c["webtext"]["dropped"]["low_star"] == 4
+    assert c["belle"]["dropped"]["translation"] == 4 and c["belle"]["dropped"]["table"] == 2
+    assert c["zhihu"]["dropped"]["near_duplicate"] == 2
+    assert sum(v["dropped"].get("duplicate", 0) for v in c.values()) >= 4
+    for name, v in c.items():
+        if name != "hc3":  # one HC3 question yields one row per answer
+            assert v["kept"] + sum(v["dropped"].values()) == v["read"], name
+        assert v["seconds"] >= 0 and v["files"]
+
+
+def test_same_seed_same_output_other_seed_other_order(tmp_path):
+    cfg = dict(split=(0.9, 0.05, 0.05))
+    a = prepare_corpora(None, tmp_path / "a", PrepareConfig(seed=7, **cfg))
+    b = prepare_corpora(None, tmp_path / "b", PrepareConfig(seed=7, **cfg))
+    c = prepare_corpora(None, tmp_path / "c", PrepareConfig(seed=8, **cfg))
+    for split in ("train", "valid", "test"):
+        fa, fb = tmp_path / "a" / f"{split}-00000.parquet", tmp_path / "b" / f"{split}-00000.parquet"
+        assert fa.read_bytes() == fb.read_bytes()
+    assert a["splits"] == b["splits"] == c["splits"]
+    da, dc = load(tmp_path / "a"), load(tmp_path / "c")
+    assert sorted(da.prompt) == sorted(dc.prompt) and list(da.prompt) != list(dc.prompt)
+
+
+def test_shards_and_shuffle_cover_all_rows(tmp_path):
+    stats = prepare_corpora(None, tmp_path / "o", PrepareConfig(shard_rows=64, chunk_rows=50))
+    train_files = sorted((tmp_path / "o").glob("train-*.parquet"))
+    assert len(train_files) == -(-stats["splits"]["train"] // 64)
+    assert all(pq.ParquetFile(f).metadata.num_rows == 64 for f in train_files[:-1])
+    ref = load(prepare_corpora(None, tmp_path / "r", PrepareConfig()) and tmp_path / "r")
+    assert sorted(load(tmp_path / "o").prompt) == sorted(ref.prompt)  # chunking does not change the result
+
+
+def test_multi_turn_policies():
+    r = Record("q3", "a3", "sharegpt", [("q1", "a1"), ("q2", "a2")], "sys")
+    assert [(x.prompt, x.response) for x in single_turns(r, "first")] == [("q1", "a1")]
+    assert [(x.prompt, x.response) for x in single_turns(r, "turns")] == [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]
+    assert single_turns(r, "drop") == []
+    assert single_turns(Record("q", "a"), "drop")[0].prompt == "q"
+
+
+def test_bad_input_is_counted_not_fatal(tmp_path):
+    d = tmp_path / "belle"
+    d.mkdir()
+    good = [json.dumps({"instruction": f"请介绍第{i}种常见的水果", "input": "", "output": f"第{i}种水果很好吃，营养丰富，适合每天吃一些。"},
+                       ensure_ascii=False) for i in range(30)]
+    (d / "a.json").write_text("\n".join(good[:15] + ["{oops", '{"instruction": "缺少输出"}']) + "\n", encoding="utf-8")
+    (d / "b.json").write_bytes(("\n".join(good[15:]) + "\n").encode() + b"\xc3\x28 bad\n")
+    (d / "empty.json").write_text("")
+    stats = prepare_corpora([("belle", d)], tmp_path / "o", PrepareConfig(split=(1, 0, 0), dedup=DedupConfig(near=False)))
+    c = stats["corpora"]["belle"]
+    assert c["kept"] == 30
+    assert c["dropped"]["bad_json"] == 1 and c["dropped"]["missing_field"] == 1
+    assert c["dropped"]["undecodable"] == 1 and c["dropped"]["empty_file"] == 1
+    wheres = {e["reason"]: e["where"] for e in c["examples"]}
+    assert wheres["bad_json"] == f"{d / 'a.json'}:16" and wheres["undecodable"] == f"{d / 'b.json'}:16"
+    assert stats["splits"] == {"train": 30, "valid": 0, "test": 0}
+    assert pq.ParquetFile(tmp_path / "o" / "valid-00000.parquet").metadata.num_rows == 0
+
+
+def test_errors_before_any_work(tmp_path, samples_dir):
+    out = tmp_path / "o"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_corpora([("belle", samples_dir / "belle"), ("webtext", tmp_path / "missing.json")], out)
+    with pytest.raises(ValueError, match="unknown corpus format"):
+        prepare_corpora([("nope", samples_dir / "belle")], out)
+    junk = tmp_path / "junk.json"
+    junk.write_text("this is not json\nnor is this\n")
+    with pytest.raises(ValueError, match=r"no readable belle record in .*junk.json \(bad_json at .*junk.json:1"):
+        prepare_corpora([("belle", samples_dir / "belle"), ("belle", junk)], out)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "x.json").write_text("")
+    with pytest.raises(ValueError, match="every file .* is empty"):
+        prepare_corpora([("belle", tmp_path / "e")], out)
+    assert not out.exists() and list(tmp_path.glob(".o.*")) == []
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        prepare_corpora([("belle", samples_dir / "belle")], out)
+
+
+def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, samples_dir, monkeypatch):
+    out = tmp_path / "o"
+    prepare_corpora([("belle", samples_dir / "belle")], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "_write_shards", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpora(None, out, PrepareConfig(overwrite=True))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old dataset is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]        # no temporary left behind
+
+
+def test_cli(tmp_path, samples_dir, capsys):
+    out = tmp_path / "cli"
+    train.main(["prepare", "--corpus", f"medical={samples_dir / 'medical'}", "--corpus", f"hc3={samples_dir / 'hc3'}",
+                "--hc3-answers", "human", "--min-len", "medical=2,2", "--split", "0.5,0.25,0.25", "--seed", "3",
+                "--out", str(out), "--no-near-dedup"])
+    text = capsys.readouterr().out
+    assert "medical" in text and "hc3" in text and "kept" in text
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["config"]["read"]["hc3_answers"] == "human" and stats["config"]["clean"]["min_lengths"]["medical"] == [2, 2]
+    assert "near_duplicate" not in stats["corpora"]["medical"]["dropped"]
+    assert stats["corpora"]["medical"]["dropped"].get("short_response", 0) == 0  # "多休息。" passes 2,2
+    with pytest.raises(SystemExit):
+        train.main(["prepare", "--corpus", "bogus=x", "--out", str(tmp_path / "x")])
+
+
+def test_real_corpora_prepare(shared_corpora, tmp_path):
+    stats = prepare_corpora([("medical", shared_corpora / "medical_dialogue"),
+                             ("alpaca", shared_corpora / "translational_style" / "TslDial.json")], tmp_path / "o")
+    med = stats["corpora"]["medical"]
+    assert med["read"] == 7444 and med["kept"] > 6500 and med["dropped"]["duplicate"] > 0
+    df = load(tmp_path / "o")
+    assert len(df) == stats["total"]["kept"] and set(df.source) == {"medical", "alpaca"}
