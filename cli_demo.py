@@ -135,9 +135,10 @@ def answer(chat: Chat, question: str, out: Console, err: Console, verbose: bool)
     if reply.text:
         chat.record(question, reply.text)
     if verbose:
-        speed = reply.tokens_per_second()
+        speed, first = reply.tokens_per_second(), reply.first_token_seconds()
         err.print(f"[dim]{len(reply.token_ids)} tokens ({reply.prompt_tokens} in the prompt), "
-                  f"{'-' if speed is None else f'{speed:.1f}'} tokens/s, finish: {reply.finish_reason}[/]")
+                  f"{'-' if speed is None else f'{speed:.1f}'} tokens/s, "
+                  f"first token {'-' if first is None else f'{first * 1000:.0f} ms'}, finish: {reply.finish_reason}[/]")
 
 
 def run(chat: Chat, lines, out: Console, err: Console, verbose: bool, interactive: bool) -> None:

@@ -231,6 +231,10 @@ class TextStream:
         self._deltas.close()
         self._steps.close()
 
+    def first_token_seconds(self) -> float | None:
+        """Latency to the first token: the prompt's forward pass (prefill) plus one sampling step."""
+        return None if self.first_token_time is None else self.first_token_time - self.start
+
     def tokens_per_second(self) -> float | None:
         """Decoding speed after the first token (prefill excluded)."""
         if self.first_token_time is None or self.end_time is None or len(self.token_ids) < 2:

@@ -7,6 +7,7 @@ to be interrupted, and a known length.
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -60,8 +61,7 @@ pexpect = pytest.importorskip("pexpect", reason="pexpect drives the chat in a ps
 def spawn(model_dir: Path, *flags: str):
     child = pexpect.spawn(sys.executable, cli(model_dir, *flags), cwd=str(REPO), encoding="utf-8",
                           codec_errors="replace", timeout=60, dimensions=(40, 200),
-                          env={"PATH": "/usr/bin:/bin", "TERM": "xterm-256color", "PYTHONPATH": str(REPO),
-                               "HOME": str(model_dir), "LANG": "C.UTF-8"})
+                          env=dict(os.environ, TERM="xterm-256color", LANG="C.UTF-8"))
     child.expect("Chat-LM-small")
     child.expect_exact("User: ")
     return child
@@ -79,7 +79,7 @@ def test_terminal_chat_streams_stops_on_ctrl_c_clears_and_exits(model_dir):
         child.expect(r"[^\x1b\s]{4}")  # streamed text is on screen while the answer is still being generated
         child.sendintr()
         child.expect_exact("(answer stopped)")
-        child.expect(r"(\d+) tokens \(\d+ in the prompt\), [\d.]+ tokens/s, finish: None")
+        child.expect(r"(\d+) tokens \(\d+ in the prompt\), ([\d.]+|-) tokens/s, first token \d+ ms, finish: None")
         assert 0 < int(child.match.group(1)) < 1500  # stopped mid-answer
         child.expect_exact("User: ")
 
@@ -101,7 +101,7 @@ def test_terminal_chat_answers_in_full_then_quits_on_ctrl_d(model_dir):
         for question in ("第一个问题", "第二个问题"):
             child.sendline(question)
             child.expect("Assistant")
-            child.expect(r"40 tokens \((\d+) in the prompt\), [\d.]+ tokens/s, finish: length")
+            child.expect(r"40 tokens \((\d+) in the prompt\), [\d.]+ tokens/s, first token \d+ ms, finish: length")
             child.expect_exact("User: ")
         child.sendeof()
         child.expect(pexpect.EOF)
