@@ -4,15 +4,15 @@ whatever the source, and ids equal `transformers.AutoTokenizer` on the same file
 
 Why the pre-tokenizer matters: BPE counts every distinct pre-token ("word") in RAM. Chinese has no spaces, so a
 whitespace pre-tokenizer turns each clause into one huge unique word (the seed needed > 48 GB for 1.7 GB of text).
-Ours splits CJK runs into chunks of at most `CJK_CHUNK` characters, digits one by one, punctuation and letters apart,
-so the word table stays small and merges still learn the common 1-4 character Chinese words. A corpus larger than
-`sample_bytes` is subsampled deterministically, which bounds memory whatever the corpus size.
+Ours splits CJK runs into chunks of at most CJK_CHUNK (6) characters, digits one by one, punctuation and letters
+apart, so words stay short and merges still learn the common 1-6 character Chinese words and phrases. Memory is then
+bounded twice: a corpus larger than `sample_bytes` is subsampled deterministically, and the word table is capped at
+`max_words` distinct words (rare ones are dropped), so peak RSS does not grow with the corpus.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -26,7 +26,7 @@ from utils.io import atomic_dir, atomic_write_text, write_json
 from utils.templates import TEMPLATES, get_template
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]  # fixed ids 0, 1, 2, 3 in our tokenizers
-CJK_CHUNK = 4
+CJK_CHUNK = 6
 _CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}"
 # CJK chunks | English contractions | letter runs (a leading space or tab, at most 32 letters) | single digits |
 # punctuation/symbol runs | newlines | other whitespace. Isolated splitting keeps every character: lossless.
@@ -52,13 +52,12 @@ class Tokenizer:
     """
 
     def __init__(self, backend: _HFTokenizer, *, eos: str, pad: str | None = None, bos: str | None = None,
-                 default_template: str = "raw", source: str = "ours"):
+                 default_template: str = "raw"):
         self.backend = backend
         self.eos_id = self._required_id(eos)
         self.pad_id = self._required_id(pad) if pad is not None else self.eos_id
         self.bos_id = self._required_id(bos) if bos is not None else None
         self.default_template = get_template(default_template).name
-        self.source = source
 
     def _required_id(self, token: str) -> int:
         i = self.backend.token_to_id(token)
@@ -132,14 +131,13 @@ class Tokenizer:
         config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
         if (path / "tokenizer.json").is_file():
             backend = _HFTokenizer.from_file(str(path / "tokenizer.json"))
-            source = "ours" if config.get("chat_template_name") else "tokenizer.json"
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            backend, source = _qwen2_from_files(path, config), "qwen2"
+            backend = _qwen2_from_files(path, config)
         elif (path / "tokenizer.model").is_file():
-            backend, source = _from_sentencepiece(path / "tokenizer.model"), "sentencepiece"
+            backend = _from_sentencepiece(path / "tokenizer.model")
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.json, vocab.json + merges.txt, or tokenizer.model")
-        return cls(backend, **_special_roles(backend, config, source), source=source)
+        return cls(backend, **_special_roles(backend, config, path))
 
 
 def _read_json(path: Path) -> dict:
@@ -153,13 +151,13 @@ def _token_str(v) -> str | None:
     return v.get("content") if isinstance(v, dict) else v
 
 
-def _special_roles(backend: _HFTokenizer, config: dict, source: str) -> dict:
+def _special_roles(backend: _HFTokenizer, config: dict, path: Path) -> dict:
     """eos / pad / bos strings and the default template, from the config or the vocabulary."""
     specials = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
     has = lambda t: t in specials  # noqa: E731  (a plain vocab entry such as Qwen2's "<s>" is no bos)
     eos = next((t for t in ["<|endoftext|>", _token_str(config.get("eos_token")), "</s>"] if has(t)), None)
     if eos is None:
-        raise ValueError(f"no end-of-text token found in the vocabulary ({source})")
+        raise ValueError(f"{path}: no end-of-text special token (<|endoftext|>, the config's eos_token, </s>)")
     pad = next((t for t in ["<|pad|>", _token_str(config.get("pad_token"))] if has(t)), None)
     bos = next((t for t in [_token_str(config.get("bos_token")), "<s>"] if has(t)), None)
     template = config.get("chat_template_name")
@@ -254,8 +252,6 @@ def file_text_bytes(path: Path) -> int:
     """Text bytes in a file, cheaply: parquet metadata (uncompressed prompt/response size) or the file size."""
     if path.suffix.lower() != ".parquet":
         return path.stat().st_size
-    import pyarrow.parquet as pq
-
     meta = _parquet(path).metadata
     return sum(rg.column(c).total_uncompressed_size for rg in (meta.row_group(i) for i in range(meta.num_row_groups))
                for c in range(rg.num_columns) if rg.column(c).path_in_schema in ("prompt", "response", "text"))
@@ -532,7 +528,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def main(args: argparse.Namespace) -> None:
     report = train_tokenizer(args.data, args.vocab_size, args.out, args.sample_bytes or None,
-                             min_frequency=args.min_frequency, max_words=args.max_words, template=args.template, compare=args.compare,
-                             seed=args.seed, show_progress=args.progress)
+                             min_frequency=args.min_frequency, max_words=args.max_words, template=args.template,
+                             compare=args.compare, seed=args.seed, show_progress=args.progress)
     print_report(report)
     print(f"saved to {args.out}")
