@@ -106,19 +106,21 @@ class NF4Weight:
 
     def block_absmax(self) -> torch.Tensor:
         """fp32 [blocks]: D[s_b] * c_g + offset."""
-        code = DYNAMIC_CODE.to(self.scales.device)[self.scales.int()]
         n = self.scales.numel()
+        code = DYNAMIC_CODE.to(self.scales.device)[self.scales.int()]
         groups = F.pad(code, (0, -n % SCALE_BLOCK_SIZE)).view(-1, SCALE_BLOCK_SIZE)
         return (groups * self.scale_absmax[:, None]).view(-1)[:n] + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W ~= NF4[q] * absmax_b, computed in fp32 (as bnb) and cast to `dtype` (default: the original dtype).
 
-        One gather on a 256-entry table of byte -> (high-nibble code, low-nibble code) pairs, one multiply.
+        One gather on a 256-entry table of byte -> (high-nibble code, low-nibble code) pairs, one multiply; on CUDA
+        the gather, multiply and cast are one kernel through torch.compile (bit-identical to eager).
         """
-        pairs = _pair_table(self.packed.device)[self.packed.int()]  # [numel/2, 2]
-        w = pairs.view(-1, BLOCK_SIZE) * self.block_absmax()[:, None]
-        return w.view(-1)[: self.shape.numel()].view(self.shape).to(dtype or self.dtype)
+        args = (self.packed, self.block_absmax(), _pair_table(self.packed.device), self.shape, dtype or self.dtype)
+        if self.packed.is_cuda and not torch.compiler.is_compiling():
+            return _dequantize_compiled(*args)
+        return _dequantize(*args)
 
     @property
     def device(self) -> torch.device:
@@ -143,6 +145,17 @@ def _pair_table(device: torch.device) -> torch.Tensor:
         hi, lo = torch.meshgrid(NF4_CODE, NF4_CODE, indexing="ij")
         _PAIR_TABLES[device] = torch.stack((hi, lo), dim=-1).view(256, 2).to(device)
     return _PAIR_TABLES[device]
+
+
+def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, pair_table: torch.Tensor, shape: torch.Size,
+                dtype: torch.dtype) -> torch.Tensor:
+    w = pair_table[packed.int()].view(-1, BLOCK_SIZE) * absmax[:, None]
+    return w.view(-1)[: shape.numel()].view(shape).to(dtype)
+
+
+# One fused kernel per weight shape (a 7B model has three). The scales are decoded eagerly so that no fused
+# multiply-add changes their rounding: the compiled result stays bit-identical to eager and to bnb.
+_dequantize_compiled = torch.compile(_dequantize, dynamic=False)
 
 
 class _NF4Matmul(torch.autograd.Function):
