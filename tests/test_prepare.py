@@ -164,3 +164,14 @@ def test_real_corpora_prepare(shared_corpora, tmp_path):
     assert med["read"] == 7444 and med["kept"] > 6500 and med["dropped"]["duplicate"] > 0
     df = load(tmp_path / "o")
     assert len(df) == stats["total"]["kept"] and set(df.source) == {"medical", "alpaca"}
+
+
+def test_worker_kinds_give_identical_output(tmp_path, samples_dir):
+    src = [("zhihu", samples_dir / "zhihu"), ("medical", samples_dir / "medical")]
+    outs = {}
+    for worker in ("thread", "process", "inline"):
+        prepare_corpora(src, tmp_path / worker, PrepareConfig(worker=worker, chunk_rows=30))
+        outs[worker] = {p.name: p.read_bytes() for p in (tmp_path / worker).glob("*.parquet")}
+    assert outs["thread"] == outs["process"] == outs["inline"]
+    with pytest.raises(ValueError, match="worker"):
+        PrepareConfig(worker="gpu")

@@ -27,6 +27,7 @@ _LONG_ELLIPSIS = re.compile(f"…{{3,}}|(?<={_CJK_CHAR})\\.{{3,}}")
 _LONG_DASH = re.compile(r"—{3,}")
 _TILDE_RUN = re.compile(r"([~～])[~～]+")
 _CJK_SPACE = re.compile(f"(?<={_CJK_CHAR})[ \t\u3000\u00a0]+(?={_CJK_CHAR})")
+_HAS_SPACE = re.compile(r"[ \t\u3000\u00a0]")
 _SPACES = re.compile(r"[ \t\u3000\u00a0]+")
 _SPACE_AROUND_NL = re.compile(r" *\n[\n ]*")
 _EN_PUNCT = re.compile(r"[,!;:?.]")
@@ -58,15 +59,22 @@ def merge_title(title: str, body: str, threshold: float, keep: str = "title") ->
 
 
 def normalize_punctuation(text: str) -> str:
-    """Collapse repeated separators, tidy whitespace, keep paragraphs (see module docstring for the seed's rule)."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CJK_SPACE.sub("，", text)
-    text = _SPACES.sub(" ", text)
-    text = _SPACE_AROUND_NL.sub("\n", text)
-    text = _LONG_ELLIPSIS.sub("……", text)
+    """Collapse repeated separators, tidy whitespace, keep paragraphs (see module docstring for the seed's rule).
+    Each pass runs only when its trigger character is present: this is the hot loop of `prepare`."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if _HAS_SPACE.search(text):
+        text = _CJK_SPACE.sub("，", text)
+        text = _SPACES.sub(" ", text)
+    if "\n" in text:
+        text = _SPACE_AROUND_NL.sub("\n", text)
+    if "……" in text or "..." in text:
+        text = _LONG_ELLIPSIS.sub("……", text)
     text = _SEP_RUN.sub(r"\1", text)
-    text = _LONG_DASH.sub("——", text)
-    text = _TILDE_RUN.sub(r"\1", text)
+    if "———" in text:
+        text = _LONG_DASH.sub("——", text)
+    if "~" in text or "～" in text:
+        text = _TILDE_RUN.sub(r"\1", text)
     return text.strip()
 
 

@@ -21,7 +21,6 @@ import numpy as np
 FNV_PRIME = np.uint32(16777619)
 FNV_OFFSET = np.uint32(2166136261)
 _FMIX = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
-_EXACT_STRIP = re.compile(r"[\W_]+")
 _NOT_KEPT = re.compile(r"[^\u3400-\u4dbf\u4e00-\u9fff0-9a-z]+")
 _GOLDEN, _M64A, _M64B = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
 
@@ -36,14 +35,41 @@ class DedupConfig:
     seed: int = 1             # datasketch's default MinHash seed
 
 
-def exact_key(prompt: str, response: str) -> bytes:
-    """Rows that differ only in case, whitespace or punctuation share this key."""
-    norm = _EXACT_STRIP.sub("", prompt.lower()) + "\x1f" + _EXACT_STRIP.sub("", response.lower())
-    return hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest()
+def _codepoints(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Lower-cased code points of a chunk of documents joined by NUL, and each code point's document index."""
+    text = "\x00".join(docs).lower()
+    if text.count("\x00") != len(docs) - 1:  # NUL separates documents, so none may hide inside one
+        text = "\x00".join(d.replace("\x00", "") for d in docs).lower()
+    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    return cp, np.cumsum(cp == 0, dtype=np.int64)
+
+
+def _offsets(doc_id: np.ndarray, n: int) -> np.ndarray:
+    return np.searchsorted(doc_id, np.arange(n + 1))
+
+
+def _exact_mask(cp: np.ndarray) -> np.ndarray:
+    """What exact dedup compares: everything but whitespace, control characters and punctuation (ASCII, general,
+    CJK and full-width); the prompt/response separator 0x1F is kept so the boundary still counts."""
+    punct = (((cp >= 0x21) & (cp <= 0x2F)) | ((cp >= 0x3A) & (cp <= 0x40)) | ((cp >= 0x5B) & (cp <= 0x60))
+             | ((cp >= 0x7B) & (cp <= 0x7E)) | ((cp >= 0x2000) & (cp <= 0x206F)) | ((cp >= 0x3000) & (cp <= 0x303F))
+             | ((cp >= 0xFF01) & (cp <= 0xFF0F)) | ((cp >= 0xFF1A) & (cp <= 0xFF20)) | ((cp >= 0xFF3B) & (cp <= 0xFF40))
+             | ((cp >= 0xFF5B) & (cp <= 0xFF65)) | (cp == 0xA0) | (cp == 0x2026))
+    return ((cp > 0x20) | (cp == 0x1F)) & (cp != 0x7F) & ~punct
+
+
+def _exact_from_codepoints(cp: np.ndarray, doc_id: np.ndarray, n: int) -> np.ndarray:
+    keep = _exact_mask(cp)
+    buf, off = memoryview(cp[keep].tobytes()), _offsets(doc_id[keep], n) * 4
+    digests = b"".join(hashlib.blake2b(buf[off[i]:off[i + 1]], digest_size=8).digest() for i in range(n))
+    return np.frombuffer(digests, dtype=np.uint64).copy()
 
 
 def exact_hashes(prompts: list[str], responses: list[str]) -> np.ndarray:
-    return np.frombuffer(b"".join(map(exact_key, prompts, responses)), dtype=np.uint64).copy()
+    """One 64-bit key per row; rows that differ only in case, whitespace or punctuation share it."""
+    docs = [p + "\x1f" + r for p, r in zip(prompts, responses)]
+    cp, doc_id = _codepoints(docs)
+    return _exact_from_codepoints(cp, doc_id, len(docs))
 
 
 def shingle_hash(gram: str) -> int:
@@ -96,17 +122,11 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> s3)
 
 
-def chunk_shingle_hashes(docs: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+def _shingle_hashes(cp: np.ndarray, doc_id: np.ndarray, n: int, ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """All shingle hashes of a chunk of documents, concatenated, and each document's start offset into them.
     Documents with no kept character get no shingles (offset[i] == offset[i+1])."""
-    text = "\x00".join(docs).lower()
-    if text.count("\x00") != len(docs) - 1:  # NUL separates documents, so none may hide inside one
-        text = "\x00".join(d.replace("\x00", "") for d in docs).lower()
-    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    doc_id = np.cumsum(cp == 0, dtype=np.int64)  # separators are NUL; a NUL inside a doc only splits its shingles
     keep = _keep_mask(cp)
     cp, doc_id = cp[keep], doc_id[keep]
-    n = len(docs)
     lengths = np.bincount(doc_id, minlength=n)[:n] if len(doc_id) else np.zeros(n, np.int64)
     # n-gram hashes at every position whose n-gram stays inside one document
     m = len(cp)
@@ -127,18 +147,22 @@ def chunk_shingle_hashes(docs: list[str], ngram: int) -> tuple[np.ndarray, np.nd
         h, hid = np.concatenate([h, extra]), np.concatenate([hid, short])
         order = np.argsort(hid, kind="stable")
         h, hid = h[order], hid[order]
-    offsets = np.searchsorted(hid, np.arange(n + 1))
-    return h, offsets
+    return h, _offsets(hid, n)
 
 
-def minhash_signatures(docs: list[str], num_perm: int = 256, seed: int = 1, ngram: int = 3,
-                       block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def minhash_signatures(docs: list[str], num_perm: int = 256, seed: int = 1, ngram: int = 3
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """(signatures [n, num_perm] uint32, has_shingles [n] bool). Rows without shingles get all-max signatures,
     like an empty datasketch MinHash."""
+    cp, doc_id = _codepoints(docs)
+    return _signatures(cp, doc_id, len(docs), num_perm, seed, ngram)
+
+
+def _signatures(cp: np.ndarray, doc_id: np.ndarray, n: int, num_perm: int, seed: int, ngram: int,
+                block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     a, b = _permutations(num_perm, seed)
-    hv, offsets = chunk_shingle_hashes(docs, ngram)
+    hv, offsets = _shingle_hashes(cp, doc_id, n, ngram)
     hv = _fmix32(hv)
-    n = len(docs)
     sig = np.full((num_perm, n), np.iinfo(np.uint32).max, dtype=np.uint32)
     nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
     # permutation-major blocks of ~`block` shingles keep the [num_perm, block] temporaries in cache
@@ -170,11 +194,23 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return out
 
 
+def chunk_keys(prompts: list[str], responses: list[str], cfg: DedupConfig
+               ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """All that dedup must remember of a chunk of rows: exact keys [n], LSH band keys [n, bands] and whether each
+    row has any shingle [n] (None for a disabled kind). MinHash sees prompt + response, like the seed."""
+    n = len(prompts)
+    cp, doc_id = _codepoints([p + "\x1f" + r for p, r in zip(prompts, responses)])
+    exact = _exact_from_codepoints(cp, doc_id, n) if cfg.exact else None
+    if not cfg.near:
+        return exact, None, None
+    sig, has = _signatures(cp, doc_id, n, cfg.num_perm, cfg.seed, cfg.ngram)
+    return exact, band_keys(sig, *lsh_params(cfg.threshold, cfg.num_perm)), has
+
+
 def near_keys(docs: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(band keys [n, bands], has_shingles [n]) for a chunk: all that near-dup removal needs to remember."""
-    bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
+    """(band keys [n, bands], has_shingles [n]) of whole documents."""
     sig, has = minhash_signatures(docs, cfg.num_perm, cfg.seed, cfg.ngram)
-    return band_keys(sig, bands, rows), has
+    return band_keys(sig, *lsh_params(cfg.threshold, cfg.num_perm)), has
 
 
 def first_occurrence(keys: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 
 from utils.cleaning import CleanConfig, clean_record
 from utils.corpora import FILTER_REASONS, READERS, Record, ReaderOptions, Tally, is_blank_file, list_files, read_file
-from utils.dedup import DedupConfig, exact_hashes, first_occurrence, near_duplicates, near_keys
+from utils.dedup import DedupConfig, chunk_keys, first_occurrence, near_duplicates
 from utils.io import atomic_dir, write_json
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
@@ -36,6 +37,7 @@ class PrepareConfig:
     split: tuple[float, float, float] = (0.98, 0.01, 0.01)
     shard_rows: int = 100_000
     chunk_rows: int = 20_000
+    worker: str = "thread"      # where chunks are hashed and spooled: "thread", "process" (faster) or "inline"
     multi_turn: str = "first"   # records with history: "first" turn only, every turn as its own row, or "drop"
     overwrite: bool = False
     read: ReaderOptions = field(default_factory=ReaderOptions)
@@ -45,6 +47,8 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1) > 1e-6:
             raise ValueError(f"split must be three non-negative fractions summing to 1, got {self.split}")
+        if self.worker not in ("process", "thread", "inline"):
+            raise ValueError(f"worker must be process, thread or inline, got {self.worker!r}")
         if self.multi_turn not in ("first", "turns", "drop"):
             raise ValueError(f"multi_turn must be first, turns or drop, got {self.multi_turn!r}")
 
@@ -86,54 +90,69 @@ def _validate(sources: list[tuple[str, Path]], cfg: PrepareConfig) -> list[tuple
     return plan
 
 
+def _spool_chunk(path: Path, prompts: list[str], responses: list[str], dedup: DedupConfig):
+    """Worker side of pass 1: write one spool chunk and return its dedup keys (exact [n], bands [n, b], has [n])."""
+    pq.write_table(pa.table({"prompt": prompts, "response": responses}, schema=SCHEMA.remove(2)), path,
+                   compression="lz4")
+    exact, bands, has = chunk_keys(prompts, responses, dedup)
+    return np.zeros(len(prompts), dtype=np.uint64) if exact is None else exact, bands, has
+
+
 class _Spool:
-    """Pass-1 sink: buffers cleaned rows, writes them as spool chunks, hashes them on a worker thread."""
+    """Pass-1 sink: buffers cleaned rows; a worker writes each chunk and hashes it while the reader goes on. A thread
+    overlaps well because numpy releases the GIL; a (spawned) process overlaps fully and is ~20% faster on 2 cores,
+    but needs an importable __main__ (not `python - < script`)."""
 
     def __init__(self, tmp: Path, cfg: PrepareConfig, n_sources: int):
         self.tmp, self.cfg = tmp, cfg
         self.prompts: list[str] = []
         self.responses: list[str] = []
-        self.source_ids: list[int] = []
         self.files: list[Path] = []
         self.parts: list[Future] = []
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.sources = np.empty(0, np.uint8) if n_sources < 256 else np.empty(0, np.uint16)
+        self.source_ids: list[np.ndarray] = []
+        self.dtype = np.uint8 if n_sources < 256 else np.uint16
+        self.current: list[int] = []
+        self.pool = (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if cfg.worker == "process"
+                     else ThreadPoolExecutor(1) if cfg.worker == "thread" else None)
 
     def add(self, rec: Record, source_id: int) -> None:
         self.prompts.append(rec.prompt)
         self.responses.append(rec.response)
-        self.source_ids.append(source_id)
+        self.current.append(source_id)
         if len(self.prompts) >= self.cfg.chunk_rows:
             self.flush()
 
     def flush(self) -> None:
         if not self.prompts:
             return
-        if self.parts:
-            self.parts[-1].result()  # one chunk in flight at a time: memory stays flat
+        if len(self.parts) >= 2:
+            self.parts[-2].result()  # at most two chunks in flight: memory stays flat
         path = self.tmp / f"spool-{len(self.files):05d}.parquet"
         self.files.append(path)
-        self.parts.append(self.pool.submit(self._process, path, self.prompts, self.responses, self.source_ids))
-        self.prompts, self.responses, self.source_ids = [], [], []
-
-    def _process(self, path: Path, prompts: list[str], responses: list[str], sources: list[int]):
-        table = pa.table({"prompt": prompts, "response": responses}, schema=SCHEMA.remove(2))
-        pq.write_table(table, path, compression="lz4")
-        dc = self.cfg.dedup
-        exact = exact_hashes(prompts, responses) if dc.exact else np.arange(len(prompts), dtype=np.uint64)
-        bands, has = near_keys([p + r for p, r in zip(prompts, responses)], dc) if dc.near else (None, None)
-        return np.asarray(sources, dtype=self.sources.dtype), exact, bands, has
+        self.source_ids.append(np.asarray(self.current, dtype=self.dtype))
+        args = (path, self.prompts, self.responses, self.cfg.dedup)
+        if self.pool:
+            self.parts.append(self.pool.submit(_spool_chunk, *args))
+        else:
+            done: Future = Future()
+            done.set_result(_spool_chunk(*args))
+            self.parts.append(done)
+        self.prompts, self.responses, self.current = [], [], []
 
     def arrays(self):
         self.flush()
         parts = [f.result() for f in self.parts]
-        self.pool.shutdown()
+        self.close()
         if not parts:
-            return self.sources, np.empty(0, np.uint64), None, None
-        sources, exact, bands, has = zip(*parts)
+            return np.empty(0, self.dtype), np.empty(0, np.uint64), None, None
+        exact, bands, has = zip(*parts)
         near = self.cfg.dedup.near
-        return (np.concatenate(sources), np.concatenate(exact),
+        return (np.concatenate(self.source_ids), np.concatenate(exact),
                 np.concatenate(bands) if near else None, np.concatenate(has) if near else None)
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _assign(n: int, cfg: PrepareConfig) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
@@ -239,6 +258,7 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
                 times[i] = time.perf_counter() - t0
             sources_arr, exact, bands, has = spool.arrays()
         finally:
+            spool.close()
             if bar:
                 bar.stop()
         t_dedup = time.perf_counter()
@@ -347,6 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--overlong", choices=("cut", "drop"), default=c.overlong, help="what to do beyond --max-len")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=c.normalize,
                         help="normalize punctuation and whitespace")
+    parser.add_argument("--worker", choices=("thread", "process", "inline"), default=d.worker,
+                        help="where chunks are hashed and spooled while reading goes on")
     parser.add_argument("--multi-turn", choices=("first", "turns", "drop"), default=d.multi_turn,
                         help="records with history: keep the first turn, every turn as a row, or drop them")
     parser.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
@@ -362,7 +384,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     clean = CleanConfig(normalize=args.normalize, max_len=args.max_len, overlong=args.overlong)
     clean.min_lengths.update(dict(args.min_len))
     return PrepareConfig(
-        seed=args.seed, split=args.split, shard_rows=args.shard_rows, multi_turn=args.multi_turn,
+        seed=args.seed, split=args.split, shard_rows=args.shard_rows, multi_turn=args.multi_turn, worker=args.worker,
         overwrite=args.overwrite, clean=clean,
         read=ReaderOptions(encoding=args.encoding, min_star=args.min_star, dice_threshold=args.dice,
                            hc3_answers=args.hc3_answers),
