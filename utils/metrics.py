@@ -1,0 +1,346 @@
+"""Evaluation on a (prompt, response) split: answer loss, perplexity, bits per character, BLEU-4 and ROUGE-L.
+
+    python train.py eval --model DIR --data data/corpus --split test      # a prepared directory's test shards
+    python train.py eval --model DIR --data test.parquet --max-samples 500 --out eval.json
+
+Definitions (what the numbers mean, exactly):
+
+- **loss**: the answer-only loss under the chat template, as SFT trains it: each record is rendered as one
+  user/assistant exchange by `utils.datasets.tokenize_sft`, and the labelled tokens are the answer plus its
+  end-of-turn token (`<|im_end|>` for ChatML, the appended eos for wenda / human_assistant / raw). loss = total nats
+  over those tokens / their count (a token-weighted mean over the split, not a mean of per-example means);
+  perplexity = exp(loss). Examples longer than the model's context window are left out and counted, and so are
+  examples with no answer token (an empty answer under a template without an end-of-turn marker has no answer piece).
+- **bits per character** = total nats / ln 2 / characters, where characters are the Unicode code points of the
+  labelled tokens decoded with special tokens skipped: the answer text exactly (plus any literal template text in the
+  trainable piece, e.g. llama2's spaces); the end-of-turn special token adds its nats but no character, as the
+  trainer's pretraining bits/char counts eos.
+- **BLEU-4 / ROUGE-L** compare greedy (by default) generated answers with the references at the character level:
+  every non-space character is a token, except that runs of ASCII letters and digits stay one token ("Python",
+  "2024"), so an English word weighs as much as one Chinese character instead of one per letter (sacrebleu's "zh"
+  tokenizer makes the same choice); whitespace only separates. BLEU-4 is corpus-level (sacrebleu: clipped n-gram
+  counts summed over the split, one brevity penalty for the whole split, its default "exp" smoothing only matters
+  when an n-gram order has no match at all). ROUGE-L is the mean over examples of the sentence-level LCS F1
+  (rouge-score). Both are reported on a 0-100 scale.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from model.generation import (SamplingConfig, chat_prompt, context_budget, default_stop_ids, generate,
+                              resolve_template, truncate_at_stop_strings)
+from model.transformer import Transformer
+from utils.datasets import IGNORE_INDEX, find_shards, iter_parquet, to_messages, tokenize_sft
+from utils.io import write_json
+from utils.templates import TEMPLATES, ChatTemplate
+
+_TOKEN = re.compile(r"[A-Za-z0-9]+|\S")
+
+
+# ---- text metrics --------------------------------------------------------------------------------------------------
+def char_tokens(text: str) -> list[str]:
+    """Character-level tokens: every non-space character, runs of ASCII letters/digits kept whole."""
+    return _TOKEN.findall(text)
+
+
+class _CharTokenizer:
+    """rouge-score's tokenizer interface (its default one drops every non-ASCII character)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return char_tokens(text)
+
+
+def bleu4(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Corpus BLEU-4 (0-100) over character tokens, with its n-gram precisions (0-100) and brevity penalty."""
+    import sacrebleu
+
+    joined = lambda texts: [" ".join(char_tokens(t)) for t in texts]  # noqa: E731
+    result = sacrebleu.corpus_bleu(joined(predictions), [joined(references)], tokenize="none")
+    return {"bleu4": result.score, "bleu_precisions": list(result.precisions), "brevity_penalty": result.bp,
+            "prediction_tokens": result.sys_len, "reference_tokens": result.ref_len}
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean sentence-level ROUGE-L precision, recall and F1 (0-100) over character tokens."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rougeL"], tokenizer=_CharTokenizer())
+    scores = [scorer.score(ref, pred)["rougeL"] for pred, ref in zip(predictions, references, strict=True)]
+    mean = lambda xs: 100 * sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return {"rouge_l_f": mean([s.fmeasure for s in scores]), "rouge_l_p": mean([s.precision for s in scores]),
+            "rouge_l_r": mean([s.recall for s in scores])}
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+def data_files(data: Sequence[str | Path], split: str = "test") -> list[Path]:
+    """Parquet files from --data: files as given, directories as their `{split}-NNNNN.parquet` shards."""
+    files: list[Path] = []
+    for item in map(Path, data):
+        if item.is_dir():
+            files += find_shards(item, split)
+        elif item.is_file():
+            if item.suffix.lower() != ".parquet":
+                raise ValueError(f"{item}: eval reads parquet files with prompt/response columns")
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"evaluation data not found: {item}")
+    if not files:
+        raise ValueError("no evaluation data given")
+    return files
+
+
+def load_records(files: Sequence[Path], max_samples: int | None = None) -> tuple[list[dict[str, str]], int]:
+    """(records, rows skipped for a null prompt or response), the first max_samples records in file order."""
+    records: list[dict[str, str]] = []
+    nulls = 0
+    for cols in iter_parquet(files, ("prompt", "response")):
+        for p, r in zip(cols["prompt"], cols["response"]):
+            if p is None or r is None:
+                nulls += 1
+            else:
+                records.append({"prompt": p, "response": r})
+            if max_samples is not None and len(records) >= max_samples:
+                return records, nulls
+    return records, nulls
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled)
+
+
+# ---- loss ----------------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def answer_loss(model: Transformer, tokenizer, records: Sequence[dict[str, str]], template: ChatTemplate,
+                batch_tokens: int = 8192, progress: bool = True) -> dict[str, Any]:
+    """Answer-only loss, perplexity and bits per character (see the module docstring).
+
+    Examples are sorted by length and right-padded into batches of at most batch_tokens positions (one example
+    per row when it is longer); under causal attention the padding never affects a real position, so no mask is
+    needed and the fast causal kernels apply.
+    """
+    examples = tokenize_sft([to_messages(r) for r in records], tokenizer, template, max_seq_len=2**62)
+    window = model.config.max_position_embeddings
+    kept, chars = [], 0
+    for e in range(len(examples)):
+        x, m = examples.example(e)
+        if len(x) - 1 > window:
+            continue
+        kept.append(e)
+        chars += len(tokenizer.decode(x[1:][m[1:]], skip_special_tokens=True))
+    kept.sort(key=lambda e: -len(examples.example(e)[0]))
+    device = model.model.embed_tokens.weight.device
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    with _progress(progress) as bar:
+        task = bar.add_task("answer loss", total=len(kept))
+        start = 0
+        while start < len(kept):
+            longest = len(examples.example(kept[start])[0]) - 1
+            rows = kept[start:start + max(1, batch_tokens // longest)]
+            input_ids = torch.full((len(rows), longest), tokenizer.pad_id, dtype=torch.long)
+            labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+            for b, e in enumerate(rows):
+                x, m = examples.example(e)
+                x = torch.from_numpy(x.astype("int64"))
+                input_ids[b, :len(x) - 1] = x[:-1]
+                labels[b, :len(x) - 1] = x[1:].masked_fill(~torch.from_numpy(m[1:]), IGNORE_INDEX)
+            input_ids, labels = input_ids.to(device), labels.to(device)
+            n = (labels != IGNORE_INDEX).sum()
+            nats += model(input_ids, labels).double() * n
+            count += n
+            start += len(rows)
+            bar.advance(task, len(rows))
+    tokens, total = int(count), float(nats)
+    loss = total / tokens if tokens else float("nan")
+    return {"loss_examples": len(kept), "loss_skipped_overlength": len(examples) - len(kept),
+            "loss_skipped_no_target": examples.stats["skipped_no_target"],
+            "answer_tokens": tokens, "answer_chars": chars, "loss": loss,
+            "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+            "bits_per_char": total / math.log(2) / chars if chars else None}
+
+
+# ---- generation ----------------------------------------------------------------------------------------------------
+def generate_answers(model: Transformer, tokenizer, prompts: Sequence[str], template: ChatTemplate,
+                     config: SamplingConfig, batch_size: int = 16, progress: bool = True
+                     ) -> tuple[list[str | None], int]:
+    """(answer text per prompt, None where the prompt does not fit the context window; tokens generated).
+
+    Prompts are sorted by length and generated in left-padded batches (`model.generation.generate`), so little
+    padding is computed; each answer is decoded without special tokens and cut at the template's stop strings.
+    """
+    if not config.stop_ids:
+        config = replace(config, stop_ids=default_stop_ids(tokenizer, template))
+    budget = context_budget(model, config)
+    ids: list[list[int] | None] = []
+    for p in prompts:
+        try:
+            ids.append(chat_prompt(tokenizer, [{"role": "user", "content": p}], template, budget))
+        except ValueError:
+            ids.append(None)
+    order = sorted((i for i, x in enumerate(ids) if x is not None), key=lambda i: len(ids[i]))
+    answers: list[str | None] = [None] * len(prompts)
+    n_tokens = 0
+    with _progress(progress) as bar:
+        task = bar.add_task("generating", total=len(order))
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            outputs = generate(model, [ids[i] for i in batch], config, pad_id=tokenizer.pad_id)
+            for i, out in zip(batch, outputs):
+                n_tokens += len(out)
+                answers[i] = truncate_at_stop_strings(tokenizer.decode(out, skip_special_tokens=True),
+                                                      template.stop_strings)
+            bar.advance(task, len(batch))
+    return answers, n_tokens
+
+
+# ---- everything ----------------------------------------------------------------------------------------------------
+def evaluate(model: Transformer, tokenizer, records: Sequence[dict[str, str]], template: str | ChatTemplate | None = None,
+             sampling: SamplingConfig | None = None, batch_size: int = 16, loss_batch_tokens: int = 8192,
+             with_generation: bool = True, num_samples: int = 5, progress: bool = True) -> dict[str, Any]:
+    """Loss metrics and (with_generation) BLEU-4 / ROUGE-L of generated answers, as one flat dict. The full list
+    of predictions is under "predictions" (None for prompts too long for the context window)."""
+    if not records:
+        raise ValueError("no records to evaluate")
+    tpl = resolve_template(template, tokenizer)
+    result: dict[str, Any] = {"template": tpl.name, "examples": len(records)}
+    result |= answer_loss(model, tokenizer, records, tpl, loss_batch_tokens, progress)
+    if not with_generation:
+        return result
+    sampling = sampling or SamplingConfig()
+    start = time.perf_counter()
+    predictions, n_tokens = generate_answers(model, tokenizer, [r["prompt"] for r in records], tpl, sampling,
+                                             batch_size, progress)
+    seconds = time.perf_counter() - start
+    done = [i for i, p in enumerate(predictions) if p is not None]
+    preds, refs = [predictions[i] for i in done], [records[i]["response"] for i in done]
+    result |= {"generated": len(done), "generation_skipped_overlength": len(records) - len(done),
+               "generated_tokens": n_tokens, "generation_seconds": seconds,
+               "generated_tokens_per_second": n_tokens / seconds if seconds > 0 else None}
+    if done:
+        result |= bleu4(preds, refs) | rouge_l(preds, refs)
+    result["sampling"] = {k: v for k, v in vars(sampling).items() if k != "stop_ids"}
+    result["samples"] = [{"prompt": records[i]["prompt"], "reference": records[i]["response"],
+                          "prediction": predictions[i]} for i in done[:num_samples]]
+    result["predictions"] = predictions
+    return result
+
+
+_ROWS = [("examples", "examples", "{:,}"), ("loss_skipped_overlength", "skipped (longer than context)", "{:,}"),
+         ("answer_tokens", "answer tokens", "{:,}"), ("answer_chars", "answer characters", "{:,}"),
+         ("loss", "answer loss (nats/token)", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
+         ("bits_per_char", "bits per character", "{:.4f}"), ("generated", "generated answers", "{:,}"),
+         ("bleu4", "BLEU-4 (corpus, chars)", "{:.2f}"), ("rouge_l_f", "ROUGE-L F (mean, chars)", "{:.2f}"),
+         ("rouge_l_p", "ROUGE-L precision", "{:.2f}"), ("rouge_l_r", "ROUGE-L recall", "{:.2f}"),
+         ("brevity_penalty", "BLEU brevity penalty", "{:.3f}"),
+         ("generated_tokens_per_second", "generated tokens/s", "{:.1f}")]
+
+
+def print_report(result: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"eval · {result.get('model', '')} · template {result['template']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, label, fmt in _ROWS:
+        if result.get(key) is not None:
+            table.add_row(label, fmt.format(result[key]))
+    console.print(table)
+    if result.get("samples"):
+        samples = Table(title="samples", show_lines=True)
+        for column in ("prompt", "reference", "prediction"):
+            samples.add_column(column, overflow="fold")
+        for s in result["samples"]:
+            samples.add_row(*(_short(s[c]) for c in ("prompt", "reference", "prediction")))
+        console.print(samples)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser, command: str = "eval") -> None:
+    from cli_demo import DTYPES
+
+    parser.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
+    parser.add_argument("--data", nargs="+", default=["data/corpus"],
+                        help="parquet file(s) with prompt/response columns, or a prepared directory (its --split)")
+    parser.add_argument("--split", default="test", help="split of a prepared directory: test, valid or train")
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N records")
+    parser.add_argument("--template", default=None, choices=sorted(TEMPLATES),
+                        help="chat template; unset = the tokenizer's own (tokenizer_config.json)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together (left-padded)")
+    parser.add_argument("--loss-batch-tokens", type=int, default=8192,
+                        help="padded positions per loss batch (examples sorted by length)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer in tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="Hugging Face repetition penalty")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature > 0)")
+    parser.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True,
+                        help="generate answers for BLEU-4 / ROUGE-L (--no-generate: loss metrics only)")
+    parser.add_argument("--samples", type=int, default=5, help="(prompt, reference, prediction) triples reported")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="weights dtype; auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU")
+    parser.add_argument("--out", default=None,
+                        help="JSON report path; unset = MODEL/eval-NAME.json (NAME: the split or the file's stem); "
+                             "'-' = print it instead")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+
+
+def default_out(model: str | Path, data: Sequence[str | Path], split: str) -> Path:
+    items = [Path(d) for d in data]
+    name = split if len(items) > 1 or items[0].is_dir() else items[0].stem
+    return Path(model) / f"eval-{name}.json"
+
+
+def main(args: argparse.Namespace) -> None:
+    import json
+
+    from cli_demo import load_chat_model
+
+    err = Console(stderr=True)
+    try:
+        files = data_files(args.data, args.split)
+        records, nulls = load_records(files, args.max_samples)
+        if not records:
+            raise ValueError(f"no (prompt, response) records in {', '.join(map(str, files))}")
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                                  seed=args.seed)
+        model, tokenizer = load_chat_model(args)
+    except (OSError, ValueError, KeyError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise SystemExit(2) from None
+    result = {"model": str(args.model), "data": [str(f) for f in files], "skipped_null": nulls,
+              "device": str(model.model.embed_tokens.weight.device),
+              "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")}
+    # with --out -, stdout carries only the JSON (progress bars, including tokenize_sft's, go to stderr)
+    with contextlib.redirect_stdout(sys.stderr) if args.out == "-" else contextlib.nullcontext():
+        result |= evaluate(model, tokenizer, records, args.template, sampling, args.batch_size,
+                           args.loss_batch_tokens, args.generate, args.samples, args.progress)
+    result.pop("predictions", None)
+    print_report(result, Console(stderr=args.out == "-"))
+    if args.out == "-":
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    out = Path(args.out) if args.out else default_out(args.model, args.data, args.split)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    err.print(f"saved {out}")
