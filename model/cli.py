@@ -84,19 +84,16 @@ class FullModelIO:
         load_weights_into(model, ckpt_dir)
 
 
-def sample_fn(tokenizer: Tokenizer, template_name: str, prompts: list[str], max_new_tokens: int = 48):
-    """A few greedy answers for the training log."""
-    from utils.templates import get_template
+def sample_fn(tokenizer: Tokenizer, template: str, prompts: list[str], max_new_tokens: int = 48):
+    """Greedy answers to a few questions (for the training log and the demo): model -> [(question, answer)]."""
+    from .generation import SamplingConfig, chat_prompt, default_stop_ids, generate
+    ids = [chat_prompt(tokenizer, [{"role": "user", "content": p}], template) for p in prompts]
+    config = SamplingConfig(temperature=0.0, repetition_penalty=1.1, max_new_tokens=max_new_tokens,
+                            stop_ids=default_stop_ids(tokenizer, template))
 
-    from .generation import SamplingConfig, generate
-    template = get_template(template_name)
-
-    def samples(model: Transformer) -> list[str]:
-        ids = [tokenizer.encode(template.render([{"role": "user", "content": p}])) for p in prompts]
-        stop = [tokenizer.eos_id] + [i for s in template.stop_strings if (i := tokenizer.token_to_id(s)) is not None]
-        out = generate(model, ids, SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=stop),
-                       pad_id=tokenizer.pad_id)
-        return [f"{p} -> {tokenizer.decode(o, skip_special_tokens=True)!r}" for p, o in zip(prompts, out)]
+    def samples(model: Transformer) -> list[tuple[str, str]]:
+        out = generate(model, ids, config, pad_id=tokenizer.pad_id)
+        return [(p, tokenizer.decode(o, skip_special_tokens=True)) for p, o in zip(prompts, out)]
     return samples
 
 
@@ -167,8 +164,8 @@ def sft(args: argparse.Namespace) -> dict:
     tokenizer = Tokenizer.load(args.tokenizer or args.init)
     template = args.template or tokenizer.default_template
     model = load_model(args.init, dtype=torch.float32)
-    eos = sorted({tokenizer.eos_id} | ({tokenizer.token_to_id("<|im_end|>")} if template == "chatml" else set()))
-    model.config.eos_token_id = eos[0] if len(eos) == 1 else eos  # generation stops at the end of a turn too
+    from .generation import default_stop_ids
+    model.config.eos_token_id = list(default_stop_ids(tokenizer, template))  # stop at the end of a turn too
     common = dict(tokenizer=tokenizer, template=template, max_seq_len=args.max_seq_len, batch_size=cfg.batch_size,
                   rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
                   skip_overlength=args.skip_overlength, train_on_prompt=args.train_on_prompt)

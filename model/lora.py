@@ -355,6 +355,18 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
                       alpha_pattern=d.get("alpha_pattern") or {}, base_model_name_or_path=d.get("base_model_name_or_path"))
 
 
+def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a PEFT directory, keyed by our module paths (PEFT's prefix removed)."""
+    file = Path(path) / ADAPTER_WEIGHTS
+    state = {}
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if not key.startswith(PEFT_PREFIX):
+                raise ValueError(f"{file}: key {key!r} does not start with {PEFT_PREFIX!r}")
+            state[key.removeprefix(PEFT_PREFIX)] = f.get_tensor(key)
+    return state
+
+
 def load_adapter(model: nn.Module, path: str | Path, dtype: torch.dtype | None = torch.float32,
                  trainable: bool = False) -> LoraConfig:
     """Apply the adapter in a PEFT directory (written by us or by PEFT) to `model` and load its weights.
@@ -370,13 +382,7 @@ def load_adapter(model: nn.Module, path: str | Path, dtype: torch.dtype | None =
     apply_lora(model, config.r, config.alpha, config.dropout, config.targets, use_rslora=config.use_rslora,
                rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern, dtype=dtype,
                base_model_name_or_path=config.base_model_name_or_path)
-    state = {}
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            if not key.startswith(PEFT_PREFIX):
-                raise ValueError(f"{file}: key {key!r} does not start with {PEFT_PREFIX!r}")
-            state[key.removeprefix(PEFT_PREFIX)] = f.get_tensor(key)
-    set_lora_state_dict(model, state, source=str(file))
+    set_lora_state_dict(model, read_adapter_weights(path), source=str(file))
     if not trainable:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -185,7 +185,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class Trainer:
     def __init__(self, model: Transformer, train_loader: BatchLoader, cfg: TrainConfig, weights_io: WeightsIO,
                  eval_loader: Callable[[], Iterable[dict]] | None = None, chars_per_token: float | None = None,
-                 sample_fn: Callable[[nn.Module], list[str]] | None = None,
+                 sample_fn: Callable[[nn.Module], list[tuple[str, str]]] | None = None,
                  accelerator: Accelerator | None = None, run_info: dict | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.out_dir)
@@ -384,8 +384,8 @@ class Trainer:
         self.log(f"eval step {self.step}: " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items()))
         if self.sample_fn and self.accelerator.is_main_process:
             unwrapped.eval()
-            for text in self.sample_fn(unwrapped):
-                self.log(f"sample: {text}")
+            for question, answer in self.sample_fn(unwrapped):
+                self.log(f"sample: {question} -> {answer!r}")
             unwrapped.train()
         return metrics
 
