@@ -155,6 +155,8 @@ def test_bad_input_is_a_clear_error(tmp_path):
         train_tokenizer([jl], 500, tmp_path / "o")
     with pytest.raises(FileNotFoundError):
         train_tokenizer([tmp_path / "missing"], 500, tmp_path / "o")
+    with pytest.raises(ValueError, match="markers"):
+        train_tokenizer([empty], 500, tmp_path / "o", template="llama2")
     with pytest.raises(ValueError, match="too small"):
         train_tokenizer([empty], 100, tmp_path / "o")
     assert not (tmp_path / "o").exists()  # nothing half-written

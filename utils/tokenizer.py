@@ -101,7 +101,7 @@ class Tokenizer:
         name = lambda i: None if i is None else self.backend.id_to_token(i)  # noqa: E731
         added = self.backend.get_added_tokens_decoder()
         specials = [t.content for t in added.values() if t.special]
-        usable = [t for t in TEMPLATES.values() if _markers_known(t, self)]
+        usable = [t for t in TEMPLATES.values() if _markers_known(t, set(specials))]
         chat_templates = [{"name": "default", "template": get_template(self.default_template).jinja()}]
         chat_templates += [{"name": t.name, "template": t.jinja()} for t in usable if t.name != self.default_template]
         return {
@@ -166,10 +166,10 @@ def _special_roles(backend: _HFTokenizer, config: dict, path: Path) -> dict:
     return {"eos": eos, "pad": pad, "bos": bos, "default_template": template}
 
 
-def _markers_known(template, tok: Tokenizer) -> bool:
+def _markers_known(template, specials: set[str]) -> bool:
     """A template that uses <|im_start|> / <s> markers is only offered where they are special tokens."""
     text = template.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], False)
-    return all(tok.token_to_id(m) is not None for m in ("<|im_start|>", "<s>", "</s>") if m in text)
+    return all(m in specials for m in ("<|im_start|>", "<s>", "</s>") if m in text)
 
 
 # -------------------------------------------------------------------- Qwen2 and SentencePiece conversion
@@ -357,7 +357,7 @@ class _Sampler:
 
 
 class WordCounter:
-    """Pre-token counts with a hard cap on distinct words: the BPE trainer's memory is about 1.5 KB per distinct
+    """Pre-token counts with a hard cap on distinct words: the BPE trainer's memory is about 1.8 KB per distinct
     word, so when the table passes max_words the rarest words are dropped (count below a rising threshold) until
     it is half full. The merges come from the frequent words, which are kept exactly."""
 
@@ -425,7 +425,9 @@ def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | 
     floor = len(SPECIAL_TOKENS) + 256 + 1
     if vocab_size < floor:
         raise ValueError(f"vocab_size {vocab_size} is too small: 4 special tokens + 256 bytes need at least {floor}")
-    get_template(template)
+    if not _markers_known(get_template(template), set(SPECIAL_TOKENS)):
+        raise ValueError(f"template {template!r} needs markers our vocabulary lacks; use one of "
+                         f"{[n for n, t in TEMPLATES.items() if _markers_known(t, set(SPECIAL_TOKENS))]}")
     train_files, heldout_files = corpus_files(files_or_dir)
     total = sum(map(file_text_bytes, train_files))
     keep = 1.0 if not sample_bytes or total <= sample_bytes else sample_bytes / total
@@ -513,7 +515,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="train on a deterministic sample of about this many text bytes when the corpus is "
                              "larger (bounds memory); 0 = use everything")
     parser.add_argument("--max-words", type=int, default=1_000_000,
-                        help="cap on distinct pre-tokens held for training (about 1.5 KB of RAM each); rarer ones "
+                        help="cap on distinct pre-tokens held for training (about 1.8 KB of RAM each); rarer ones "
                              "are dropped past it")
     parser.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
     parser.add_argument("--template", default="chatml", choices=sorted(TEMPLATES),
