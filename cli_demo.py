@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from model import Transformer, load_model
+from model import Transformer
 from model.generation import (SamplingConfig, TextStream, chat_prompt, context_budget, default_stop_ids,
                               resolve_template, stream)
 from utils.templates import TEMPLATES, ChatTemplate
@@ -46,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "chat") -> Non
                         help="weights dtype; auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU")
     parser.add_argument("--prompt", default=None, help="answer this one question, print the answer and exit")
     parser.add_argument("--verbose", action="store_true", help="print tokens/s and token counts after each answer")
+    parser.add_argument("--lora", default=None, help="a LoRA adapter directory (ours or PEFT's) to apply to --model")
+    parser.add_argument("--qlora", action="store_true", help="load the base linears as NF4 (4-bit) weights")
+    parser.add_argument("--data", default=None, help="batch mode: answer every record of this file, then exit")
+    parser.add_argument("--format", default="alpaca", help="record format of --data (qa, instruct, alpaca, "
+                        "sharegpt, parquet)")
+    parser.add_argument("--predictions", default=None, help="batch mode: JSON-lines output (prompt, reference, "
+                        "prediction)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch mode: prompts generated together")
 
 
 # ---- loading -------------------------------------------------------------------------------------------------------
@@ -69,9 +77,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_chat_model(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) from the command line: the one place that knows how a chat model is assembled."""
+    from model.lora import load_adapter
+    from model.lora_cli import load_base
     path = Path(args.model)
     device = resolve_device(args.device)
-    model = load_model(path, dtype=resolve_dtype(args.dtype, device), device=device)
+    dtype = resolve_dtype(args.dtype, device)
+    model = load_base(str(path), dtype, device, args.qlora)
+    if args.lora:
+        load_adapter(model, args.lora, dtype=dtype)
+        model.to(device)
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, vocab.json + merges.txt or "
                                 "tokenizer.model); save the model with its tokenizer")
@@ -141,6 +155,32 @@ def answer(chat: Chat, question: str, out: Console, err: Console, verbose: bool)
                   f"first token {'-' if first is None else f'{first * 1000:.0f} ms'}, finish: {reply.finish_reason}[/]")
 
 
+def predict(chat: Chat, records: list[dict], out_path: str, batch_size: int) -> int:
+    """The seed's predict mode: every record's prompt (with its history and system text) answered with batched
+    generation, written as JSON lines {prompt, reference, prediction} (atomically)."""
+    import json
+
+    from model.generation import generate
+    from utils.io import atomic_write_text
+    lines = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        prompts = []
+        for r in batch:
+            messages = [{"role": "system", "content": r["system"]}] if r.get("system") else []
+            for q, a in r.get("history", []):
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            messages.append({"role": "user", "content": r["prompt"]})
+            prompts.append(chat_prompt(chat.tokenizer, messages, chat.template, context_budget(chat.model,
+                                                                                                chat.config)))
+        for r, ids in zip(batch, generate(chat.model, prompts, chat.config, pad_id=chat.tokenizer.pad_id)):
+            prediction = chat.tokenizer.decode(ids, skip_special_tokens=True)
+            lines.append(json.dumps({"prompt": r["prompt"], "reference": r["response"], "prediction": prediction},
+                                    ensure_ascii=False))
+    atomic_write_text(out_path, "\n".join(lines) + "\n")
+    return len(lines)
+
+
 def run(chat: Chat, lines, out: Console, err: Console, verbose: bool, interactive: bool) -> None:
     """The loop over user input. `lines` yields input lines and raises EOFError at the end."""
     while True:
@@ -179,6 +219,14 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(2) from None
     if args.prompt is not None:
         answer(chat, args.prompt, out, err, args.verbose)
+        return
+    if args.data or args.predictions:
+        if not (args.data and args.predictions):
+            err.print("[red]error:[/] batch mode needs both --data and --predictions")
+            raise SystemExit(2)
+        from model.lora_cli import read_records
+        n = predict(chat, read_records(args.format, args.data), args.predictions, args.batch_size)
+        err.print(f"wrote {n} predictions to {args.predictions}")
         return
     interactive = sys.stdin.isatty()
     if interactive:
