@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from utils.datasets import _ends_turn_with_token
 from utils.templates import ChatTemplate, get_template
 
 from .transformer import Transformer
@@ -111,8 +112,8 @@ def next_token(logits: torch.Tensor, config: SamplingConfig, seen: torch.Tensor 
     if config.greedy:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(-1)  # the clamp: a 0 draw would make 0 / 0 = nan win the argmax
 
 
 # ---- decoding ----------------------------------------------------------------------------------------------------
@@ -295,12 +296,16 @@ def default_stop_ids(tokenizer, template: str | ChatTemplate | None = None) -> t
 
 
 def encode_chat(tokenizer, template: ChatTemplate, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation plus the generation prompt. Each template piece is encoded on its own (as the
-    SFT data is, so the answer starts on the same token boundary as in training); a bos id, when the tokenizer has
-    one and the template does not write it, comes first."""
-    ids = [i for piece, _ in template.segments(messages, add_generation_prompt=True) for i in tokenizer.encode(piece)]
-    bos = getattr(tokenizer, "bos_id", None)
-    return [bos, *ids] if bos is not None and ids[:1] != [bos] else ids
+    """Token ids of a conversation plus the generation prompt, exactly as `utils.datasets.tokenize_sft` encodes SFT
+    data (each template piece on its own, eos after every answer when the template has no end-of-turn token), so
+    the model continues from the token boundary it was trained on."""
+    append_eos = not _ends_turn_with_token(template, tokenizer)
+    ids: list[int] = []
+    for piece, trainable in template.segments(messages, add_generation_prompt=True):
+        ids += tokenizer.encode(piece)
+        if trainable and append_eos:
+            ids.append(tokenizer.eos_id)
+    return ids
 
 
 def chat_prompt(tokenizer, messages: list[dict], template: str | ChatTemplate | None = None,
