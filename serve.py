@@ -328,13 +328,13 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
 # ---- loading -------------------------------------------------------------------------------------------------------
 def load_served_model(model_dir: str | Path, lora: str | Path | None = None, device: str = "auto",
-                      dtype: str = "auto") -> tuple[Transformer, Tokenizer]:
-    """The model to serve: a model dir, with a PEFT-format LoRA adapter merged in when given (so serving an adapter
-    costs nothing per token)."""
-    model, tokenizer = load_chat_model(argparse.Namespace(model=str(model_dir), device=device, dtype=dtype))
-    if lora is not None:
-        from model.lora import load_adapter, merge_and_unload
-        load_adapter(model, lora, dtype=next(model.parameters()).dtype)
+                      dtype: str = "auto", qlora: bool = False) -> tuple[Transformer, Tokenizer]:
+    """The model to serve (cli_demo.load_chat_model assembles it); a LoRA adapter on a full-precision base is merged
+    in, so serving it costs nothing per token (on an NF4 base it stays a side path)."""
+    model, tokenizer = load_chat_model(argparse.Namespace(model=str(model_dir), device=device, dtype=dtype,
+                                                          lora=None if lora is None else str(lora), qlora=qlora))
+    if lora is not None and not qlora:
+        from model.lora import merge_and_unload
         model = merge_and_unload(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -344,6 +344,8 @@ def load_served_model(model_dir: str | Path, lora: str | Path | None = None, dev
 def add_arguments(parser: argparse.ArgumentParser, command: str = "serve") -> None:
     parser.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
     parser.add_argument("--lora", default=None, help="PEFT-format LoRA adapter directory, merged into the model")
+    parser.add_argument("--qlora", action="store_true",
+                        help="load the base model's block linears in 4-bit NF4 (the adapter stays unmerged)")
     parser.add_argument("--served-model-name", default=None,
                         help="the model id clients send and /v1/models lists; unset = the model directory's name")
     parser.add_argument("--host", default="127.0.0.1",
@@ -374,7 +376,7 @@ def main(args: argparse.Namespace) -> None:
               file=sys.stderr)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_served_model(args.model, args.lora, args.device, args.dtype)
+    model, tokenizer = load_served_model(args.model, args.lora, args.device, args.dtype, args.qlora)
     template = resolve_template(args.template, tokenizer)
     name = args.served_model_name or Path(args.model).name
     engine = Engine(model, tokenizer, template, name, args.max_tokens, args.max_queue)
