@@ -1,6 +1,6 @@
 """Chat-LM-small: the one command line.
 
-    python train.py {prepare,tokenizer,pretrain,sft,lora,merge,eval,demo} --help
+    python train.py {prepare,tokenizer,pretrain,sft,lora,merge,eval,synth,demo} --help
 
 Each subcommand lives in the module that does the work; the module exposes
 `add_arguments(parser)` and `main(args)`. Modules are imported only when their
@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lora": ("model.cli", "train a LoRA / QLoRA adapter on a base model"),
     "merge": ("model.cli", "merge a LoRA adapter into its base model"),
     "eval": ("utils.metrics", "loss, perplexity, bits per character, BLEU-4 / ROUGE-L on a split"),
+    "synth": ("utils.synth", "build instruction data through an OpenAI-compatible API (topics, dialogues, style)"),
     "demo": ("model.demo", "the whole pipeline on the bundled samples with the tiny preset"),
 }
 

@@ -1,0 +1,62 @@
+"""The front door: `python train.py demo` on the bundled samples, and `train.ipynb` executed top to bottom. Both
+produce a chat-ready model directory that transformers loads and cli_demo.py answers from."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check_chat_ready(model_dir: Path) -> None:
+    from model import load_model
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - load_model(model_dir)(ids)).abs().max() < 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    assert hf_tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
+                                      add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    out = subprocess.run([sys.executable, "cli_demo.py", "--model", str(model_dir), "--prompt", "地球上最大的海洋是哪个？",
+                          "--temperature", "0", "--max-new-tokens", "30"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip()
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "train.py", "demo", "--out", str(out)], cwd=REPO, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "the demo model answers" in run.stdout
+    for stage in ("pretrain", "sft"):
+        log = (out / stage / "train.log").read_text().splitlines()
+        losses = [float(line.split(" loss ")[1].split()[0]) for line in log if " step " in line and "eval" not in line
+                  and " loss " in line]
+        assert losses[-1] < losses[0] - 0.5, (stage, losses)
+    check_chat_ready(out / "sft" / "latest")
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(REPO / "train.ipynb", as_version=4)
+    os.environ["CHATLM_NOTEBOOK_OUT"] = str(tmp_path / "nb")
+    try:
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(REPO)}}).execute()
+    finally:
+        del os.environ["CHATLM_NOTEBOOK_OUT"]
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss curve was drawn
+    assert any("Assistant:" in o.get("text", "") for o in outputs)
+    check_chat_ready(tmp_path / "nb" / "sft" / "latest")
