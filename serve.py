@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cli_demo import DTYPES, load_chat_model
+from cli_demo import DTYPES, HelpFormatter, load_chat_model
 from model import Transformer
 from model.generation import SamplingConfig, TextStream, chat_prompt, default_stop_ids, resolve_template, stream
 from utils.templates import TEMPLATES, ChatTemplate
@@ -385,10 +385,12 @@ def main(args: argparse.Namespace) -> None:
     uvicorn.run(create_app(engine, api_key), host=args.host, port=args.port, log_level=args.log_level)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    _parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
-    add_arguments(_parser)
-    main(_parser.parse_args())
+    main(build_parser().parse_args())

@@ -15,7 +15,7 @@ from .lora import (apply_lora, load_adapter, merge_and_unload, read_adapter_weig
 from .trainer import Trainer, make_accelerator, set_seed_everywhere
 
 FORMATS = ["qa", "instruct", "alpaca", "sharegpt", "parquet"]
-TEMPLATE_CHOICES = ["wenda", "human_assistant", "chatml", "llama2", "raw"]
+TEMPLATE_CHOICES = ["wenda", "human_assistant", "chatml", "qwen", "llama2", "raw"]
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
