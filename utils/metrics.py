@@ -37,18 +37,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from model.generation import (SamplingConfig, chat_prompt, context_budget, default_stop_ids, generate,
                               resolve_template, truncate_at_stop_strings)
+from model.checkpoint import load_model
 from model.transformer import Transformer
 from utils.datasets import IGNORE_INDEX, find_shards, iter_parquet, to_messages, tokenize_sft
 from utils.io import write_json
 from utils.templates import TEMPLATES, ChatTemplate
+from utils.tokenizer import Tokenizer
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+|\S")
+# Attention kernels for evaluation: every decode step (and every loss batch) has a new sequence length, and the cuDNN
+# SDPA backend builds an execution plan per shape (~10 ms on an H200), which made decoding 4-9x slower
+# (bench/RESULTS.md). The flash / memory-efficient / math kernels need no per-shape plan.
+_EVAL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # ---- text metrics --------------------------------------------------------------------------------------------------
@@ -146,7 +153,7 @@ def answer_loss(model: Transformer, tokenizer, records: Sequence[dict[str, str]]
     device = model.model.embed_tokens.weight.device
     nats = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
-    with _progress(progress) as bar:
+    with _progress(progress) as bar, sdpa_kernel(_EVAL_SDPA):
         task = bar.add_task("answer loss", total=len(kept))
         start = 0
         while start < len(kept):
@@ -195,7 +202,7 @@ def generate_answers(model: Transformer, tokenizer, prompts: Sequence[str], temp
     order = sorted((i for i, x in enumerate(ids) if x is not None), key=lambda i: len(ids[i]))
     answers: list[str | None] = [None] * len(prompts)
     n_tokens = 0
-    with _progress(progress) as bar:
+    with _progress(progress) as bar, sdpa_kernel(_EVAL_SDPA):
         task = bar.add_task("generating", total=len(order))
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
@@ -240,14 +247,16 @@ def evaluate(model: Transformer, tokenizer, records: Sequence[dict[str, str]], t
     return result
 
 
-_ROWS = [("examples", "examples", "{:,}"), ("loss_skipped_overlength", "skipped (longer than context)", "{:,}"),
+_ROWS = [("examples", "examples", "{:,}"), ("skipped_null", "skipped: null prompt or response", "{:,}"),
+         ("loss_skipped_overlength", "skipped for loss: longer than the context", "{:,}"),
+         ("loss_skipped_no_target", "skipped for loss: no answer token", "{:,}"),
          ("answer_tokens", "answer tokens", "{:,}"), ("answer_chars", "answer characters", "{:,}"),
          ("loss", "answer loss (nats/token)", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
          ("bits_per_char", "bits per character", "{:.4f}"), ("generated", "generated answers", "{:,}"),
-         ("bleu4", "BLEU-4 (corpus, chars)", "{:.2f}"), ("rouge_l_f", "ROUGE-L F (mean, chars)", "{:.2f}"),
-         ("rouge_l_p", "ROUGE-L precision", "{:.2f}"), ("rouge_l_r", "ROUGE-L recall", "{:.2f}"),
-         ("brevity_penalty", "BLEU brevity penalty", "{:.3f}"),
-         ("generated_tokens_per_second", "generated tokens/s", "{:.1f}")]
+         ("generation_skipped_overlength", "not generated: prompt too long", "{:,}"),
+         ("bleu4", "BLEU-4 (corpus, chars, 0-100)", "{:.2f}"), ("brevity_penalty", "BLEU brevity penalty", "{:.3f}"),
+         ("rouge_l_f", "ROUGE-L F (mean, chars, 0-100)", "{:.2f}"), ("rouge_l_p", "ROUGE-L precision", "{:.2f}"),
+         ("rouge_l_r", "ROUGE-L recall", "{:.2f}"), ("generated_tokens_per_second", "generated tokens/s", "{:.1f}")]
 
 
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:
@@ -256,7 +265,7 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, label, fmt in _ROWS:
-        if result.get(key) is not None:
+        if result.get(key) is not None and (result[key] or "skipped" not in key):  # skip counts only when > 0
             table.add_row(label, fmt.format(result[key]))
     console.print(table)
     if result.get("samples"):
@@ -313,7 +322,7 @@ def default_out(model: str | Path, data: Sequence[str | Path], split: str) -> Pa
 def main(args: argparse.Namespace) -> None:
     import json
 
-    from cli_demo import load_chat_model
+    from cli_demo import resolve_device, resolve_dtype
 
     err = Console(stderr=True)
     try:
@@ -324,7 +333,9 @@ def main(args: argparse.Namespace) -> None:
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                                   seed=args.seed)
-        model, tokenizer = load_chat_model(args)
+        device = resolve_device(args.device)
+        model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
+        tokenizer = Tokenizer.load(args.model)
     except (OSError, ValueError, KeyError) as e:
         err.print(f"[red]error:[/] {e}")
         raise SystemExit(2) from None
