@@ -216,9 +216,10 @@ def generate_answers(model: Transformer, tokenizer, prompts: Sequence[str], temp
 
 
 # ---- everything ----------------------------------------------------------------------------------------------------
-def evaluate(model: Transformer, tokenizer, records: Sequence[dict[str, str]], template: str | ChatTemplate | None = None,
-             sampling: SamplingConfig | None = None, batch_size: int = 16, loss_batch_tokens: int = 8192,
-             with_generation: bool = True, num_samples: int = 5, progress: bool = True) -> dict[str, Any]:
+def evaluate(model: Transformer, tokenizer, records: Sequence[dict[str, str]],
+             template: str | ChatTemplate | None = None, sampling: SamplingConfig | None = None,
+             batch_size: int = 16, loss_batch_tokens: int = 8192, with_generation: bool = True,
+             num_samples: int = 5, progress: bool = True) -> dict[str, Any]:
     """Loss metrics and (with_generation) BLEU-4 / ROUGE-L of generated answers, as one flat dict. The full list
     of predictions is under "predictions" (None for prompts too long for the context window)."""
     if not records:
