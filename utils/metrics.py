@@ -140,7 +140,7 @@ def answer_loss(model: Transformer, tokenizer, records: Sequence[dict[str, str]]
     per row when it is longer); under causal attention the padding never affects a real position, so no mask is
     needed and the fast causal kernels apply.
     """
-    examples = tokenize_sft([to_messages(r) for r in records], tokenizer, template, max_seq_len=2**62)
+    examples = tokenize_sft([to_messages(r, f"record {i}") for i, r in enumerate(records)], tokenizer, template, max_seq_len=2**62)
     window = model.config.max_position_embeddings
     kept, chars = [], 0
     for e in range(len(examples)):
@@ -177,7 +177,7 @@ def answer_loss(model: Transformer, tokenizer, records: Sequence[dict[str, str]]
     return {"loss_examples": len(kept), "loss_skipped_overlength": len(examples) - len(kept),
             "loss_skipped_no_target": examples.stats["skipped_no_target"],
             "answer_tokens": tokens, "answer_chars": chars, "loss": loss,
-            "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+            "perplexity": float("inf") if loss > 700 else math.exp(loss),
             "bits_per_char": total / math.log(2) / chars if chars else None}
 
 
