@@ -140,7 +140,8 @@ def answer_loss(model: Transformer, tokenizer, records: Sequence[dict[str, str]]
     per row when it is longer); under causal attention the padding never affects a real position, so no mask is
     needed and the fast causal kernels apply.
     """
-    examples = tokenize_sft([to_messages(r, f"record {i}") for i, r in enumerate(records)], tokenizer, template, max_seq_len=2**62)
+    conversations = [to_messages(r, f"record {i}") for i, r in enumerate(records)]
+    examples = tokenize_sft(conversations, tokenizer, template, max_seq_len=2**62)
     window = model.config.max_position_embeddings
     kept, chars = [], 0
     for e in range(len(examples)):
