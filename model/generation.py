@@ -16,7 +16,7 @@ import torch
 from utils.datasets import _ends_turn_with_token
 from utils.templates import ChatTemplate, get_template
 
-from .transformer import Transformer
+from .transformer import KVCache, Transformer
 
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder gives for an incomplete UTF-8 sequence
 
@@ -126,14 +126,36 @@ def default_model_stop_ids(model: Transformer) -> tuple[int, ...]:
     return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
 
 
+def _static_step(model: Transformer, token: torch.Tensor, cache: KVCache, position: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    """One decode step with shapes fixed by the cache: what torch.compile captures as a CUDA graph."""
+    return model(token, cache=cache, cache_position=position, attention_mask=mask)[:, -1]
+
+
+_compiled_step = None
+
+
+def static_cache(model: Transformer, batch_size: int) -> KVCache:
+    """A full-context cache kept on the model and reused by later calls (stale slots are masked), so a compiled
+    step sees the same buffers every time."""
+    cache = getattr(model, "_static_cache", None)
+    p = model.model.embed_tokens.weight
+    if cache is None or cache.k.shape[1] != batch_size or cache.k.dtype != p.dtype or cache.k.device != p.device:
+        model._static_cache = cache = model.setup_cache(batch_size, model.config.max_position_embeddings)
+    return cache
+
+
 @torch.inference_mode()
 def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: SamplingConfig,
-                 pad_id: int = 0) -> Iterator[torch.Tensor]:
+                 pad_id: int = 0, static: bool = False, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B] on the model's device, one step at a time.
 
     Prompts are left-padded to a common length. Stops when every row has produced a stop id (rows that stopped
     keep producing tokens, which callers drop), after max_new_tokens, or when the context window is full.
+    static: decode over a full-context cache with fixed shapes (no per-step reallocation or growing masks);
+    compile: also torch.compile the step (mode "reduce-overhead": CUDA graphs on a GPU). Same tokens either way.
     """
+    global _compiled_step
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     vocab, max_pos = model.config.vocab_size, model.config.max_position_embeddings
@@ -162,8 +184,26 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: S
         generator = torch.Generator(device=device).manual_seed(config.seed)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
-    cache = model.setup_cache(B, L + max_new)
-    logits = model(ids, attention_mask=mask[:, :L] if padded else None, cache=cache)[:, -1]
+    if static or compile:
+        cache = static_cache(model, B)
+        full_mask = None
+        if padded:
+            full_mask = torch.ones(B, cache.max_len, dtype=torch.long, device=device)
+            full_mask[:, :L] = mask[:, :L]
+        step_fn = _static_step
+        if compile:
+            if _compiled_step is None:
+                _compiled_step = torch.compile(_static_step, mode="reduce-overhead", fullgraph=True)
+            step_fn = _compiled_step
+        logits = _static_step(model, ids, cache, torch.arange(L, device=device), full_mask)
+        positions = torch.arange(L, L + max_new, device=device)
+        forward = lambda token, step: step_fn(model, token[:, None], cache, positions[step:step + 1],  # noqa: E731
+                                              full_mask)
+    else:
+        cache = model.setup_cache(B, L + max_new)
+        logits = model(ids, attention_mask=mask[:, :L] if padded else None, cache=cache)[:, -1]
+        forward = lambda token, step: model(  # noqa: E731
+            token[:, None], attention_mask=mask[:, :L + step + 1] if padded else None, cache=cache)[:, -1]
     for step in range(max_new):
         token = next_token(logits, config, seen, generator)
         yield token
@@ -172,14 +212,14 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: S
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        logits = model(token[:, None], attention_mask=mask[:, :L + step + 1] if padded else None, cache=cache)[:, -1]
+        logits = forward(token, step)
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], config: SamplingConfig,
-             pad_id: int | None = None) -> list[list[int]]:
+             pad_id: int | None = None, static: bool = False, compile: bool = False) -> list[list[int]]:
     """New tokens for each prompt (batched, left-padded), each cut before its first stop id."""
     pad = pad_id if pad_id is not None else model.config.pad_token_id or 0
-    steps = list(decode_steps(model, prompts, config, pad))
+    steps = list(decode_steps(model, prompts, config, pad, static, compile))
     rows = torch.stack(steps, 1).tolist()
     stops = set(config.stop_ids or default_model_stop_ids(model))
     out = []

@@ -67,7 +67,9 @@ class KVCache:
     """Preallocated keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim].
 
     `length` counts the positions already written; a forward pass writes its T new positions at
-    [length, length + T) in every layer and then advances `length` by T.
+    [length, length + T) in every layer and then advances `length` by T. A forward given `cache_position` instead
+    (static shapes, for compiled / CUDA-graph decoding) writes at those positions, attends over the whole buffer
+    under a mask, and leaves `length` alone.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
@@ -75,10 +77,18 @@ class KVCache:
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # updated in place by compiled decode steps: fixed addresses let CUDA graphs capture the writes
+        torch._dynamo.mark_static_address(self.k)
+        torch._dynamo.mark_static_address(self.v)
         self.max_len = max_len
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache_position is not None:  # static shapes: write at a position tensor, attend over the whole buffer
+            self.k[layer].index_copy_(2, cache_position, k)
+            self.v[layer].index_copy_(2, cache_position, v)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
@@ -104,14 +114,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(self.layer_idx, k, v, cache_position)
         # No mask: plain causal over the T new tokens (training), or a single new token seeing the whole cache.
         is_causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -140,8 +150,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, cache_position=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -219,14 +229,19 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                cache_position: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab], or the mean cross-entropy when `labels` is given.
 
         labels: already shifted (labels[b, t] is the target after input t); IGNORE_INDEX (-100) is skipped.
         attention_mask: [B, past + T], 1 for real tokens and 0 for padding (left or right), HF semantics.
         segment_ids: [B, T] packed rows; attention stays inside a segment and positions restart per segment.
         cache: a KVCache; the T new tokens are written after its `length` positions, which then advances.
+        cache_position: [T] absolute slots for the new tokens in a static-shape decode step (see KVCache); then
+        attention_mask, if given, covers the whole cache buffer.
         """
+        if cache_position is not None:
+            return self._static_step(input_ids, cache, cache_position, attention_mask)
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -252,6 +267,23 @@ class Transformer(nn.Module):
         if labels is None:
             return self.lm_head(x)
         return self.loss(x, labels)
+
+    def _static_step(self, input_ids: torch.Tensor, cache: KVCache, cache_position: torch.Tensor,
+                     attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits for T new tokens at slots `cache_position`, with shapes fixed by the cache (no host syncs)."""
+        B, T = input_ids.shape
+        k_pos = torch.arange(cache.max_len, device=input_ids.device)
+        mask = (k_pos[None, :] <= cache_position[:, None])[None, None]  # [1, 1, T, max_len]
+        if attention_mask is None:
+            position_ids = cache_position.expand(B, T)
+        else:  # left padding: a token's position counts the real tokens before it
+            mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_pos[None, :] == cache_position[:, None])
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).index_select(1, cache_position)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary(position_ids, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, cache_position)
+        return self.lm_head(self.model.norm(x))
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy in fp32 over labelled positions (0 when none is labelled; no host sync)."""

@@ -84,6 +84,18 @@ def test_left_padded_batch_equals_transformers_and_rows_alone(hf_and_ours):
     assert batched == [hf_greedy(hf, [p], 25, 1.3, VOCAB - 1)[0] for p in prompts]
 
 
+def test_static_cache_decoding_gives_the_same_tokens(hf_and_ours):
+    """The fixed-shape path that compiled / CUDA-graph decoding uses: same tokens as transformers, padded or not, and
+    a reused cache from an earlier, longer call does not leak into a later one."""
+    hf, ours = hf_and_ours
+    prompts = [[7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21], [40, 3, 60, 4, 80]]
+    config = SamplingConfig(max_new_tokens=25, repetition_penalty=1.3, stop_ids=(VOCAB - 1,))
+    assert generate(ours, prompts, config, static=True) == generate(ours, prompts, config)
+    prompt = [5, 17, 33, 2, 90, 41]
+    for _ in range(2):
+        assert generate(ours, [prompt], config, static=True) == hf_greedy(hf, [prompt], 25, 1.3, VOCAB - 1)
+
+
 def test_generation_stops_at_the_context_window_and_rejects_overlong_prompts(hf_and_ours):
     _, ours = hf_and_ours  # max_position_embeddings 128
     got = generate(ours, [list(range(1, 91))], SamplingConfig(max_new_tokens=100, stop_ids=(VOCAB - 1,)))

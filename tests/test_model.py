@@ -240,3 +240,24 @@ def test_baichuan_w_pack_directory_loads_with_the_same_logits(tmp_path):
     ids = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max().item() < 1e-4
+
+
+def test_static_cache_steps_equal_the_dynamic_cache():
+    """The static-shape path (what compiled / CUDA-graph decoding runs) gives the dynamic path's logits, with and
+    without left padding."""
+    model = tiny_model()
+    ids = torch.randint(2, 97, (2, 9))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, :3] = 0  # row 1 is left-padded
+    for attention_mask in (None, mask):
+        dyn = model.setup_cache(2, 16)
+        sta = model.setup_cache(2, 16)
+        m = None if attention_mask is None else attention_mask[:, :6]
+        ref = model(ids[:, :6], attention_mask=m, cache=dyn)
+        got = model(ids[:, :6], cache=sta, cache_position=torch.arange(6), attention_mask=attention_mask)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for t in range(6, 9):
+            m = None if attention_mask is None else attention_mask[:, :t + 1]
+            ref = model(ids[:, t:t + 1], attention_mask=m, cache=dyn)
+            got = model(ids[:, t:t + 1], cache=sta, cache_position=torch.tensor([t]), attention_mask=attention_mask)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
