@@ -12,12 +12,17 @@ from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from utils.datasets import _ends_turn_with_token
 from utils.templates import ChatTemplate, get_template
 
 from .transformer import KVCache, Transformer
 
+# Attention kernels for decoding: a growing key length means a new shape every step, and the cuDNN SDPA backend
+# builds an execution plan per shape (~10 ms on an H200: decoding ran 4-9x slower with it, bench/RESULTS.md).
+# The flash / memory-efficient / math kernels need no per-shape plan.
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder gives for an incomplete UTF-8 sequence
 
 
@@ -155,7 +160,6 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: S
     static: decode over a full-context cache with fixed shapes (no per-step reallocation or growing masks);
     compile: also torch.compile the step (mode "reduce-overhead": CUDA graphs on a GPU). Same tokens either way.
     """
-    global _compiled_step
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     vocab, max_pos = model.config.vocab_size, model.config.max_position_embeddings
@@ -182,8 +186,16 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: S
     generator = None
     if not config.greedy and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
 
+    with sdpa_kernel(DECODE_SDPA_BACKENDS):
+        yield from _decode(model, ids, mask, L, max_new, padded, config, stop, seen, generator, static, compile)
+
+
+def _decode(model, ids, mask, L, max_new, padded, config, stop, seen, generator, static, compile):
+    """The decode loop of `decode_steps` over prepared, left-padded tensors (prompt length L)."""
+    global _compiled_step
+    B, device = ids.shape[0], ids.device
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     if static or compile:
         cache = static_cache(model, B)
         full_mask = None

@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from model.generation import (SamplingConfig, chat_prompt, context_budget, default_stop_ids, generate,
+from model.generation import (DECODE_SDPA_BACKENDS, SamplingConfig, chat_prompt, context_budget, default_stop_ids, generate,
                               resolve_template, truncate_at_stop_strings)
 from model.checkpoint import load_model
 from model.transformer import Transformer
@@ -52,10 +52,8 @@ from utils.templates import TEMPLATES, ChatTemplate
 from utils.tokenizer import Tokenizer
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+|\S")
-# Attention kernels for evaluation: every decode step (and every loss batch) has a new sequence length, and the cuDNN
-# SDPA backend builds an execution plan per shape (~10 ms on an H200), which made decoding 4-9x slower
-# (bench/RESULTS.md). The flash / memory-efficient / math kernels need no per-shape plan.
-_EVAL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Loss batches have a new sequence length each: the same per-shape cuDNN plan cost as decoding (model.generation).
+_EVAL_SDPA = DECODE_SDPA_BACKENDS
 
 
 # ---- text metrics --------------------------------------------------------------------------------------------------
