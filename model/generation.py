@@ -19,9 +19,9 @@ from utils.templates import ChatTemplate, get_template
 
 from .transformer import KVCache, Transformer
 
-# Attention kernels for decoding: a growing key length means a new shape every step, and the cuDNN SDPA backend
-# builds an execution plan per shape (~10 ms on an H200: decoding ran 4-9x slower with it, bench/RESULTS.md).
-# The flash / memory-efficient / math kernels need no per-shape plan.
+# Attention kernels for dynamic-shape decoding: a growing key length means a new shape every step, and the cuDNN SDPA
+# backend builds an execution plan per shape (~10 ms on an H200: batched eval decoding ran 4-9x slower with it,
+# bench/RESULTS.md). The flash / memory-efficient / math kernels need no per-shape plan.
 DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder gives for an incomplete UTF-8 sequence
 
@@ -187,7 +187,9 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: S
     if not config.greedy and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
 
-    with sdpa_kernel(DECODE_SDPA_BACKENDS):
+    # fixed shapes (static / compiled) build one cuDNN plan and keep it: faster there (bench/RESULTS.md)
+    backends = [SDPBackend.CUDNN_ATTENTION, *DECODE_SDPA_BACKENDS] if static or compile else DECODE_SDPA_BACKENDS
+    with sdpa_kernel(backends):
         yield from _decode(model, ids, mask, L, max_new, padded, config, stop, seen, generator, static, compile)
 
 
