@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> None:
     answers = sample_fn(Tokenizer.load(final), "chatml", DEMO_QUESTIONS, max_new_tokens=80)(load_model(final))
     table = Table(title="the demo model answers (greedy, repetition penalty 1.1)")
     table.add_column("question")
-    table.add_column("answer")
+    table.add_column("answer", overflow="fold")
     for question, answer in answers:
         table.add_row(question, answer)
     console.print(table)
