@@ -65,6 +65,15 @@ def add_train_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
                                help=TRAIN_HELP[f.name])
 
 
+def add_sft_data_arguments(parser: argparse.ArgumentParser, max_seq_length: int) -> None:
+    """Options shared by `sft` and `lora`: row length and what happens to long or prompt tokens."""
+    parser.add_argument("--max-seq-length", type=int, default=max_seq_length, help="tokens per packed row")
+    parser.add_argument("--skip-overlength", action=argparse.BooleanOptionalAction, default=False,
+                        help="drop examples longer than --max-seq-length instead of truncating them")
+    parser.add_argument("--train-on-prompt", action=argparse.BooleanOptionalAction, default=False,
+                        help="learn the prompt tokens too (no masking; the seed ChatBaichuan-HC3 recipe masked nothing)")
+
+
 def train_config(args: argparse.Namespace, **extra) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names}, **extra)
@@ -113,11 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the --init directory)")
         parser.add_argument("--template", default=None,
                             help="chat template: chatml, wenda, human_assistant, llama2, raw (default: tokenizer's)")
-        parser.add_argument("--max-seq-len", type=int, default=512, help="tokens per packed row")
-        parser.add_argument("--skip-overlength", action=argparse.BooleanOptionalAction, default=False,
-                            help="drop examples longer than --max-seq-len instead of truncating them")
-        parser.add_argument("--train-on-prompt", action=argparse.BooleanOptionalAction, default=False,
-                            help="also learn the prompt tokens (no masking)")
+        add_sft_data_arguments(parser, max_seq_length=512)
         add_train_arguments(parser, out_dir="runs/sft", lr=1e-4, warmup_steps=50, epochs=2.0)
     else:
         from . import lora_cli
@@ -166,7 +171,7 @@ def sft(args: argparse.Namespace) -> dict:
     model = load_model(args.init, dtype=torch.float32)
     from .generation import default_stop_ids
     model.config.eos_token_id = list(default_stop_ids(tokenizer, template))  # stop at the end of a turn too
-    common = dict(tokenizer=tokenizer, template=template, max_seq_len=args.max_seq_len, batch_size=cfg.batch_size,
+    common = dict(tokenizer=tokenizer, template=template, max_seq_len=args.max_seq_length, batch_size=cfg.batch_size,
                   rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
                   skip_overlength=args.skip_overlength, train_on_prompt=args.train_on_prompt)
     train = sft_loader(args.data, split="train", **common)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from utils.io import read_json, write_json
 
 # Architectures we can read, by the `architectures[0]` / `model_type` of a Hugging Face config.json.
 LLAMA, QWEN2, BAICHUAN = "LlamaForCausalLM", "Qwen2ForCausalLM", "BaiChuanForCausalLM"
@@ -137,20 +138,14 @@ class ModelConfig:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        write_json(path, self.to_hf_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no config.json (not a model directory)") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_json(path, "no config.json (not a model directory)"), source=str(path))
 
 
 PRESETS: dict[str, ModelConfig] = {

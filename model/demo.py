@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> None:
 
     console.rule("4/4 supervised fine-tuning (ChatML, prompt masked)")
     run_stage("sft", ["--init", str(out / "pretrain" / "latest"), "--data", str(out / "data"), "--template", "chatml",
-                      "--max-seq-len", "256", "--batch-size", "8", "--max-steps", str(args.sft_steps),
+                      "--max-seq-length", "256", "--batch-size", "8", "--max-steps", str(args.sft_steps),
                       "--warmup-steps", "20", "--lr", "3e-3", "--out", str(out / "sft"), *train_opts])
 
     final = out / "sft" / "latest"

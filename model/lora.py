@@ -25,7 +25,6 @@ Adapter directories hold `adapter_config.json` and `adapter_model.safetensors` w
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from utils.io import atomic_dir, write_json
+from utils.io import atomic_dir, read_json, write_json
 
 from .config import BAICHUAN
 from .nf4 import NF4Linear
@@ -335,12 +334,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
 def read_adapter_config(path: str | Path) -> LoraConfig:
     """Parse a PEFT `adapter_config.json` (ours or PEFT's); unsupported settings raise naming the file and key."""
     file = Path(path) / ADAPTER_CONFIG
-    try:
-        d = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{file}: not found (not an adapter directory)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON ({e})") from None
+    d = read_json(file, "not found (not an adapter directory)")
     if d.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{file}: peft_type {d['peft_type']!r} is not supported (only LORA)")
     for key, accepted in _UNSUPPORTED.items():

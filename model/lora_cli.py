@@ -9,7 +9,7 @@ import torch
 from utils.tokenizer import Tokenizer
 
 from .checkpoint import load_model, save_model
-from .cli import add_train_arguments, sample_fn, train_config
+from .cli import add_sft_data_arguments, add_train_arguments, sample_fn, train_config
 from .lora import (apply_lora, load_adapter, merge_and_unload, read_adapter_weights, save_adapter,
                    set_lora_state_dict)
 from .trainer import Trainer, make_accelerator, set_seed_everywhere
@@ -41,11 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="scale = alpha / sqrt(r) (rank-stabilized LoRA)")
     parser.add_argument("--qlora", action=argparse.BooleanOptionalAction, default=False,
                         help="quantize the base linears to NF4 (double quantization) while loading")
-    parser.add_argument("--max-seq-length", type=int, default=2048, help="tokens per packed row")
-    parser.add_argument("--skip-overlength", action=argparse.BooleanOptionalAction, default=False,
-                        help="drop examples longer than --max-seq-length instead of truncating them")
-    parser.add_argument("--train-on-prompt", action=argparse.BooleanOptionalAction, default=False,
-                        help="learn the prompt tokens too (the seed ChatBaichuan-HC3 recipe masked nothing)")
+    add_sft_data_arguments(parser, max_seq_length=2048)
     parser.add_argument("--init-adapter", default=None, help="start from this adapter instead of fresh LoRA layers")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="base weights dtype; auto = bfloat16 on a GPU, float32 on the CPU")

@@ -476,19 +476,10 @@ def _wiki_articles(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tu
     if first is None:
         return
     if first[1].lstrip("\ufeff").lstrip().startswith("{"):
-        for n, line in ((first[0], first[1]), *lines):
-            line = line.strip()
-            if not line:
-                continue
-            tally.read += 1
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                tally.drop("bad_json", f"{path}:{n}", str(e))
-                continue
-            if not isinstance(obj, dict) or not _require(obj, ("title", "text"), f"{path}:{n}", tally):
-                continue
-            yield f"{path}:{n}", _text(obj, "title"), _text(obj, "text")
+        lines.close()  # JSON lines: read through the shared JSON reader instead
+        for where, obj in json_objects(path, opts, tally):
+            if _require(obj, ("title", "text"), where, tally):
+                yield where, _text(obj, "title"), _text(obj, "text")
         return
     title, body, start = None, [], 0
     for n, line in ((first[0], first[1]), *lines):

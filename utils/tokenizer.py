@@ -22,7 +22,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from utils.io import atomic_dir, atomic_write_text, write_json
+from utils.io import atomic_dir, atomic_write_text, read_json, write_json
 from utils.templates import TEMPLATES, get_template
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]  # fixed ids 0, 1, 2, 3 in our tokenizers
@@ -128,7 +128,7 @@ class Tokenizer:
             path = path.parent
         if not path.is_dir():
             raise FileNotFoundError(f"tokenizer directory not found: {path}")
-        config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
         if (path / "tokenizer.json").is_file():
             backend = _HFTokenizer.from_file(str(path / "tokenizer.json"))
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
@@ -138,13 +138,6 @@ class Tokenizer:
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.json, vocab.json + merges.txt, or tokenizer.model")
         return cls(backend, **_special_roles(backend, config, path))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON: {e}") from None
 
 
 def _token_str(v) -> str | None:
@@ -175,7 +168,7 @@ def _markers_known(template, specials: set[str]) -> bool:
 # -------------------------------------------------------------------- Qwen2 and SentencePiece conversion
 def _qwen2_from_files(path: Path, config: dict) -> _HFTokenizer:
     """vocab.json + merges.txt with Qwen2's NFC normalizer, pre-tokenizer regex, byte-level decoder and specials."""
-    vocab = _read_json(path / "vocab.json")
+    vocab = read_json(path / "vocab.json")
     lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()  # the shared copy has CRLF endings
     merges = [tuple(l.split(" ")) for l in lines if l and not l.startswith("#version")]
     tk = _HFTokenizer(models.BPE(vocab, merges, unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -186,7 +179,7 @@ def _qwen2_from_files(path: Path, config: dict) -> _HFTokenizer:
     tk.decoder = decoders.ByteLevel()
     added = {i: t["content"] for i, t in config.get("added_tokens_decoder", {}).items()}
     if (path / "added_tokens.json").is_file():
-        added.update({str(i): t for t, i in _read_json(path / "added_tokens.json").items()})
+        added.update({str(i): t for t, i in read_json(path / "added_tokens.json").items()})
     for i, content in sorted(added.items(), key=lambda x: int(x[0])):  # ids follow the vocab, in order
         tk.add_special_tokens([AddedToken(content, special=True, normalized=False)])
         if tk.token_to_id(content) != int(i):
