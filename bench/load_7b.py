@@ -4,8 +4,9 @@
 
 Writes the checkpoint shard by shard (random bf16 tensors, never the whole model in memory), then loads it with
 `load_model` in a fresh process per target (CPU bf16; CUDA bf16; CUDA with the NF4 hook) while a thread samples the
-process's anonymous resident memory. The goal: peak host memory near the weights' size for the CPU load, and far
-below it for GPU loads (one tensor at a time).
+process's anonymous resident memory; the process's peak resident set (VmHWM, which includes the file pages the
+mmap'd safetensors bring in) is read at the end. The goal: peak host memory near the weights' size for the CPU load
+(no float32 copy, never two copies), far below it for GPU loads (one tensor at a time).
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ MEASURE = """
 import threading, time, torch, sys, json
 sys.path.insert(0, {repo!r})
 from model import load_model
-def anon():
+def status(field):
     for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
+anon = lambda: status("RssAnon")  # noqa: E731
 base = anon(); peak = [base]; done = [False]
 def watch():
     while not done[0]:
@@ -48,7 +50,8 @@ model = load_model({path!r}, dtype=torch.bfloat16, device={device!r}, tensor_hoo
 seconds = time.perf_counter() - t
 done[0] = True; time.sleep(0.01); peak[0] = max(peak[0], anon())
 gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-print(json.dumps({{"peak_host_gib": (peak[0] - base) / 2**30, "seconds": seconds, "gpu_peak_gib": gpu / 2**30}}))
+print(json.dumps({{"peak_anon_gib": (peak[0] - base) / 2**30, "peak_rss_gib": status("VmHWM") / 2**30,
+                  "seconds": seconds, "gpu_peak_gib": gpu / 2**30}}))
 """
 
 
@@ -85,7 +88,9 @@ def main() -> None:
     parser.add_argument("--dir", required=True, help="where to write the checkpoint")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args()
-    total = write_checkpoint(Path(args.dir))
+    index = Path(args.dir) / "model.safetensors.index.json"
+    total = (json.loads(index.read_text())["metadata"]["total_size"] if index.exists()
+             else write_checkpoint(Path(args.dir)))
     results = {"weights_gib": total / GiB}
     targets = [("cpu", False)] + ([("cuda", False), ("cuda", True)] if torch.cuda.is_available() else [])
     for device, nf4 in targets:
