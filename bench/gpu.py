@@ -194,30 +194,31 @@ def qlora_7b(report: Report) -> None:
 
 
 # ---- 4. decoding ----------------------------------------------------------------------------------------------------
-def decode(report: Report, new_tokens: int = 256, prompt_len: int = 64) -> None:
+def decode_speed(kind: str, cfg: ModelConfig, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Tokens/s of one batch-1 sampled generation of `new_tokens` (median of 3 after a warm-up)."""
     from model.generation import SamplingConfig, generate
+    free()
+    model = build("hf" if kind == "hf" else "ours", cfg, torch.bfloat16).eval()
+    if kind == "hf":
+        def run():
+            out = model.generate(prompt, do_sample=True, top_k=50, top_p=1.0, temperature=1.0,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+            assert out.shape[1] == prompt.shape[1] + new_tokens
+    else:
+        config = SamplingConfig(temperature=1.0, top_k=50, max_new_tokens=new_tokens, stop_ids=(VOCAB + 1,), seed=0)
+        ids = prompt[0].tolist()
+
+        def run():
+            out = generate(model, [ids], config, compile=kind == "ours_compiled")
+            assert len(out[0]) == new_tokens
+    with torch.inference_mode():
+        return new_tokens / median_seconds(run, warmup=1, iters=3)
+
+
+def decode(report: Report, new_tokens: int = 256, prompt_len: int = 64) -> None:
     for label, cfg in (("small", SMALL), ("7b", LLAMA_7B)):
         prompt = torch.randint(0, VOCAB, (1, prompt_len), device="cuda")
-        speeds = {}
-        for kind in ("ours_eager", "ours_compiled", "hf"):
-            free()
-            model = build("hf" if kind == "hf" else "ours", cfg, torch.bfloat16).eval()
-            if kind == "hf":
-                def run():
-                    out = model.generate(prompt, do_sample=True, top_k=50, top_p=1.0, temperature=1.0,
-                                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-                    assert out.shape[1] == prompt_len + new_tokens
-            else:
-                config = SamplingConfig(temperature=1.0, top_k=50, max_new_tokens=new_tokens,
-                                        stop_ids=(VOCAB + 1,), seed=0)
-                ids = prompt[0].tolist()
-
-                def run():
-                    out = generate(model, [ids], config, compile=kind == "ours_compiled")
-                    assert len(out[0]) == new_tokens
-            with torch.inference_mode():
-                speeds[kind] = new_tokens / median_seconds(run, warmup=1, iters=3)
-            del model
+        speeds = {kind: decode_speed(kind, cfg, prompt, new_tokens) for kind in ("ours_eager", "ours_compiled", "hf")}
         report.add(f"decode_{label}", speeds["ours_compiled"], speeds["hf"], "tokens/s",
                    ours_eager=round(speeds["ours_eager"], 1), batch=1, prompt=prompt_len, new_tokens=new_tokens,
                    reference_is="transformers generate (sampling, KV cache)")

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from utils.datasets import _ends_turn_with_token
+from utils.datasets import ends_turn_with_token
 from utils.templates import ChatTemplate, get_template
 
 from .transformer import KVCache, Transformer
@@ -353,7 +353,7 @@ def encode_chat(tokenizer, template: ChatTemplate, messages: list[dict]) -> list
     """Token ids of a conversation plus the generation prompt, exactly as `utils.datasets.tokenize_sft` encodes SFT
     data (each template piece on its own, eos after every answer when the template has no end-of-turn token), so
     the model continues from the token boundary it was trained on."""
-    append_eos = not _ends_turn_with_token(template, tokenizer)
+    append_eos = not ends_turn_with_token(template, tokenizer)
     ids: list[int] = []
     for piece, trainable in template.segments(messages, add_generation_prompt=True):
         ids += tokenizer.encode(piece)

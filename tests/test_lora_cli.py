@@ -14,7 +14,7 @@ import torch
 
 import train
 from model import load_model
-from model.lora import load_adapter, merge_and_unload
+from model.lora import load_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 transformers = pytest.importorskip("transformers")

@@ -31,9 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from utils.io import atomic_dir
+from utils.progress import progress_bar
 
 IGNORE_INDEX = -100
 PAD_SEGMENT = -1  # segment id of the padding at the end of a packed SFT row
@@ -80,8 +80,6 @@ def _num_rows(files: Sequence[Path]) -> int:
     return total
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -150,7 +148,7 @@ def _write_token_cache(files: Sequence[Path], tokenizer: Any, out: Path, key: st
     eos = tokenizer.eos_id
     lengths: list[np.ndarray] = []
     n_chars = n_null = 0
-    with open(out / "tokens.bin", "wb") as f, _progress() as progress:
+    with open(out / "tokens.bin", "wb") as f, progress_bar() as progress:
         task = progress.add_task(f"tokenizing {files[0].name.split('-')[0]} documents", total=_num_rows(files))
         for cols in iter_parquet(files, ("prompt", "response")):
             docs = []
@@ -481,7 +479,7 @@ def to_messages(record: Record, where: str = "record") -> list[dict[str, str]]:
     return msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
-def _ends_turn_with_token(template: Any, tokenizer: Any) -> bool:
+def ends_turn_with_token(template: Any, tokenizer: Any) -> bool:
     """Whether the template closes an answer with a special token (ChatML's <|im_end|>, Llama's </s> with a Llama
     tokenizer). If not (wenda, human_assistant, raw, llama2 with our tokenizer), eos is appended after each answer."""
     probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\x00"}]
@@ -515,12 +513,12 @@ def tokenize_sft(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, 
     An example of n tokens trains n - 1 positions; one longer than max_seq_len positions is skipped
     (`skip_overlength`) or cut to max_seq_len + 1 tokens. Examples left with nothing to learn are skipped.
     """
-    append_eos = not _ends_turn_with_token(template, tokenizer)
+    append_eos = not ends_turn_with_token(template, tokenizer)
     eos = tokenizer.eos_id
     seg_lists = [template.segments(msgs) for msgs in conversations]
     texts = [text for segs in seg_lists for text, _ in segs]
     ids: list[list[int]] = []
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("tokenizing SFT examples", total=len(texts))
         for s in range(0, len(texts), ENCODE_BATCH * 4):
             ids.extend(tokenizer.encode_batch(texts[s:s + ENCODE_BATCH * 4]))

@@ -39,7 +39,6 @@ from typing import Any
 import torch
 from torch.nn.attention import sdpa_kernel
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from model.generation import (DECODE_SDPA_BACKENDS, SamplingConfig, chat_prompt, context_budget, default_stop_ids, generate,
@@ -48,12 +47,11 @@ from model.checkpoint import load_model
 from model.transformer import Transformer
 from utils.datasets import IGNORE_INDEX, find_shards, iter_parquet, to_messages, tokenize_sft
 from utils.io import write_json
+from utils.progress import progress_bar
 from utils.templates import TEMPLATES, ChatTemplate
 from utils.tokenizer import Tokenizer
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+|\S")
-# Loss batches have a new sequence length each: the same per-shape cuDNN plan cost as decoding (model.generation).
-_EVAL_SDPA = DECODE_SDPA_BACKENDS
 
 
 # ---- text metrics --------------------------------------------------------------------------------------------------
@@ -123,9 +121,6 @@ def load_records(files: Sequence[Path], max_samples: int | None = None) -> tuple
     return records, nulls
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled)
 
 
 # ---- loss ----------------------------------------------------------------------------------------------------------
@@ -152,7 +147,7 @@ def answer_loss(model: Transformer, tokenizer, records: Sequence[dict[str, str]]
     device = model.model.embed_tokens.weight.device
     nats = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
-    with _progress(progress) as bar, sdpa_kernel(_EVAL_SDPA):
+    with progress_bar(progress) as bar, sdpa_kernel(DECODE_SDPA_BACKENDS):
         task = bar.add_task("answer loss", total=len(kept))
         start = 0
         while start < len(kept):
@@ -201,7 +196,7 @@ def generate_answers(model: Transformer, tokenizer, prompts: Sequence[str], temp
     order = sorted((i for i, x in enumerate(ids) if x is not None), key=lambda i: len(ids[i]))
     answers: list[str | None] = [None] * len(prompts)
     n_tokens = 0
-    with _progress(progress) as bar, sdpa_kernel(_EVAL_SDPA):
+    with progress_bar(progress) as bar, sdpa_kernel(DECODE_SDPA_BACKENDS):
         task = bar.add_task("generating", total=len(order))
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]

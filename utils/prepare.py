@@ -25,6 +25,7 @@ from utils.cleaning import CleanConfig, clean_record
 from utils.corpora import FILTER_REASONS, READERS, Record, ReaderOptions, Tally, is_blank_file, list_files, read_file
 from utils.dedup import DedupConfig, chunk_keys, first_occurrence, near_duplicates
 from utils.io import atomic_dir, write_json
+from utils.progress import progress_bar
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 SPLITS = ("train", "valid", "test")
@@ -232,7 +233,7 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
     t_start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         spool = _Spool(tmp, cfg, len(plan))
-        bar = _progress() if progress else None
+        bar = progress_bar(transient=True) if progress else None
         task = bar.add_task("reading", total=None) if bar else None
         if bar:
             bar.start()
@@ -290,10 +291,6 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
     return stats
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("rows"), TimeElapsedColumn(), transient=True)
 
 
 def print_stats(stats: dict) -> None:
