@@ -145,7 +145,7 @@ def static_cache(model: Transformer, batch_size: int) -> KVCache:
     step sees the same buffers every time."""
     cache = getattr(model, "_static_cache", None)
     p = model.model.embed_tokens.weight
-    if cache is None or cache.k.shape[1] != batch_size or cache.k.dtype != p.dtype or cache.k.device != p.device:
+    if cache is None or cache.batch_size != batch_size or cache.k[0].dtype != p.dtype or cache.k[0].device != p.device:
         model._static_cache = cache = model.setup_cache(batch_size, model.config.max_position_embeddings)
     return cache
 

@@ -64,37 +64,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim].
+    """Preallocated keys and values, one [batch, kv_heads, max_len, head_dim] pair per layer.
 
     `length` counts the positions already written; a forward pass writes its T new positions at
     [length, length + T) in every layer and then advances `length` by T. A forward given `cache_position` instead
     (static shapes, for compiled / CUDA-graph decoding) writes at those positions, attends over the whole buffer
-    under a mask, and leaves `length` alone.
+    under a mask, and leaves `length` alone. Separate tensors per layer (not slices of one) let a compiled step
+    update them in place instead of copying the whole cache every step.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        # updated in place by compiled decode steps: fixed addresses let CUDA graphs capture the writes
-        torch._dynamo.mark_static_address(self.k)
-        torch._dynamo.mark_static_address(self.v)
-        self.max_len = max_len
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        for t in (*self.k, *self.v):  # fixed addresses let CUDA graphs capture the in-place writes
+            torch._dynamo.mark_static_address(t)
+        self.batch_size, self.max_len = batch_size, max_len
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = self.k[layer], self.v[layer]
         if cache_position is not None:  # static shapes: write at a position tensor, attend over the whole buffer
-            self.k[layer].index_copy_(2, cache_position, k)
-            self.v[layer].index_copy_(2, cache_position, v)
-            return self.k[layer], self.v[layer]
+            k_cache.index_copy_(2, cache_position, k)
+            v_cache.index_copy_(2, cache_position, v)
+            return k_cache, v_cache
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        return k_cache[:, :, :end], v_cache[:, :, :end]
 
     def reset(self) -> None:
         self.length = 0
