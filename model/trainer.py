@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -191,6 +191,11 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         self.mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cfg.cpu)
         self.accelerator = accelerator or make_accelerator(cfg)
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            # checkpoints here are full replicas (model dir + one optimizer state): sharded states would be saved
+            # as if they were whole, so refuse instead of writing checkpoints that cannot be resumed
+            raise ValueError(f"{self.accelerator.distributed_type.value}: checkpointing sharded training is not "
+                             "supported yet; launch with DDP (accelerate.yaml) or a single process")
         self.console = Console(stderr=True, quiet=not self.accelerator.is_main_process)
         self.raw_model = model
         self.train_loader, self.eval_loader = train_loader, eval_loader
