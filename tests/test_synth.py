@@ -23,7 +23,7 @@ from model.cli import FullModelIO
 from model.trainer import TrainConfig, Trainer
 from test_serve import Server, build_tokenizer, tiny_config
 from utils.datasets import sft_loader
-from utils.synth import (InvalidReply, load_recipe, parse_json_reply, read_jsonl, render, validate_record,
+from utils.synth import (Appender, InvalidReply, load_recipe, parse_json_reply, read_jsonl, render, validate_record,
                          validate_topics)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +157,17 @@ def test_a_torn_last_line_is_cut_off(tmp_path):
     f.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c', encoding="utf-8")
     assert [r["id"] for r in read_jsonl(f)] == ["a", "b"]
     assert f.read_text(encoding="utf-8") == '{"id": "a"}\n{"id": "b"}\n'
+
+
+def test_unicode_line_separators_inside_a_record_do_not_split_it(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028 / U+2029 / U+0085 raw; only "\\n" ends a JSON line."""
+    f = tmp_path / "x.jsonl"
+    records = [{"id": "a", "答": "第一行\u2028第二行\u2029第三段\x85第四行"}, {"id": "b", "答": "\r\n内\v\f"}]
+    out = Appender(f)
+    for r in records:
+        out.write(r)
+    out.close()
+    assert read_jsonl(f) == records
 
 
 # ---- against the server --------------------------------------------------------------------------------------------

@@ -253,7 +253,8 @@ def read_jsonl(path: Path) -> list[dict]:
         with open(path, "r+b") as f:
             f.truncate(len(data))
     records = []
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    # "\n" only: str.splitlines() also splits on U+2028 / U+2029 / U+0085, which ensure_ascii=False writes as is
+    for n, line in enumerate(data.decode("utf-8").split("\n")[:-1], 1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
