@@ -175,3 +175,19 @@ def test_worker_kinds_give_identical_output(tmp_path, samples_dir):
     assert outs["thread"] == outs["process"] == outs["inline"]
     with pytest.raises(ValueError, match="worker"):
         PrepareConfig(worker="gpu")
+
+
+@pytest.mark.parametrize("near", [True, False])
+def test_nothing_survives_cleaning_gives_empty_splits(tmp_path, near):
+    # a readable file whose only answer is too short: empty splits and the drop in stats, not a crash
+    f = tmp_path / "web.json"
+    f.write_text(json.dumps({"title": "为什么天空是蓝的", "content": "短", "star": 9}, ensure_ascii=False) + "\n",
+                 encoding="utf-8")
+    out = tmp_path / "o"
+    stats = prepare_corpora([("webtext", f)], out, PrepareConfig(dedup=DedupConfig(near=near)))
+    assert stats["splits"] == {"train": 0, "valid": 0, "test": 0}
+    assert stats["corpora"]["webtext"]["read"] == 1 and stats["corpora"]["webtext"]["kept"] == 0
+    assert stats["corpora"]["webtext"]["dropped"] == {"short_response": 1}
+    assert sorted(p.name for p in out.iterdir()) == ["stats.json", "test-00000.parquet", "train-00000.parquet",
+                                                     "valid-00000.parquet"]
+    assert all(pq.ParquetFile(p).metadata.num_rows == 0 for p in out.glob("*.parquet"))

@@ -226,7 +226,7 @@ def near_duplicates(bands: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     """True for each eligible row that shares a band key with an earlier eligible row (the LSH query-then-insert
     rule); rows that are not eligible (exact duplicates, empty documents) neither match nor get matched."""
     idx = np.flatnonzero(eligible)
-    dup = np.zeros(len(bands), dtype=bool)
+    dup = np.zeros(len(eligible), dtype=bool)
     for k in range(bands.shape[1]):
         dup[idx[~first_occurrence(bands[idx, k])]] = True
     return dup

@@ -91,12 +91,17 @@ def _validate(sources: list[tuple[str, Path]], cfg: PrepareConfig) -> list[tuple
     return plan
 
 
-def _spool_chunk(path: Path, prompts: list[str], responses: list[str], dedup: DedupConfig):
-    """Worker side of pass 1: write one spool chunk and return its dedup keys (exact [n], bands [n, b], has [n])."""
-    pq.write_table(pa.table({"prompt": prompts, "response": responses}, schema=SCHEMA.remove(2)), path,
-                   compression="lz4")
+def _keys(prompts: list[str], responses: list[str], dedup: DedupConfig):
+    """Dedup keys of a chunk (exact [n], bands [n, b], has [n]); zeros for exact when exact dedup is off."""
     exact, bands, has = chunk_keys(prompts, responses, dedup)
     return np.zeros(len(prompts), dtype=np.uint64) if exact is None else exact, bands, has
+
+
+def _spool_chunk(path: Path, prompts: list[str], responses: list[str], dedup: DedupConfig):
+    """Worker side of pass 1: write one spool chunk and return its dedup keys."""
+    pq.write_table(pa.table({"prompt": prompts, "response": responses}, schema=SCHEMA.remove(2)), path,
+                   compression="lz4")
+    return _keys(prompts, responses, dedup)
 
 
 class _Spool:
@@ -142,13 +147,13 @@ class _Spool:
 
     def arrays(self):
         self.flush()
-        parts = [f.result() for f in self.parts]
+        # no row survived cleaning: keys of an empty chunk, so dedup and the split run on empty arrays of the
+        # right shapes and the output is empty splits plus stats that show every drop
+        parts = [f.result() for f in self.parts] or [_keys([], [], self.cfg.dedup)]
         self.close()
-        if not parts:
-            return np.empty(0, self.dtype), np.empty(0, np.uint64), None, None
         exact, bands, has = zip(*parts)
         near = self.cfg.dedup.near
-        return (np.concatenate(self.source_ids), np.concatenate(exact),
+        return (np.concatenate([np.empty(0, self.dtype), *self.source_ids]), np.concatenate(exact),
                 np.concatenate(bands) if near else None, np.concatenate(has) if near else None)
 
     def close(self) -> None:
