@@ -100,7 +100,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as OpenAI; torch.Generator overflows beyond
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     top_k: int = Field(0, ge=-1)
@@ -246,6 +246,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         return APIError(exc.status_code, str(exc.detail), code=None, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        """A bug, or a failure on the worker thread: still OpenAI's body, so clients parse it (uvicorn logs it)."""
+        return APIError(500, f"the server failed to process the request: {type(exc).__name__}: {exc}",
+                        type="server_error").response()
 
     async def authorize(request: Request) -> None:
         if api_key is None:

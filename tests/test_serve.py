@@ -194,6 +194,8 @@ def test_auth(server):
     ({"model": "tiny", "messages": HELLO, "temperature": 5}, 400, "temperature"),
     ({"model": "tiny", "messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "tiny", "messages": HELLO, "n": 2}, 400, "n"),
+    ({"model": "tiny", "messages": HELLO, "seed": 2**64}, 400, "seed"),
+    ({"model": "tiny", "messages": HELLO, "seed": -2**63 - 1}, 400, "seed"),
     ({"model": "tiny", "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": "tiny", "messages": HELLO, "max_tokens": CONTEXT}, 400, "messages"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "你好" * CONTEXT}]}, 400, "messages"),
@@ -206,6 +208,23 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["message"] and error["type"] and error["param"] == param
+
+
+def test_an_unexpected_failure_is_an_openai_server_error(model_dir):
+    """Anything the code did not foresee (here: the worker thread raising) is still a 500 with OpenAI's body."""
+    from fastapi.testclient import TestClient
+    from serve import Engine, create_app, load_served_model
+    model, tok = load_served_model(model_dir, device="cpu")
+    engine = Engine(model, tok, resolve_template(None, tok), "tiny")
+
+    def broken(*args):
+        raise RuntimeError("the worker broke")
+    engine._generate = broken
+    with TestClient(create_app(engine), raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "max_tokens": 2})
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and "the worker broke" in error["message"]
 
 
 def test_context_window_error_through_the_client(client):
