@@ -191,3 +191,20 @@ def test_nothing_survives_cleaning_gives_empty_splits(tmp_path, near):
     assert sorted(p.name for p in out.iterdir()) == ["stats.json", "test-00000.parquet", "train-00000.parquet",
                                                      "valid-00000.parquet"]
     assert all(pq.ParquetFile(p).metadata.num_rows == 0 for p in out.glob("*.parquet"))
+
+
+def test_same_format_twice_gets_unique_labels(tmp_path):
+    d = tmp_path / "dir"
+    d.mkdir()
+    for k in (1, 2):
+        rows = [{"q": f"第{k}个文件的第{i}个问题是什么", "a": f"这是第{k}个文件第{i}个问题的回答"} for i in range(3)]
+        (d / f"q{k}.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    stats = prepare_corpora([("qa", d / "q1.json"), ("qa", d / "q2.json")], tmp_path / "o",
+                            PrepareConfig(split=(1, 0, 0)))
+    assert set(stats["corpora"]) == {"qa:q1.json", "qa:q2.json"}
+    assert [c["kept"] for c in stats["corpora"].values()] == [3, 3]
+    assert set(load(tmp_path / "o").source) == {"qa:q1.json", "qa:q2.json"}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "q1.json").write_text("[]")
+    assert prep.corpus_labels([("qa", d / "q1.json"), ("qa", tmp_path / "other" / "q1.json"), ("belle", d)]) == [
+        "qa:q1.json#1", "qa:q1.json#2", "belle"]

@@ -70,6 +70,17 @@ def single_turns(rec: Record, policy: str) -> list[Record]:
     return [Record(q, a, rec.source) for q, a in turns]
 
 
+def corpus_labels(sources: list[tuple[str, Path]]) -> list[str]:
+    """One unique label per source (its stats key and `source` column): the format alone when it occurs once,
+    else format:file-or-dir name, with #k appended while two are still equal (same name in other folders)."""
+    formats = [n for n, _ in sources]
+    labels = [n if formats.count(n) == 1 else f"{n}:{p.name}" for n, p in sources]
+    while len(set(labels)) < len(labels):
+        labels = [lab if labels.count(lab) == 1 else f"{lab}#{labels[:i].count(lab) + 1}"
+                  for i, lab in enumerate(labels)]
+    return labels
+
+
 def _validate(sources: list[tuple[str, Path]], cfg: PrepareConfig) -> list[tuple[str, list[Path]]]:
     """Fail before any work: unknown corpus, missing path, or a non-empty file in which no record is readable."""
     plan = []
@@ -231,8 +242,7 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
     if out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite / --overwrite to replace it)")
     plan = _validate(sources, cfg)
-    labels = [name if [n for n, _ in plan].count(name) == 1 else f"{name}:{files[0].parent.name}"
-              for name, files in plan]
+    labels = corpus_labels(sources)
     tallies = [Tally() for _ in plan]
     times, kept_clean = [0.0] * len(plan), [0] * len(plan)
     t_start = time.perf_counter()
