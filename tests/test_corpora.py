@@ -230,3 +230,35 @@ def test_bad_parquet_counted(tmp_path):
     (tmp_path / "x.parquet").write_bytes(b"not a parquet file")
     recs, tally = read_all("zhihu", tmp_path / "x.parquet")
     assert recs == [] and tally.dropped["bad_parquet"] == 1
+
+
+def test_json_array_skips_a_malformed_item_and_keeps_the_rest(tmp_path):
+    import tracemalloc
+    items = [json.dumps({"instruction": f"问题{i}", "output": f"答案{i}"}, ensure_ascii=False) for i in range(20_000)]
+    items[3] = '{"instruction": "坏" "output": [1, {"x": "}, ]"}]}'  # missing comma; brackets inside a string
+    p = tmp_path / "big.json"
+    p.write_text("[\n" + ",\n".join(items) + "\n]", encoding="utf-8")
+    tally = Tally()
+    tracemalloc.start()
+    got = [(w, obj["instruction"]) for w, obj in _json_array(p, "utf-8", tally, chunk_chars=4096)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(got) == 19_999 and got[3] == (f"{p}:6", "问题4") and got[-1][1] == "问题19999"
+    assert tally.read == 20_000 and tally.dropped["bad_json"] == 1 and tally.examples[0]["where"] == f"{p}:5"
+    assert peak < 8 * 1024 * 1024 and p.stat().st_size > 500_000  # the buffer stays near the chunk size
+
+
+def test_json_array_bad_item_spanning_chunks_and_at_the_end(tmp_path):
+    good = [{"instruction": f"问题{i}", "output": "答" * 30} for i in range(6)]
+    text = json.dumps(good[:3], ensure_ascii=False)[:-1] + ', {"instruction": "坏", "output": "' + "长" * 100 + \
+        '" oops},\n' + json.dumps(good[3:], ensure_ascii=False)[1:]
+    p = tmp_path / "a.json"
+    p.write_text(text, encoding="utf-8")
+    for chunk in (5, 17, 1 << 20):
+        tally = Tally()
+        assert [o for _, o in _json_array(p, "utf-8", tally, chunk_chars=chunk)] == good, chunk
+        assert tally.dropped["bad_json"] == 1 and tally.read == 7
+    p.write_text(json.dumps(good[:2], ensure_ascii=False)[:-1] + ", {oops}]", encoding="utf-8")
+    tally = Tally()
+    assert [o for _, o in _json_array(p, "utf-8", tally, chunk_chars=7)] == good[:2]
+    assert tally.dropped["bad_json"] == 1

@@ -130,44 +130,84 @@ def json_objects(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tupl
         yield f"{path}:{n}", obj
 
 
+_ITEM_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\],"]')
+
+
+def _item_end(buf: str, i: int, depth: int) -> tuple[int | None, int, int]:
+    """Scan a malformed array item from buf[i] at bracket depth `depth` (strings skipped) for the `,` that ends it
+    or the `]` that closes the array. Returns (index after the `,` / of the `]`, or None when buf ends first;
+    where to resume scanning after more text is appended; depth there)."""
+    for m in _ITEM_TOKEN.finditer(buf, i):
+        tok = m.group()
+        if tok == '"':          # a string that does not end inside buf: resume from its opening quote
+            return None, m.start(), depth
+        if tok in "{[":
+            depth += 1
+        elif tok in "}]":
+            depth -= 1
+            if depth < 0:
+                return m.start(), m.start(), depth
+        elif tok == "," and depth == 0:
+            return m.end(), m.end(), depth
+    return None, len(buf), depth
+
+
 def _json_array(path: Path, enc: str, tally: Tally, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, dict]]:
-    """Stream the items of `[ {...}, {...} ]` with raw_decode over a sliding buffer (no whole-file load)."""
+    """Stream the items of `[ {...}, {...} ]` with raw_decode over a sliding buffer (no whole-file load). An item
+    that fails to parse is read further only when the error is at the end of the buffer (it may continue in the
+    next chunk); otherwise it is counted as bad_json and skipped up to the next top-level item."""
     decoder = json.JSONDecoder()
     with open(path, encoding=enc, errors="strict") as f:
-        buf, pos, eof, item, line, started = "", 0, False, 0, 1, False
+        buf, pos, eof, line, started, broken = "", 0, False, 1, False, False
+
+        def refill() -> bool:
+            """Drop the consumed text, append the next chunk; False at EOF or undecodable bytes (counted)."""
+            nonlocal buf, pos, eof, broken
+            try:
+                more = f.read(chunk_chars)
+            except UnicodeDecodeError as e:
+                tally.read += 1
+                tally.drop("undecodable", f"{path}:{line}", f"{enc}: {e.reason}; rest of the array skipped")
+                eof = broken = True
+                return False
+            buf, pos, eof = buf[pos:] + more, 0, not more
+            return bool(more)
+
         while True:
             while pos < len(buf) and (buf[pos] in " \t\r\n,\ufeff" or (buf[pos] == "[" and not started)):
                 started |= buf[pos] == "["
                 line += buf[pos] == "\n"
                 pos += 1
             if pos >= len(buf):
-                if eof:
+                if eof or not refill():
                     return
-                try:
-                    more = f.read(chunk_chars)
-                except UnicodeDecodeError as e:
-                    tally.read += 1
-                    tally.drop("undecodable", f"{path}:{line}", f"{enc}: {e.reason}; rest of the array skipped")
-                    return
-                buf, pos, eof = more, 0, not more
                 continue
             if buf[pos] == "]":
                 return
             try:
                 obj, end = decoder.raw_decode(buf, pos)
-            except ValueError as e:
-                if not eof:  # the item may continue in the next chunk
-                    try:
-                        more = f.read(chunk_chars)
-                    except UnicodeDecodeError as e2:
-                        more, e = "", e2
-                    buf, pos, eof = buf[pos:] + more, 0, not more
-                    if more:
+            except json.JSONDecodeError as e:
+                truncated = e.pos >= len(buf) - 16 or e.msg.startswith("Unterminated string")
+                if truncated and not eof:
+                    if refill():
                         continue
+                    if broken:  # undecodable bytes: counted, the rest is unreadable
+                        return
                 tally.read += 1
-                tally.drop("bad_json", f"{path}:{line}", f"{e}; rest of the array skipped")
-                return
-            item += 1
+                tally.drop("bad_json", f"{path}:{line}", f"{e}; skipped to the next item")
+                scan, depth = pos, 0
+                while True:
+                    nxt, scan, depth = _item_end(buf, scan, depth)
+                    if nxt is not None:
+                        line += buf.count("\n", pos, nxt)
+                        pos = nxt
+                        break
+                    line += buf.count("\n", pos, scan)
+                    pos = scan  # the scanned part of the bad item is not needed again: the buffer stays small
+                    if eof or not refill():
+                        return
+                    scan = 0
+                continue
             tally.read += 1
             where = f"{path}:{line}"
             line += buf.count("\n", pos, end)
