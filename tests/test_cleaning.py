@@ -31,7 +31,14 @@ def test_merge_title_rule():
     ("他说：“好的。”", "他说：“好的。”"),           # closing quote survives (the seed dropped it)
     ("class 和 pass", "class 和 pass"),             # spaces next to ASCII stay, "ss" stays
     ("今天 天气 很好", "今天，天气，很好"),           # space between CJK -> ，
-    ("第一段。\r\n\r\n\r\n第二段", "第一段。\n第二段"),  # paragraphs kept, \r removed
+    ("第一段。\r\n\r\n\r\n第二段", "第一段。\n\n第二段"),  # paragraph break kept, 3+ newlines -> 2, \r removed
+    ("第一行\n第二行\n\n第二段", "第一行\n第二行\n\n第二段"),  # single newlines and one blank line kept
+    ("def f(x):\n    if x:\n\n        return 1  \n", "def f(x):\n    if x:\n\n        return 1"),  # indentation
+    ("a  =   1", "a = 1"),                           # space runs collapse inside a line
+    ("　　第一段。\n　　第二段。", "　　第一段。\n　　第二段。"),  # full-width paragraph indentation kept
+    ("std::vector", "std::vector"),                 # ASCII runs are left alone
+    ("Wait... what?! Really?.", "Wait... what?! Really?."),
+    ("好的,，谢谢?？", "好的，谢谢？"),                 # a run with a full-width separator -> that one
     ("  前后空白  ", "前后空白"),
     ("Python 3.11 发布了", "Python 3.11 发布了"),
 ])
@@ -79,7 +86,7 @@ def test_clean_record_belle_filters_only_where_configured():
 def test_clean_record_normalizes_and_caps_length():
     r = rec("为什么？？", "因为。。。\r\r所以" + "长" * 600)
     assert clean_record(r, "baike", CleanConfig()) is None
-    assert r.prompt == "为什么？" and r.response.startswith("因为。\n所以") and len(r.response) == 512
+    assert r.prompt == "为什么？" and r.response.startswith("因为。\n\n所以") and len(r.response) == 512
     assert clean_record(rec("为什么", "长" * 600), "baike", CleanConfig(overlong="drop")) == "too_long"
     raw = rec("为什么？？", "回答。。。")
     clean_record(raw, "qa", CleanConfig(normalize=False))

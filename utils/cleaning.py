@@ -2,9 +2,11 @@
 
 Seed quirks fixed here rather than copied:
 - the duplicate-punctuation set held a literal backslash + `s` (so "ss" collapsed to "s"); we collapse real
-  punctuation only, and only separators (，。！？；：、 and their ASCII forms), never closing quotes or brackets;
-- every space became `，` (breaking English and code); now only whitespace between two CJK characters does;
-- newlines after punctuation were deleted; paragraphs are kept (runs of blank lines collapse to one newline);
+  punctuation only: runs of separators that include a full-width one (，。！？；：、), so `。。。` and `！？` become one
+  mark while ASCII runs such as `...`, `?!` and `::` (code, prose) are left alone; never quotes or brackets;
+- every space became `，` (breaking English and code); now only whitespace between two CJK characters does, and
+  other space runs collapse only inside a line: indentation is kept;
+- newlines after punctuation were deleted; now lines and paragraphs are kept (only 3+ newlines become 2);
 - en->zh punctuation turned decimal points and thousands separators into `。`/`，`; digits are left alone;
 - Dice similarity divided by zero on two empty strings;
 - BELLE's `input` field was ignored (see corpora.py); the translation filter uses the SFT stage's wider word list;
@@ -20,16 +22,21 @@ from utils.corpora import Record
 CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _CJK_CHAR = f"[{CJK}]"
 
-# separators that collapse when repeated or mixed ("，，" -> "，", "。！" -> "。", "!!!" -> "!")
-_SEPARATORS = "，。！？；：、,.!?;:"
-_SEP_RUN = re.compile(f"([{re.escape(_SEPARATORS)}])[{re.escape(_SEPARATORS)}]+")
+# a run of separators collapses to its first full-width one when it has one ("，，" -> "，", "。！" -> "。",
+# "?？" -> "？"); pure ASCII runs ("...", "?!", "::") are left alone
+_FULL_SEPARATORS = "，。！？；：、"
+_SEPARATORS = _FULL_SEPARATORS + ",.!?;:"
+_SEP = f"[{re.escape(_SEPARATORS)}]"
+_SEP_RUN = re.compile(f"(?:{_SEP}+[{_FULL_SEPARATORS}]|[{_FULL_SEPARATORS}]{_SEP}){_SEP}*")  # 2+, one full-width
+_FULL_SEP = re.compile(f"[{_FULL_SEPARATORS}]")
 _LONG_ELLIPSIS = re.compile(f"…{{3,}}|(?<={_CJK_CHAR})\\.{{3,}}")
 _LONG_DASH = re.compile(r"—{3,}")
 _TILDE_RUN = re.compile(r"([~～])[~～]+")
 _CJK_SPACE = re.compile(f"(?<={_CJK_CHAR})[ \t\u3000\u00a0]+(?={_CJK_CHAR})")
 _HAS_SPACE = re.compile(r"[ \t\u3000\u00a0]")
-_SPACES = re.compile(r"[ \t\u3000\u00a0]+")
-_SPACE_AROUND_NL = re.compile(r" *\n[\n ]*")
+_INNER_SPACES = re.compile(r"(?<=\S)[ \t\u3000\u00a0]{2,}(?=\S)")  # inside a line: never indentation
+_TRAILING_SPACES = re.compile(r"[ \t\u3000\u00a0]+(?=\n)")
+_BLANK_LINES = re.compile(r"\n{3,}")
 _EN_PUNCT = re.compile(r"[,!;:?.]")
 _IS_CJK = re.compile(_CJK_CHAR)
 _EN_PUNCT_TO_ZH = str.maketrans({",": "，", "!": "！", ";": "；", ":": "：", "?": "？", ".": "。"})
@@ -59,23 +66,29 @@ def merge_title(title: str, body: str, threshold: float, keep: str = "title") ->
 
 
 def normalize_punctuation(text: str) -> str:
-    """Collapse repeated separators, tidy whitespace, keep paragraphs (see module docstring for the seed's rule).
-    Each pass runs only when its trigger character is present: this is the hot loop of `prepare`."""
+    """Collapse repeated full-width separators, tidy whitespace inside lines, keep indentation and paragraphs (see
+    the module docstring for the seed's rule). Each pass runs only when its trigger character is present: this is
+    the hot loop of `prepare`. A one-line text is stripped; a longer one keeps its first line's indentation."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if _HAS_SPACE.search(text):
         text = _CJK_SPACE.sub("，", text)
-        text = _SPACES.sub(" ", text)
-    if "\n" in text:
-        text = _SPACE_AROUND_NL.sub("\n", text)
+        text = _INNER_SPACES.sub(" ", text)
+        text = _TRAILING_SPACES.sub("", text)
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
     if "……" in text or "..." in text:
         text = _LONG_ELLIPSIS.sub("……", text)
-    text = _SEP_RUN.sub(r"\1", text)
+    text = _SEP_RUN.sub(_collapse_separators, text)
     if "———" in text:
         text = _LONG_DASH.sub("——", text)
     if "~" in text or "～" in text:
         text = _TILDE_RUN.sub(r"\1", text)
-    return text.strip()
+    return text.lstrip("\n").rstrip() if "\n" in text.strip() else text.strip()
+
+
+def _collapse_separators(m: re.Match) -> str:
+    return _FULL_SEP.search(m.group()).group()
 
 
 def en_to_zh_punctuation(text: str) -> str:
