@@ -203,3 +203,16 @@ def test_sentencepiece_llama_matches_transformers(shared_corpora, tmp_path):
         assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
     assert (ours.eos_id, ours.bos_id, ours.pad_id, ours.vocab_size) == (2, 1, 2, 32000)
     assert ours.decode(ours.encode(MIXED)) == hf.decode(hf.encode(MIXED, add_special_tokens=False))
+
+
+def test_sampler_keeps_only_heldout_chars_of_the_holdout(tmp_path):
+    from utils.tokenizer import _heldout_doc, _Sampler
+    p = tmp_path / "docs.txt"
+    lines = [f"第{i}篇文档的内容 document {i}\n" for i in range(20_000)]
+    p.write_text("".join(lines), encoding="utf-8")
+    held = [l for l in lines if _heldout_doc(l)]
+    assert len(held) > 100
+    sampler = _Sampler([p], 1.0, 0, hold_out=True, heldout_chars=200)
+    trained = list(sampler)
+    assert len(trained) == len(lines) - len(held) and not any(_heldout_doc(d) for d in trained)
+    assert sampler.heldout == held[:len(sampler.heldout)] and 200 <= sum(map(len, sampler.heldout)) < 200 + 40

@@ -326,19 +326,22 @@ def _heldout_doc(doc: str) -> bool:
 
 class _Sampler:
     """Streams training documents, keeping each with probability sample_bytes / total (seeded, so the same corpus
-    gives the same sample), and counts what went in."""
+    gives the same sample), and counts what went in. With hold_out, ~1% of documents are never trained on and the
+    first of them, up to heldout_chars, are kept for the report (memory does not grow with the corpus)."""
 
-    def __init__(self, files: list[Path], keep: float, seed: int, hold_out: bool):
-        self.files, self.keep, self.hold_out = files, keep, hold_out
+    def __init__(self, files: list[Path], keep: float, seed: int, hold_out: bool, heldout_chars: int = 2_000_000):
+        self.files, self.keep, self.hold_out, self.heldout_chars = files, keep, hold_out, heldout_chars
         self.rng = np.random.default_rng(seed)
-        self.docs = self.chars = self.bytes = 0
+        self.docs = self.chars = self.bytes = self.heldout_size = 0
         self.heldout: list[str] = []
 
     def __iter__(self) -> Iterator[str]:
         for path in self.files:
             for doc in iter_documents(path):
                 if self.hold_out and _heldout_doc(doc):
-                    self.heldout.append(doc)
+                    if self.heldout_size < self.heldout_chars:
+                        self.heldout.append(doc)
+                        self.heldout_size += len(doc)
                     continue
                 if self.keep < 1.0 and self.rng.random() >= self.keep:
                     continue
@@ -424,7 +427,7 @@ def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | 
     train_files, heldout_files = corpus_files(files_or_dir)
     total = sum(map(file_text_bytes, train_files))
     keep = 1.0 if not sample_bytes or total <= sample_bytes else sample_bytes / total
-    sampler = _Sampler(train_files, keep, seed, hold_out=not heldout_files)
+    sampler = _Sampler(train_files, keep, seed, hold_out=not heldout_files, heldout_chars=heldout_chars)
 
     start = time.perf_counter()
     words = WordCounter(max_words)
