@@ -216,3 +216,19 @@ def test_sampler_keeps_only_heldout_chars_of_the_holdout(tmp_path):
     trained = list(sampler)
     assert len(trained) == len(lines) - len(held) and not any(_heldout_doc(d) for d in trained)
     assert sampler.heldout == held[:len(sampler.heldout)] and 200 <= sum(map(len, sampler.heldout)) < 200 + 40
+
+
+def test_training_into_a_model_dir_keeps_its_other_files(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"今天天气很好，我们去公园散步{i}次。\n" for i in range(300)), encoding="utf-8")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"dim": 8}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "tokenizer.json").write_text("old")
+    train_tokenizer([text], 300, model)
+    assert (model / "config.json").read_text() == '{"dim": 8}' and (model / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                       "tokenizer_config.json", "tokenizer_report.json"]
+    tok = Tokenizer.load(model)
+    assert tok.decode(tok.encode("今天天气很好")) == "今天天气很好" and len(tok.encode("今天天气很好")) < 6

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,7 +24,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from utils.io import atomic_dir, atomic_write_text, read_json, write_json
+from utils.io import atomic_write_text, read_json, write_json
 from utils.templates import TEMPLATES, get_template
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]  # fixed ids 0, 1, 2, 3 in our tokenizers
@@ -415,8 +417,8 @@ def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | 
                     min_frequency: int = 2, template: str = "chatml", compare: str | Path | None = None,
                     max_words: int = 1_000_000, heldout_chars: int = 2_000_000, seed: int = 0,
                     show_progress: bool = False) -> dict:
-    """Train our BPE on the training files, save it to out_dir (atomically) and return the report (also written to
-    out_dir/tokenizer_report.json). Memory is bounded twice: by the byte sample and by max_words distinct pre-tokens.
+    """Train our BPE on the training files, save it to out_dir (each file atomically; other files there, such as a
+    model's config and weights, are kept) and return the report (also written to out_dir/tokenizer_report.json). Memory is bounded twice: by the byte sample and by max_words distinct pre-tokens.
     compare: another tokenizer dir (e.g. Qwen2) measured on the same held-out text."""
     floor = len(SPECIAL_TOKENS) + 256 + 1
     if vocab_size < floor:
@@ -470,10 +472,19 @@ def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | 
                       compare_chars_per_token=_round(chars_per_token(other, heldout)))
         if report["chars_per_token"] and report["compare_chars_per_token"]:
             report["chars_per_token_ratio"] = _round(report["chars_per_token"] / report["compare_chars_per_token"])
-    with atomic_dir(out_dir) as tmp:
+    _write_files(tok, report, Path(out_dir))
+    return report
+
+
+def _write_files(tok: Tokenizer, report: dict, out: Path) -> None:
+    """Write the tokenizer files into a temporary dir inside `out`, then move each into `out` with os.replace: a
+    model dir keeps its config and weights, and no reader sees a half-written tokenizer file."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-") as tmp:
         tok.save(tmp)
         write_json(Path(tmp) / "tokenizer_report.json", report)
-    return report
+        for f in sorted(Path(tmp).iterdir()):
+            os.replace(f, out / f.name)
 
 
 def _round(x: float | None) -> float | None:
