@@ -145,10 +145,10 @@ def test_bad_input_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a parquet file")
     with pytest.raises(ValueError, match="train-00000.parquet"):
         train_tokenizer(tmp_path, 500, tmp_path / "o")
-    gbk = tmp_path / "gbk.txt"
-    gbk.write_bytes("中文".encode("gb18030"))
-    with pytest.raises(ValueError, match="gbk.txt"):
-        train_tokenizer([gbk], 500, tmp_path / "o")
+    junk = tmp_path / "junk.txt"
+    junk.write_bytes(b"ok\n\xff\xfe\xfd\n")  # neither UTF-8 nor GB18030
+    with pytest.raises(ValueError, match="junk.txt:2"):
+        train_tokenizer([junk], 500, tmp_path / "o")
     jl = tmp_path / "x.jsonl"
     jl.write_text('{"a": "好"}\n{broken\n', encoding="utf-8")
     with pytest.raises(ValueError, match="x.jsonl:2"):
@@ -232,3 +232,21 @@ def test_training_into_a_model_dir_keeps_its_other_files(tmp_path):
                                                        "tokenizer_config.json", "tokenizer_report.json"]
     tok = Tokenizer.load(model)
     assert tok.decode(tok.encode("今天天气很好")) == "今天天气很好" and len(tok.encode("今天天气很好")) < 6
+
+
+def test_documents_read_like_the_corpus_readers(tmp_path):
+    from utils.tokenizer import iter_documents
+    rows = [{"instruction": "你好", "output": "世界", "n": 1}, {"q": "问题", "a": ["答一", "答二"]}]
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, ensure_ascii=False).encode())
+    gb = tmp_path / "gb.jsonl"
+    gb.write_bytes("\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("gb18030"))
+    txt = tmp_path / "gb.txt"
+    txt.write_bytes("第一行\n\n第二行\n".encode("gb18030"))
+    want = ["你好\n世界", "问题\n答一\n答二"]
+    assert list(iter_documents(bom)) == want and list(iter_documents(gb)) == want
+    assert list(iter_documents(txt)) == ["第一行\n", "第二行\n"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"a": "好"},\n {"a" "坏"}]', encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.json:2"):
+        list(iter_documents(bad))

@@ -319,7 +319,9 @@ def read_medical(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Reco
         yield Record(prompt, answer, "medical")
 
 
-def _parquet_rows(path: Path, columns: list[str], tally: Tally, batch_rows: int = 8192) -> Iterator[tuple[str, dict]]:
+def parquet_rows(path: Path, columns: list[str], tally: Tally, batch_rows: int = 8192) -> Iterator[tuple[str, dict]]:
+    """`columns` of each row of a parquet file, streamed in batches, with its `file:row n`; an unreadable file or
+    a missing column is counted."""
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
@@ -344,7 +346,7 @@ def _parquet_rows(path: Path, columns: list[str], tally: Tally, batch_rows: int 
 @register("zhihu", patterns=("*.parquet",))
 def read_zhihu(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
     """Zhihu-KOL parquet: INSTRUCTION -> RESPONSE."""
-    for where, row in _parquet_rows(path, ["INSTRUCTION", "RESPONSE"], tally):
+    for where, row in parquet_rows(path, ["INSTRUCTION", "RESPONSE"], tally):
         if _require(row, ("INSTRUCTION", "RESPONSE"), where, tally):
             yield Record(row["INSTRUCTION"], row["RESPONSE"], "zhihu")
 
@@ -352,7 +354,7 @@ def read_zhihu(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record
 @register("parquet", patterns=("*.parquet",))
 def read_parquet(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
     """Our own prepared parquet (prompt, response[, source])."""
-    for where, row in _parquet_rows(path, ["prompt", "response"], tally):
+    for where, row in parquet_rows(path, ["prompt", "response"], tally):
         if _require(row, ("prompt", "response"), where, tally):
             yield Record(row["prompt"], row["response"], "parquet")
 

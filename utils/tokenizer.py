@@ -12,7 +12,6 @@ bounded twice: a corpus larger than `sample_bytes` is subsampled deterministical
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import tempfile
@@ -262,50 +261,39 @@ def _parquet(path: Path):
 
 
 def iter_documents(path: Path) -> Iterator[str]:
-    """Documents of one file. Parquet: prompt + "\\n" + response (as pretraining sees them) or a text column;
-    JSON lines / a JSON array: the string values of each record joined by newlines; text: one line at a time."""
+    """Documents of one file, read by the corpus readers (encoding detection, streamed JSON arrays, UTF-8 BOM).
+    Parquet: prompt + "\\n" + response (as pretraining sees them) or a text column; JSON lines / a JSON array: the
+    string values of each object joined by newlines; text: one line at a time. Bad input raises a ValueError that
+    names the file and line: a tokenizer should not silently train on less than it was given."""
+    from utils.corpora import ReaderOptions, Tally, json_objects, parquet_rows, text_lines
+
+    tally, opts = Tally(), ReaderOptions()
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            pf = _parquet(path)
-            names = set(pf.schema_arrow.names)
+            names = set(_parquet(path).schema_arrow.names)
             cols = ["prompt", "response"] if {"prompt", "response"} <= names else ["text"] if "text" in names else None
             if cols is None:
                 raise ValueError(f"{path}: parquet needs columns prompt+response or text, has {sorted(names)}")
-            for batch in pf.iter_batches(columns=cols, batch_size=4096):
-                columns = [c.to_pylist() for c in batch.columns]
-                for row in zip(*columns):
-                    doc = "\n".join(v or "" for v in row)
-                    if doc.strip():
-                        yield doc
+            parts = ([row[c] or "" for c in cols] for _, row in parquet_rows(path, cols, tally, batch_rows=4096))
         elif suffix in JSON_SUFFIXES:
-            with open(path, encoding="utf-8") as f:
-                first = f.read(1)
-                while first.isspace():
-                    first = f.read(1)
-                f.seek(0)
-                # a JSON array must be parsed whole (the seeds' alpaca files are small); JSON lines stream
-                records = json.load(f) if first == "[" else (_json_line(path, n, l) for n, l in enumerate(f, 1))
-                for rec in records:
-                    doc = "\n".join(_strings(rec))
-                    if doc.strip():
-                        yield doc
+            parts = (_strings(obj) for _, obj in json_objects(path, opts, tally))
         else:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield line
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            parts = ([line] for _, line in text_lines(path, opts, tally))
+        for texts in parts:
+            _raise_on_drop(path, tally)
+            doc = "\n".join(texts)
+            if doc.strip():
+                yield doc
+        _raise_on_drop(path, tally)
+    except OSError as e:
         raise ValueError(f"{path}: cannot read: {e}") from None
 
 
-def _json_line(path: Path, n: int, line: str):
-    if not line.strip():
-        return None
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: bad JSON line: {e}") from None
+def _raise_on_drop(path: Path, tally) -> None:
+    if tally.dropped:
+        e = tally.examples[0]
+        raise ValueError(f"{path}: cannot read: {e['reason']} at {e['where']}: {e['detail']}")
 
 
 def _strings(obj) -> Iterator[str]:
