@@ -264,7 +264,7 @@ def read_baike(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record
         yield Record(prompt, _text(obj, "answer"), "baike")
 
 
-MEDICAL_COLUMNS = ("department", "title", "ask", "answer")
+MEDICAL_COLUMNS = ("title", "ask", "answer")  # the columns read; department is not
 
 
 @register("medical", patterns=("*.csv",))
@@ -293,13 +293,13 @@ def read_medical(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Reco
             continue
         if not row or not any(c.strip() for c in row):
             continue
-        if header is None and {c.strip().lower() for c in row} >= {"title", "ask", "answer"}:
+        if header is None and {c.strip().lower() for c in row} >= set(MEDICAL_COLUMNS):
             header = [c.strip().lower() for c in row]
+            idx = {name: header.index(name) for name in MEDICAL_COLUMNS}
             continue
         tally.read += 1
         where = f"{path}:{line_no[0]}"
         if header is not None:
-            idx = {name: header.index(name) for name in MEDICAL_COLUMNS if name in header}
             if len(row) < len(header):
                 tally.drop("missing_field", where, f"{len(row)} of {len(header)} columns")
                 continue
@@ -359,9 +359,9 @@ def read_parquet(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Reco
             yield Record(row["prompt"], row["response"], "parquet")
 
 
-def _instruction(obj: dict) -> str:
+def _instruction(obj: dict, keys: tuple[str, str] = ("instruction", "input")) -> str:
     """instruction + input, one per line (the seed dropped `input`, which loses the question in many records)."""
-    parts = [_text(obj, "instruction").strip(), _text(obj, "input").strip()]
+    parts = [_text(obj, k).strip() for k in keys]
     return "\n".join(p for p in parts if p)
 
 
@@ -406,7 +406,7 @@ def read_instruct(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Rec
     for where, obj in json_objects(path, opts, tally):
         if not _require(obj, ("instruct", "answer"), where, tally):
             continue
-        prompt = "\n".join(p for p in (_text(obj, "instruct").strip(), _text(obj, "query").strip()) if p)
+        prompt = _instruction(obj, ("instruct", "query"))
         yield Record(prompt, _text(obj, "answer"), "instruct")
 
 
