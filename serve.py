@@ -209,6 +209,9 @@ class Engine:
 
 
 # ---- the app -------------------------------------------------------------------------------------------------------
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
+
+
 def _usage(out: TextStream) -> dict:
     return {"prompt_tokens": out.prompt_tokens, "completion_tokens": len(out.token_ids),
             "total_tokens": out.prompt_tokens + len(out.token_ids)}
@@ -278,16 +281,21 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         return model_card()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         job = await run_in_threadpool(engine.prepare, req)  # tokenizing a long prompt stays off the event loop
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         cancel = threading.Event()
         if not req.stream:
-            try:
-                out = await asyncio.wrap_future(engine.submit(job, None, cancel))
+            result = asyncio.wrap_future(engine.submit(job, None, cancel))
+            try:  # uvicorn does not cancel a handler whose client left: watch for it, or it holds the worker
+                while not (await asyncio.wait({result}, timeout=DISCONNECT_POLL_S))[0]:
+                    if await request.is_disconnected():
+                        cancel.set()
+                        return APIError(499, "the client closed the request").response()
             except asyncio.CancelledError:
                 cancel.set()
                 raise
+            out = result.result()
             return {"id": cid, "object": "chat.completion", "created": created, "model": engine.name,
                     "system_fingerprint": None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},

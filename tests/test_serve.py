@@ -274,6 +274,22 @@ def test_a_client_leaving_mid_stream_does_not_block_the_server(client):
     assert r.usage.completion_tokens == 3
 
 
+def test_clients_that_time_out_do_not_hold_the_worker(server):
+    """Non-streaming requests whose clients give up are cancelled: a normal request after them is answered at once
+    instead of queueing behind every abandoned full-length generation (48 of them: several seconds of work, more than
+    the patient client's timeout; cancelled, they cost a fraction of a second)."""
+    async def abandon() -> list:
+        async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(0.2, connect=30),
+                                     headers={"Authorization": f"Bearer {KEY}"}) as h:
+            body = {"model": "tiny", "messages": HELLO, "max_tokens": CONTEXT - 60, "temperature": 0}
+            return await asyncio.gather(*(h.post("/v1/chat/completions", json=body) for _ in range(48)),
+                                        return_exceptions=True)
+    assert sum(isinstance(e, httpx.ReadTimeout) for e in asyncio.run(abandon())) >= 40
+    patient = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=3)
+    r = patient.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
+
+
 # ---- a LoRA adapter, and a full queue --------------------------------------------------------------------------
 def test_lora_adapter_is_served_merged_and_a_full_queue_answers_429(model_dir, tmp_path):
     from model import load_model
