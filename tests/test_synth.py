@@ -146,6 +146,7 @@ def test_a_new_recipe_needs_no_code_and_bad_recipes_name_the_key(tmp_path):
     r = load_recipe(tmp_path)
     assert r.rewrite is None and r.final == {"instruction": "", "input": "q", "output": "a"}
     assert render(r.dialogues.prompt, topic="美食") == "主题：美食 {\"q\": \"x\"}"
+    assert render("{dialogue} / {topic}", dialogue='{"问": "写{topic}"}', topic="美食") == '{"问": "写{topic}"} / 美食'
     spec["dialogues"]["keep"] = ["z"]
     (tmp_path / "recipe.json").write_text(dumps(spec), encoding="utf-8")
     with pytest.raises(ValueError, match=r"recipe.json: dialogues.keep"):
@@ -162,7 +163,8 @@ def test_a_torn_last_line_is_cut_off(tmp_path):
 def test_unicode_line_separators_inside_a_record_do_not_split_it(tmp_path):
     """json.dumps(ensure_ascii=False) writes U+2028 / U+2029 / U+0085 raw; only "\\n" ends a JSON line."""
     f = tmp_path / "x.jsonl"
-    records = [{"id": "a", "答": "第一行\u2028第二行\u2029第三段\x85第四行"}, {"id": "b", "答": "\r\n内\v\f"}]
+    records = [{"id": "a", "答": "第一行\u2028第二行\u2029第三段\x85第四行"},
+               {"id": "b", "答": "\r\n内\v\f"}]
     out = Appender(f)
     for r in records:
         out.write(r)

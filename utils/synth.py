@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -122,10 +123,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
 
 def render(template: str, **values: str) -> str:
-    """Replace `{name}` for the given names only (JSON examples in a prompt keep their braces)."""
-    for k, v in values.items():
-        template = template.replace("{" + k + "}", v)
-    return template
+    """Replace `{name}` for the given names only (JSON examples in a prompt keep their braces), in one pass: a value
+    that itself holds `{topic}` is left as written."""
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m[1], m[0]), template)
 
 
 # ---- replies -------------------------------------------------------------------------------------------------------
