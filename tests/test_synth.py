@@ -151,6 +151,19 @@ def test_a_new_recipe_needs_no_code_and_bad_recipes_name_the_key(tmp_path):
     (tmp_path / "recipe.json").write_text(dumps(spec), encoding="utf-8")
     with pytest.raises(ValueError, match=r"recipe.json: dialogues.keep"):
         load_recipe(tmp_path)
+    spec["dialogues"]["keep"] = []
+    cases = ((["q", "topic"], None, r"recipe.json: dialogues.fields \['topic'\] collide"),
+             (["q", "a"], {"input": "q", "output": "answer"}, r"recipe.json: final.output = 'answer' names no field"),
+             (["q", "a"], {"input": "topic", "output": "a", "instruction": ""}, None))
+    for fields, final, match in cases:
+        spec["dialogues"]["fields"] = fields
+        spec.pop("final", None) if final is None else spec.update(final=final)
+        (tmp_path / "recipe.json").write_text(dumps(spec), encoding="utf-8")
+        if match is None:
+            assert load_recipe(tmp_path).final == final
+        else:
+            with pytest.raises(ValueError, match=match):
+                load_recipe(tmp_path)
 
 
 def test_a_torn_last_line_is_cut_off(tmp_path):

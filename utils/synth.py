@@ -48,6 +48,7 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 FATAL_STATUS = {401, 403, 404}
 TOPICS_FILE, DIALOGUES_FILE, REWRITTEN_FILE = "1_topics.txt", "2_dialogues.jsonl", "3_rewritten.jsonl"
 ERRORS_FILE, DATASET_FILE, PARQUET_DIR = "errors.jsonl", "dataset.json", "data"
+RESERVED_FIELDS = ("id", "topic", "dialogue", "count")  # record keys and placeholders the factory fills itself
 
 
 # ---- recipes -------------------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ class Recipe:
     topics: Step
     dialogues: Step
     rewrite: Step | None
-    final: dict[str, str]              # alpaca key -> literal text or a record field name
+    final: dict[str, str]              # alpaca key -> a field of the last step, "topic", or "" (left empty)
 
 
 def _recipe_dir(name_or_path: str | Path) -> Path:
@@ -108,6 +109,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             raise ValueError(f"{file}: {key}.role must be 'system' or 'user', got {s.role!r}")
         if key != "topics" and not s.fields:
             raise ValueError(f"{file}: {key}.fields must list the JSON keys the reply holds")
+        if clash := [f for f in s.fields if f in RESERVED_FIELDS]:
+            raise ValueError(f"{file}: {key}.fields {clash} collide with names the factory uses itself "
+                             f"({', '.join(RESERVED_FIELDS)}); rename them")
         if not set(s.keep) <= set(s.fields):
             raise ValueError(f"{file}: {key}.keep {list(s.keep)} must be among its fields {list(s.fields)}")
         return s
@@ -118,7 +122,11 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     last = rewrite or dialogues
     final = spec.get("final", {"instruction": "", "input": last.fields[0], "output": last.fields[-1]})
     if not isinstance(final, dict) or not {"input", "output"} <= set(final):
-        raise ValueError(f"{file}: 'final' must map alpaca keys (instruction, input, output) to fields or text")
+        raise ValueError(f"{file}: 'final' must map alpaca keys (instruction, input, output) to fields")
+    for k, v in final.items():
+        if v not in (*last.fields, "topic", ""):
+            raise ValueError(f"{file}: final.{k} = {v!r} names no field of step {last.name!r} "
+                             f"({', '.join(last.fields)}), nor 'topic', nor '' (left empty)")
     return Recipe(folder.name, topics, dialogues, rewrite, final)
 
 
@@ -459,9 +467,8 @@ class Factory:
 
     # -- step 4
     def final(self, records: list[dict]) -> dict:
-        def value(spec: str, r: dict) -> str:
-            return r[spec] if spec in r and spec != "id" else spec
-        rows = [{k: value(v, r) for k, v in self.recipe.final.items()} for r in sorted(records, key=lambda r: r["id"])]
+        rows = [{k: r[v] if v else "" for k, v in self.recipe.final.items()}
+                for r in sorted(records, key=lambda r: r["id"])]
         atomic_write_text(self.out / DATASET_FILE, json.dumps(rows, ensure_ascii=False, indent=4))
         result = {"alpaca": len(rows)}
         if self.cfg.parquet and rows:
