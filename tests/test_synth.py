@@ -23,8 +23,8 @@ from model.cli import FullModelIO
 from model.trainer import TrainConfig, Trainer
 from test_serve import Server, build_tokenizer, tiny_config
 from utils.datasets import sft_loader
-from utils.synth import (Appender, InvalidReply, load_recipe, parse_json_reply, read_jsonl, render, validate_record,
-                         validate_topics)
+from utils.synth import (Appender, ChatClient, FatalAPIError, InvalidReply, load_recipe, parse_json_reply, read_jsonl,
+                         render, validate_record, validate_topics)
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-synth-secret-4242"
@@ -183,6 +183,12 @@ def test_unicode_line_separators_inside_a_record_do_not_split_it(tmp_path):
         out.write(r)
     out.close()
     assert read_jsonl(f) == records
+
+
+def test_a_base_url_without_scheme_stops_at_once_instead_of_retrying():
+    for url in ("127.0.0.1:8000/v1", "localhost:8000/v1", "http://[::1/v1"):
+        with pytest.raises(FatalAPIError, match="bad --base-url"):  # 6 retries with 60 s backoff would hang here
+            ChatClient(url, "tiny", None, max_retries=6, backoff=60).complete([{"role": "user", "content": "hi"}], {})
 
 
 # ---- against the server --------------------------------------------------------------------------------------------

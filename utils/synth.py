@@ -195,7 +195,10 @@ class ChatClient:
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float = 120.0,
                  max_retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/", headers=headers, timeout=timeout)
+        try:
+            self.http = httpx.Client(base_url=base_url.rstrip("/") + "/", headers=headers, timeout=timeout)
+        except httpx.InvalidURL as e:
+            raise FatalAPIError(_bad_url(base_url, e)) from None
         self.model, self.max_retries, self.backoff, self.max_backoff = model, max_retries, backoff, max_backoff
         self.retried = 0
         self._lock = threading.Lock()
@@ -221,6 +224,8 @@ class ChatClient:
             last = attempt == self.max_retries
             try:
                 r = self.http.post("chat/completions", json=body)
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:  # a TransportError, but no retry can help
+                raise FatalAPIError(_bad_url(str(self.http.base_url), e)) from None
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 if last:
                     raise RequestFailed(f"{type(e).__name__} after {attempt} retries: {e}") from None
@@ -240,6 +245,10 @@ class ChatClient:
                 raise RequestFailed(f"HTTP {r.status_code} after {attempt} retries: {message}")
             self._wait(attempt, r)
         raise AssertionError("unreachable")
+
+
+def _bad_url(url: str, e: Exception) -> str:
+    return f"bad --base-url {url!r}: {e} (give the full URL, e.g. http://127.0.0.1:8000/v1)"
 
 
 def _error_message(r: httpx.Response) -> str:
