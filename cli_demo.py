@@ -84,8 +84,7 @@ def load_chat_model(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
     dtype = resolve_dtype(args.dtype, device)
     model = load_base(str(path), dtype, device, args.qlora)
     if args.lora:
-        load_adapter(model, args.lora, dtype=dtype)
-        model.to(device)
+        load_adapter(model, args.lora, dtype=dtype)  # adapters are created on the base weights' device
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, vocab.json + merges.txt or "
                                 "tokenizer.model); save the model with its tokenizer")

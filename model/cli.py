@@ -141,7 +141,7 @@ def main(args: argparse.Namespace) -> None:
 
 def pretrain(args: argparse.Namespace) -> dict:
     from utils.datasets import pretrain_loader
-    cfg = train_config(args, sample_prompts=DEFAULT_SAMPLE_PROMPTS)
+    cfg = train_config(args)
     acc = make_accelerator(cfg)
     set_seed_everywhere(cfg.seed)  # same init on every rank
     tokenizer = Tokenizer.load(args.tokenizer)

@@ -107,7 +107,7 @@ class NF4Weight:
     def block_absmax(self) -> torch.Tensor:
         """fp32 [blocks]: D[s_b] * c_g + offset."""
         n = self.scales.numel()
-        code = DYNAMIC_CODE.to(self.scales.device)[self.scales.int()]
+        code = _dynamic_table(self.scales.device)[self.scales.int()]
         groups = F.pad(code, (0, -n % SCALE_BLOCK_SIZE)).view(-1, SCALE_BLOCK_SIZE)
         return (groups * self.scale_absmax[:, None]).view(-1)[:n] + self.offset
 
@@ -138,6 +138,16 @@ class NF4Weight:
 
 
 _PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+_DYNAMIC_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _dynamic_table(device: torch.device) -> torch.Tensor:
+    """DYNAMIC_CODE on `device`, copied once: a CPU->GPU copy in every forward / backward would sync the host."""
+    if device not in _DYNAMIC_TABLES:
+        _DYNAMIC_TABLES[device] = DYNAMIC_CODE.to(device)
+    return _DYNAMIC_TABLES[device]
 
 
 def _pair_table(device: torch.device) -> torch.Tensor:

@@ -13,6 +13,7 @@ A run directory:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -28,13 +29,15 @@ from typing import Any, Callable, Iterable, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import gather_object
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from utils.io import atomic_dir, write_json
 
-from .transformer import Transformer
+from .nf4 import NF4Linear
+from .transformer import IGNORE_INDEX, Transformer
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; an unknown device reports no MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
@@ -112,11 +115,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
 
 
 def flops_per_token(model: Transformer, seq_len: int) -> float:
-    """6N + 12 L H Q T (PaLM appendix B): N non-embedding-lookup parameters that see each token, plus attention."""
+    """6N + 12 L H Q T (PaLM appendix B). N counts the weights of every matmul a token goes through (linears,
+    LoRA adapters, NF4 bases, the lm_head even when tied), not the embedding lookup."""
     c = model.config
-    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
-    if c.tie_word_embeddings:
-        n += c.vocab_size * c.hidden_size  # the tied head still multiplies every token
+    n = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (nn.Linear, NF4Linear)))
     return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
 
 
@@ -135,9 +137,11 @@ def resolve_mixed_precision(choice: str, cpu: bool) -> str:
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """Built before the data so loaders know their rank; the accelerate config / launcher decides the topology."""
+    # buffers (the rotary table, QLoRA's frozen 4-bit bases) are identical on every rank: no per-step broadcast
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cfg.cpu),
                        gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu, log_with="tensorboard",
-                       project_dir=cfg.out_dir)
+                       project_dir=cfg.out_dir, kwargs_handlers=[ddp])
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
@@ -197,7 +201,7 @@ class Trainer:
             raise ValueError(f"{self.accelerator.distributed_type.value}: checkpointing sharded training is not "
                              "supported yet; launch with DDP (accelerate.yaml) or a single process")
         self.console = Console(stderr=True, quiet=not self.accelerator.is_main_process)
-        self.raw_model = model
+        self.raw_model = model  # the module whose parameters train (DDP and compile wrap this same object)
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.chars_per_token, self.sample_fn = chars_per_token, sample_fn
         self.weights_io = weights_io
@@ -208,8 +212,9 @@ class Trainer:
         model.gradient_checkpointing = cfg.gradient_checkpointing
         model.train()
         optimizer = build_optimizer(model, cfg, self.accelerator.device)
-        compiled = torch.compile(model) if cfg.compile else model
-        self.model, self.optimizer = self.accelerator.prepare(compiled, optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if cfg.compile:  # after the DDP wrap, so dynamo sees the gradient buckets and overlaps their all-reduce
+            self.model = torch.compile(self.model)
         steps_per_epoch = max(1, train_loader.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -226,24 +231,23 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         target = self.run_dir / f"checkpoint-{self.step}"
-        unwrapped = acc.unwrap_model(self.model)
-        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
-        per_rank = {"rng": _rng_state(), "loader": self.train_loader.state_dict()}
-        rank_file = f"rank{acc.process_index}.pt"
+        # every rank's RNG and data cursor go into the same atomic write as the weights: `latest` never points at a
+        # checkpoint missing a rank's state
+        buffer = io.BytesIO()  # serialized here: gathering raw tensors through pickle fails on some torch builds
+        torch.save({"rng": _rng_state(), "loader": self.train_loader.state_dict()}, buffer)
+        all_ranks = gather_object([buffer.getvalue()]) if acc.num_processes > 1 else [buffer.getvalue()]
         if acc.is_main_process:
             with atomic_dir(target) as tmp:
-                self.weights_io.save(unwrapped, tmp)
+                self.weights_io.save(self.raw_model, tmp)
                 state = tmp / STATE_DIR
                 state.mkdir()
                 torch.save(self.optimizer.state_dict(), state / "optimizer.pt")
-                torch.save(per_rank, state / rank_file)
+                for rank, blob in enumerate(all_ranks):
+                    (state / f"rank{rank}.pt").write_bytes(blob)
                 write_json(state / "trainer_state.json", {
                     "step": self.step, "total_steps": self.total_steps, "world_size": acc.num_processes,
                     "config": dataclasses.asdict(self.cfg), "run": self.run_info})
             point_latest(self.run_dir, target)
-        acc.wait_for_everyone()
-        if not acc.is_main_process:  # other ranks add their RNG / loader cursor beside rank 0's
-            torch.save(per_rank, target / STATE_DIR / rank_file)
         acc.wait_for_everyone()
         if acc.is_main_process and self.cfg.save_total_limit > 0:
             for old in checkpoint_dirs(self.run_dir)[:-self.cfg.save_total_limit]:
@@ -259,8 +263,7 @@ class Trainer:
         if meta["world_size"] != acc.num_processes:
             raise ValueError(f"{ckpt}: saved with {meta['world_size']} processes, resuming with "
                              f"{acc.num_processes}; exact resume needs the same number")
-        unwrapped = acc.unwrap_model(self.model)
-        self.weights_io.load(getattr(unwrapped, "_orig_mod", unwrapped), ckpt)
+        self.weights_io.load(self.raw_model, ckpt)
         self.optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location=acc.device,
                                                   weights_only=True))
         per_rank = torch.load(state / f"rank{acc.process_index}.pt", weights_only=True)
@@ -295,12 +298,6 @@ class Trainer:
     def _handle_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
-    def _should_stop(self) -> bool:
-        if self.accelerator.num_processes == 1:
-            return self._stop_signal is not None
-        flag = torch.tensor(float(self._stop_signal is not None), device=self.accelerator.device)
-        return self.accelerator.reduce(flag, reduction="sum").item() > 0  # every rank stops at the same step
-
     # -- train
     def train(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
@@ -321,8 +318,7 @@ class Trainer:
 
     def _loop(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
-        unwrapped = acc.unwrap_model(self.model)
-        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
+        unwrapped = self.raw_model
         batches = iter(self.train_loader)
         peak = peak_flops(acc.device, self.mixed_precision)
         self.log(f"training {unwrapped.num_parameters(trainable_only=True):,} trainable parameters for "
@@ -338,21 +334,35 @@ class Trainer:
                 lr = learning_rate(self.step, self.total_steps, cfg)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = torch.zeros((), device=acc.device)
-                for _ in range(cfg.grad_accum):
-                    batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(batches).items()}
+                micro = [next(batches) for _ in range(cfg.grad_accum)]
+                counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in micro]  # CPU tensors: no device sync
+                # One token-weighted mean over the window and all ranks (micro-batches with few answer tokens do not
+                # weigh as much as full ones): accelerate divides each backward by grad_accum and DDP averages over
+                # ranks, so micro-batch i's mean loss is scaled by n_i * grad_accum * world / N. Exactly 1 when every
+                # micro-batch has the same count (pretraining).
+                window = torch.tensor(float(sum(counts)), device=acc.device)
+                if acc.num_processes > 1:
+                    window = acc.reduce(window, reduction="sum")
+                window = window.clamp(min=1)
+                weighted = torch.zeros((), device=acc.device)
+                for batch, n in zip(micro, counts):
+                    batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
                     seq_len = batch["input_ids"].shape[1]
                     tokens_since += batch["input_ids"].numel()
                     with acc.accumulate(self.model), acc.autocast():
                         loss = self.model(batch.pop("input_ids"), batch.pop("labels"), **batch)
-                        acc.backward(loss)
+                        acc.backward(loss * (n * cfg.grad_accum * acc.num_processes / window))
                         if acc.sync_gradients and cfg.grad_clip > 0:
                             acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
-                    loss_sum += loss.detach()
-                train_loss = (loss_sum / cfg.grad_accum).item()  # one host sync per optimizer step
-                if not math.isfinite(train_loss):
+                    weighted += loss.detach().float() * n
+                stop = torch.tensor(float(self._stop_signal is not None), device=acc.device)
+                summary = torch.stack([weighted / window, stop])
+                if acc.num_processes > 1:  # the loss over all ranks, and whether any rank was signalled
+                    summary = acc.reduce(summary, reduction="sum")
+                train_loss, stop_votes = summary.tolist()  # the one host sync per optimizer step
+                if not math.isfinite(train_loss):  # the same global value on every rank: all stop together
                     raise NonFiniteLoss(f"non-finite training loss ({train_loss}) at step {self.step + 1}; stopped "
                                         f"without saving. The last good checkpoint is {self.run_dir / 'latest'}")
                 self.step += 1
@@ -374,7 +384,7 @@ class Trainer:
                     self._eval_and_log(unwrapped)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
-                if self._should_stop():
+                if stop_votes > 0:
                     self.log(f"received signal {self._stop_signal}: saving and stopping at step {self.step}")
                     self.save_checkpoint()
                     return metrics | {"stopped_early": 1.0}

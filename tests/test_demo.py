@@ -29,19 +29,50 @@ def check_chat_ready(model_dir: Path) -> None:
     assert out.stdout.strip()
 
 
-@pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    """`python train.py demo` run once: (its output directory, what it printed)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
     run = subprocess.run([sys.executable, "train.py", "demo", "--out", str(out)], cwd=REPO, capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "the demo model answers" in run.stdout
+    return out, run.stdout
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(demo):
+    out, stdout = demo
+    assert "the demo model answers" in stdout
     for stage in ("pretrain", "sft"):
         log = (out / stage / "train.log").read_text().splitlines()
         losses = [float(line.split(" loss ")[1].split()[0]) for line in log if " step " in line and "eval" not in line
                   and " loss " in line]
         assert losses[-1] < losses[0] - 0.5, (stage, losses)
     check_chat_ready(out / "sft" / "latest")
+
+
+@pytest.mark.slow
+def test_terminal_chat_on_the_demo_model(demo):
+    """A person at a terminal (pexpect pty): asks a question the demo model learned, sees the streamed answer,
+    /clear, /exit. (Ctrl-C mid-answer is tested in test_cli_demo.py on a model that never stops by itself.)"""
+    pexpect = pytest.importorskip("pexpect", reason="pexpect drives the chat in a pseudo-terminal")
+    child = pexpect.spawn(sys.executable, ["cli_demo.py", "--model", str(demo[0] / "sft" / "latest"), "--device",
+                                           "cpu", "--temperature", "0", "--max-new-tokens", "60"],
+                          cwd=str(REPO), encoding="utf-8", codec_errors="replace", timeout=120, dimensions=(40, 200),
+                          env=dict(os.environ, TERM="xterm-256color", LANG="C.UTF-8"))
+    try:
+        child.expect_exact("User: ")
+        child.sendline("地球上最大的海洋是哪个？")
+        child.expect("太平洋")  # learned from the bundled samples, streamed to the screen
+        child.expect_exact("User: ")
+        child.sendline("/clear")
+        child.expect("conversation cleared")
+        child.expect_exact("User: ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
 
 
 @pytest.mark.slow

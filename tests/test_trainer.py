@@ -184,3 +184,34 @@ def test_loss_goes_down_on_a_real_corpus(shared_corpora, tmp_path):
     eval_loss = float(log.split("eval step 150: loss ")[1].split()[0])
     assert losses[0] > losses[-1] + 1.0
     assert eval_loss < math.log(800) - 1.5  # far below a uniform guess, past the unigram plateau
+
+
+def test_sft_accumulation_weights_tokens_not_micro_batches(corpus, tmp_path):
+    """Packed SFT rows carry different numbers of answer tokens: batch 1 x accumulation 2 must equal batch 2 x
+    accumulation 1 (one token-weighted mean over the window), not a mean of per-micro-batch means."""
+    from model import ModelConfig, Transformer, save_model
+    from utils.tokenizer import Tokenizer
+    _, tok_dir = corpus
+    tok = Tokenizer.load(tok_dir)
+    data = tmp_path / "sft"
+    data.mkdir()
+    rows = [(q, a[: 2 + (i * 7) % len(a)]) for i, (q, a) in enumerate(QA * 8)]  # answers of many lengths
+    write_split(data / "train-00000.parquet", rows)
+    write_split(data / "valid-00000.parquet", rows[:4])
+    torch.manual_seed(0)
+    save_model(Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=128)),
+               tmp_path / "init", tokenizer=tok)
+    runs = {}
+    for name, batch, accum in (("b2", "2", "1"), ("b1", "1", "2")):
+        runs[name] = tmp_path / name
+        train.main(["sft", "--init", str(tmp_path / "init"), "--data", str(data), "--max-seq-length", "48",
+                    "--batch-size", batch, "--grad-accum", accum, "--max-steps", "2", "--warmup-steps", "1",
+                    "--lr", "1e-2", "--cpu", "--mixed-precision", "no", "--eval-batches", "1", "--out",
+                    str(runs[name])])
+    from utils.datasets import sft_loader
+    rows = next(iter(sft_loader(data, tok, "chatml", max_seq_len=48, batch_size=2, seed=42)))
+    per_row = (rows["labels"] != -100).sum(1)
+    assert per_row[0] != per_row[1]  # the comparison is meaningful: the two rows weigh differently
+    a, b = weights(runs["b2"]), weights(runs["b1"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
