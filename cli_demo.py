@@ -154,30 +154,26 @@ def answer(chat: Chat, question: str, out: Console, err: Console, verbose: bool)
                   f"first token {'-' if first is None else f'{first * 1000:.0f} ms'}, finish: {reply.finish_reason}[/]")
 
 
-def predict(chat: Chat, records: list[dict], out_path: str, batch_size: int) -> int:
-    """The seed's predict mode: every record's prompt (with its history and system text) answered with batched
-    generation, written as JSON lines {prompt, reference, prediction} (atomically)."""
+def predict(chat: Chat, records: list[dict], out_path: str, batch_size: int) -> tuple[int, int]:
+    """The seed's predict mode: every record's prompt (with its history and system text) answered in batches, written
+    as JSON lines {prompt, reference, prediction} (atomically); a record too long for the context window gets
+    prediction null. Returns (records written, records that did not fit)."""
     import json
 
-    from model.generation import generate
+    from model.generation import generate_answers
     from utils.io import atomic_write_text
-    lines = []
-    for start in range(0, len(records), batch_size):
-        batch = records[start:start + batch_size]
-        prompts = []
-        for r in batch:
-            messages = [{"role": "system", "content": r["system"]}] if r.get("system") else []
-            for q, a in r.get("history", []):
-                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            messages.append({"role": "user", "content": r["prompt"]})
-            prompts.append(chat_prompt(chat.tokenizer, messages, chat.template, context_budget(chat.model,
-                                                                                                chat.config)))
-        for r, ids in zip(batch, generate(chat.model, prompts, chat.config, pad_id=chat.tokenizer.pad_id)):
-            prediction = chat.tokenizer.decode(ids, skip_special_tokens=True)
-            lines.append(json.dumps({"prompt": r["prompt"], "reference": r["response"], "prediction": prediction},
-                                    ensure_ascii=False))
+    conversations = []
+    for r in records:
+        messages = [{"role": "system", "content": r["system"]}] if r.get("system") else []
+        for q, a in r.get("history", []):
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        conversations.append(messages + [{"role": "user", "content": r["prompt"]}])
+    answers, _ = generate_answers(chat.model, chat.tokenizer, conversations, chat.template, chat.config, batch_size,
+                                  progress=True)
+    lines = [json.dumps({"prompt": r["prompt"], "reference": r["response"], "prediction": a}, ensure_ascii=False)
+             for r, a in zip(records, answers)]
     atomic_write_text(out_path, "\n".join(lines) + "\n")
-    return len(lines)
+    return len(lines), answers.count(None)
 
 
 def run(chat: Chat, lines, out: Console, err: Console, verbose: bool, interactive: bool) -> None:
@@ -224,8 +220,9 @@ def main(args: argparse.Namespace) -> None:
             err.print("[red]error:[/] batch mode needs both --data and --predictions")
             raise SystemExit(2)
         from model.lora_cli import read_records
-        n = predict(chat, read_records(args.format, args.data), args.predictions, args.batch_size)
-        err.print(f"wrote {n} predictions to {args.predictions}")
+        n, skipped = predict(chat, read_records(args.format, args.data), args.predictions, args.batch_size)
+        err.print(f"wrote {n} predictions to {args.predictions}" + (f" ({skipped} too long for the context window: "
+                                                                      "prediction null)" if skipped else ""))
         return
     interactive = sys.stdin.isatty()
     if interactive:

@@ -95,14 +95,13 @@ class FullModelIO:
 
 def sample_fn(tokenizer: Tokenizer, template: str, prompts: list[str], max_new_tokens: int = 48):
     """Greedy answers to a few questions (for the training log and the demo): model -> [(question, answer)]."""
-    from .generation import SamplingConfig, chat_prompt, default_stop_ids, generate
-    ids = [chat_prompt(tokenizer, [{"role": "user", "content": p}], template) for p in prompts]
-    config = SamplingConfig(temperature=0.0, repetition_penalty=1.1, max_new_tokens=max_new_tokens,
-                            stop_ids=default_stop_ids(tokenizer, template))
+    from .generation import SamplingConfig, generate_answers
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    config = SamplingConfig(temperature=0.0, repetition_penalty=1.1, max_new_tokens=max_new_tokens)
 
     def samples(model: Transformer) -> list[tuple[str, str]]:
-        out = generate(model, ids, config, pad_id=tokenizer.pad_id)
-        return [(p, tokenizer.decode(o, skip_special_tokens=True)) for p, o in zip(prompts, out)]
+        answers, _ = generate_answers(model, tokenizer, conversations, template, config, batch_size=len(prompts))
+        return [(p, "(does not fit the context window)" if a is None else a) for p, a in zip(prompts, answers)]
     return samples
 
 

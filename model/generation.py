@@ -15,6 +15,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from utils.datasets import ends_turn_with_token
+from utils.progress import progress_bar
 from utils.templates import ChatTemplate, get_template
 
 from .transformer import KVCache, Transformer
@@ -388,3 +389,37 @@ def context_budget(model: Transformer, config: SamplingConfig) -> int:
         raise ValueError(f"max_new_tokens {config.max_new_tokens} does not fit the context window of "
                          f"{model.config.max_position_embeddings} tokens")
     return budget
+
+
+def generate_answers(model: Transformer, tokenizer, conversations: Sequence[list[dict]],
+                     template: str | ChatTemplate | None, config: SamplingConfig, batch_size: int = 16,
+                     progress: bool = False) -> tuple[list[str | None], int]:
+    """(answer text per conversation, None where it does not fit the context window; tokens generated).
+
+    Each conversation (optional system message, then turns ending with a user message) is rendered with the template;
+    prompts are sorted by length and generated in left-padded batches, so little padding is computed; each answer is
+    decoded without special tokens and cut at the template's stop strings (multi-token turn ends such as "\n问：").
+    """
+    tpl = resolve_template(template, tokenizer)
+    if not config.stop_ids:
+        config = replace(config, stop_ids=default_stop_ids(tokenizer, tpl))
+    budget = context_budget(model, config)
+    ids: list[list[int] | None] = []
+    for messages in conversations:
+        try:
+            ids.append(chat_prompt(tokenizer, messages, tpl, budget))
+        except ValueError:
+            ids.append(None)
+    order = sorted((i for i, x in enumerate(ids) if x is not None), key=lambda i: len(ids[i]))
+    answers: list[str | None] = [None] * len(conversations)
+    n_tokens = 0
+    with progress_bar(progress) as bar:
+        task = bar.add_task("generating", total=len(order))
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            for i, out in zip(batch, generate(model, [ids[i] for i in batch], config, pad_id=tokenizer.pad_id)):
+                n_tokens += len(out)
+                answers[i] = truncate_at_stop_strings(tokenizer.decode(out, skip_special_tokens=True),
+                                                      tpl.stop_strings)
+            bar.advance(task, len(batch))
+    return answers, n_tokens

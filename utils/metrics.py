@@ -32,7 +32,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,8 @@ from torch.nn.attention import sdpa_kernel
 from rich.console import Console
 from rich.table import Table
 
-from model.generation import (DECODE_SDPA_BACKENDS, SamplingConfig, chat_prompt, context_budget, default_stop_ids, generate,
-                              resolve_template, truncate_at_stop_strings)
+from model.generation import (DECODE_SDPA_BACKENDS, SamplingConfig, context_budget, generate_answers,
+                              resolve_template)
 from model.checkpoint import load_model
 from model.transformer import Transformer
 from utils.datasets import IGNORE_INDEX, find_shards, iter_parquet, to_messages, tokenize_sft
@@ -176,39 +176,6 @@ def answer_loss(model: Transformer, tokenizer, records: Sequence[dict[str, str]]
 
 
 # ---- generation ----------------------------------------------------------------------------------------------------
-def generate_answers(model: Transformer, tokenizer, prompts: Sequence[str], template: ChatTemplate,
-                     config: SamplingConfig, batch_size: int = 16, progress: bool = True
-                     ) -> tuple[list[str | None], int]:
-    """(answer text per prompt, None where the prompt does not fit the context window; tokens generated).
-
-    Prompts are sorted by length and generated in left-padded batches (`model.generation.generate`), so little
-    padding is computed; each answer is decoded without special tokens and cut at the template's stop strings.
-    """
-    if not config.stop_ids:
-        config = replace(config, stop_ids=default_stop_ids(tokenizer, template))
-    budget = context_budget(model, config)
-    ids: list[list[int] | None] = []
-    for p in prompts:
-        try:
-            ids.append(chat_prompt(tokenizer, [{"role": "user", "content": p}], template, budget))
-        except ValueError:
-            ids.append(None)
-    order = sorted((i for i, x in enumerate(ids) if x is not None), key=lambda i: len(ids[i]))
-    answers: list[str | None] = [None] * len(prompts)
-    n_tokens = 0
-    with progress_bar(progress) as bar, sdpa_kernel(DECODE_SDPA_BACKENDS):
-        task = bar.add_task("generating", total=len(order))
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            outputs = generate(model, [ids[i] for i in batch], config, pad_id=tokenizer.pad_id)
-            for i, out in zip(batch, outputs):
-                n_tokens += len(out)
-                answers[i] = truncate_at_stop_strings(tokenizer.decode(out, skip_special_tokens=True),
-                                                      template.stop_strings)
-            bar.advance(task, len(batch))
-    return answers, n_tokens
-
-
 # ---- everything ----------------------------------------------------------------------------------------------------
 def evaluate(model: Transformer, tokenizer, records: Sequence[dict[str, str]],
              template: str | ChatTemplate | None = None, sampling: SamplingConfig | None = None,
@@ -225,8 +192,8 @@ def evaluate(model: Transformer, tokenizer, records: Sequence[dict[str, str]],
         return result
     sampling = sampling or SamplingConfig()
     start = time.perf_counter()
-    predictions, n_tokens = generate_answers(model, tokenizer, [r["prompt"] for r in records], tpl, sampling,
-                                             batch_size, progress)
+    conversations = [[{"role": "user", "content": r["prompt"]}] for r in records]
+    predictions, n_tokens = generate_answers(model, tokenizer, conversations, tpl, sampling, batch_size, progress)
     seconds = time.perf_counter() - start
     done = [i for i, p in enumerate(predictions) if p is not None]
     preds, refs = [predictions[i] for i in done], [records[i]["response"] for i in done]
@@ -331,6 +298,8 @@ def main(args: argparse.Namespace) -> None:
         device = resolve_device(args.device)
         model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
         tokenizer = Tokenizer.load(args.model)
+        if args.generate:
+            context_budget(model, sampling)  # --max-new-tokens must fit: fail now, not after the loss pass
     except (OSError, ValueError, KeyError) as e:
         err.print(f"[red]error:[/] {e}")
         raise SystemExit(2) from None
