@@ -32,7 +32,6 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-
 from pathlib import Path
 from typing import Any
 
