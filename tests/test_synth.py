@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from model.cli import FullModelIO
 from model.trainer import TrainConfig, Trainer
 from test_serve import Server, build_tokenizer, tiny_config
 from utils.datasets import sft_loader
-from utils.synth import (Appender, ChatClient, FatalAPIError, InvalidReply, load_recipe, parse_json_reply, read_jsonl,
-                         render, validate_record, validate_topics)
+from utils.synth import (Appender, ChatClient, FatalAPIError, InvalidReply, Outcome, _run_pool, load_recipe,
+                         parse_json_reply, read_jsonl, render, validate_record, validate_topics)
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-synth-secret-4242"
@@ -189,6 +190,31 @@ def test_a_base_url_without_scheme_stops_at_once_instead_of_retrying():
     for url in ("127.0.0.1:8000/v1", "localhost:8000/v1", "http://[::1/v1"):
         with pytest.raises(FatalAPIError, match="bad --base-url"):  # 6 retries with 60 s backoff would hang here
             ChatClient(url, "tiny", None, max_retries=6, backoff=60).complete([{"role": "user", "content": "hi"}], {})
+
+
+def test_a_fatal_error_stops_the_pool_at_once_and_keeps_what_finished():
+    """What finished before the failure is yielded; jobs still in flight are not waited for (they block until after
+    the stop, which would deadlock a pool that drains on exit); jobs not yet submitted never start."""
+    release, started = threading.Event(), []
+
+    def job(name: str, action):
+        def run():
+            started.append(name)
+            return action()
+        return name, run
+
+    def fatal():
+        time.sleep(0.1)  # let "fine" finish first or together
+        raise FatalAPIError("HTTP 401")
+
+    jobs = [job("fine", lambda: Outcome("fine", {}, [])), job("fatal", fatal), job("stuck", release.wait),
+            *(job(f"later{i}", lambda: release.wait() and Outcome("later", {}, [])) for i in range(20))]
+    got = []
+    with pytest.raises(FatalAPIError):
+        for outcome in _run_pool(jobs, workers=3):
+            got.append(outcome.key)
+    release.set()
+    assert got == ["fine"] and "stuck" in started and len(started) <= 6  # at most 2 * workers submitted
 
 
 # ---- against the server --------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import random
 import re
 import sys
 import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,8 +201,11 @@ class ChatClient:
         self.model, self.max_retries, self.backoff, self.max_backoff = model, max_retries, backoff, max_backoff
         self.retried = 0
         self._lock = threading.Lock()
+        self._closed = threading.Event()
 
     def close(self) -> None:
+        """Also tells requests still in flight on other threads (a stopped run) to give up rather than retry."""
+        self._closed.set()
         self.http.close()
 
     def _wait(self, attempt: int, response: httpx.Response | None) -> None:
@@ -215,13 +217,16 @@ class ChatClient:
                 delay = max(delay, min(self.max_backoff, float(response.headers.get("retry-after", 0))))
             except ValueError:
                 pass
-        time.sleep(delay)
+        if self._closed.wait(delay):
+            raise RequestFailed("the run stopped")
 
     def complete(self, messages: list[dict], sampling: dict) -> str:
         """The reply's text (choices[0].message.content)."""
         body = {"model": self.model, "messages": messages, **sampling}
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
+            if self._closed.is_set():
+                raise RequestFailed("the run stopped")
             try:
                 r = self.http.post("chat/completions", json=body)
             except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:  # a TransportError, but no retry can help
@@ -346,24 +351,27 @@ def _ask(client: ChatClient, step: Step, sampling: dict, prompt: str, key: str, 
 
 def _run_pool(jobs: Iterable[tuple[str, Callable[[], Outcome]]], workers: int) -> Iterator[Outcome]:
     """Run jobs with at most `workers` in flight (plus as many queued); yield outcomes as they complete, in the
-    calling thread, so one writer appends every line. Pending jobs are cancelled when the consumer stops."""
+    calling thread, so one writer appends every line. A job that raises (FatalAPIError) stops the run after the
+    outcomes that finished with it are yielded; on any stop the queued jobs are cancelled and the in-flight ones are
+    not waited for (the client's close() makes them give up instead of retrying), so a stop is prompt."""
     jobs = iter(jobs)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synth") as pool:
-        running: set[Future] = set()
-        try:
-            while True:
-                for key, fn in jobs:
-                    running.add(pool.submit(fn))
-                    if len(running) >= 2 * workers:
-                        break
-                if not running:
-                    return
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    yield f.result()
-        finally:
-            for f in running:
-                f.cancel()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synth")
+    running: set[Future] = set()
+    try:
+        while True:
+            for key, fn in jobs:
+                running.add(pool.submit(fn))
+                if len(running) >= 2 * workers:
+                    break
+            if not running:
+                return
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            errors = [f.exception() for f in finished if f.exception() is not None]
+            yield from (f.result() for f in finished if f.exception() is None)
+            if errors:
+                raise errors[0]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Factory:
