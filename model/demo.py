@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (data, tokenizer, runs)")
     parser.add_argument("--vocab-size", type=int, default=4000, help="tokenizer vocabulary size")
     parser.add_argument("--pretrain-steps", type=int, default=300, help="pretraining optimizer steps")
-    parser.add_argument("--sft-steps", type=int, default=300, help="SFT optimizer steps")
+    parser.add_argument("--sft-steps", type=int, default=600, help="SFT optimizer steps")
     parser.add_argument("--seed", type=int, default=42, help="random seed")
 
 
