@@ -21,6 +21,7 @@ import bisect
 import fcntl
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -305,7 +306,7 @@ def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarra
 # ---------------------------------------------------------------------------------------------------------------------
 # Loaders
 # ---------------------------------------------------------------------------------------------------------------------
-class _RowLoader:
+class _RowLoader(ABC):
     """Infinite, sharded, resumable iterator over the packed rows of each epoch (see the module docstring)."""
 
     capacity: int
@@ -326,11 +327,13 @@ class _RowLoader:
         self._eval_plan: PackPlan | None = None
 
     # --- what subclasses provide
+    @abstractmethod
     def _fingerprint(self) -> str:
-        raise NotImplementedError
+        """Identifies the data and packing, so a saved position is never applied to other data."""
 
+    @abstractmethod
     def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The tensors of the given packed rows."""
 
     # --- epochs
     def plan(self, epoch: int | None = None) -> PackPlan:
