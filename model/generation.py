@@ -134,8 +134,9 @@ def default_model_stop_ids(model: Transformer) -> tuple[int, ...]:
 
 def _static_step(model: Transformer, token: torch.Tensor, cache: KVCache, position: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:
-    """One decode step with shapes fixed by the cache: what torch.compile captures as a CUDA graph."""
-    return model(token, cache=cache, cache_position=position, attention_mask=mask)[:, -1]
+    """Next-token logits [B, vocab] for tokens at `position`, with shapes fixed by the cache: what torch.compile
+    captures as a CUDA graph for the one-token step (and the prefill, eagerly, for the whole prompt)."""
+    return model(token, cache=cache, cache_position=position, attention_mask=mask, logits_to_keep=1)[:, -1]
 
 
 _compiled_step = None
@@ -216,7 +217,7 @@ def _decode(model, ids, mask, L, max_new, padded, config, stop, seen, generator,
                                               full_mask)
     else:
         cache = model.setup_cache(B, L + max_new)
-        logits = model(ids, attention_mask=mask[:, :L] if padded else None, cache=cache)[:, -1]
+        logits = model(ids, attention_mask=mask[:, :L] if padded else None, cache=cache, logits_to_keep=1)[:, -1]
         forward = lambda token, step: model(  # noqa: E731
             token[:, None], attention_mask=mask[:, :L + step + 1] if padded else None, cache=cache)[:, -1]
     for step in range(max_new):

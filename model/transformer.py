@@ -231,7 +231,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                cache_position: torch.Tensor | None = None) -> torch.Tensor:
+                cache_position: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits [B, T, vocab], or the mean cross-entropy when `labels` is given.
 
         labels: already shifted (labels[b, t] is the target after input t); IGNORE_INDEX (-100) is skipped.
@@ -240,9 +240,11 @@ class Transformer(nn.Module):
         cache: a KVCache; the T new tokens are written after its `length` positions, which then advances.
         cache_position: [T] absolute slots for the new tokens in a static-shape decode step (see KVCache); then
         attention_mask, if given, covers the whole cache buffer.
+        logits_to_keep: when > 0, logits only for the last that many positions (a prefill needs one: projecting a
+        long prompt onto a 152k vocabulary is most of its cost).
         """
         if cache_position is not None:
-            return self._static_step(input_ids, cache, cache_position, attention_mask)
+            return self._static_step(input_ids, cache, cache_position, attention_mask, logits_to_keep)
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -264,13 +266,12 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
-        x = self.model.norm(x)
-        if labels is None:
-            return self.lm_head(x)
-        return self.loss(x, labels)
+        if labels is not None:
+            return self.loss(self.model.norm(x), labels)
+        return self.lm_head(self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
 
     def _static_step(self, input_ids: torch.Tensor, cache: KVCache, cache_position: torch.Tensor,
-                     attention_mask: torch.Tensor | None) -> torch.Tensor:
+                     attention_mask: torch.Tensor | None, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits for T new tokens at slots `cache_position`, with shapes fixed by the cache (no host syncs)."""
         B, T = input_ids.shape
         k_pos = torch.arange(cache.max_len, device=input_ids.device)
@@ -284,7 +285,7 @@ class Transformer(nn.Module):
         cos, sin = self.model.rotary(position_ids, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, cache_position)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy in fp32 over labelled positions (0 when none is labelled; no host sync)."""

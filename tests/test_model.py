@@ -261,3 +261,11 @@ def test_static_cache_steps_equal_the_dynamic_cache():
             ref = model(ids[:, t:t + 1], attention_mask=m, cache=dyn)
             got = model(ids[:, t:t + 1], cache=sta, cache_position=torch.tensor([t]), attention_mask=attention_mask)
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_to_keep_gives_the_last_positions_only():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 10))
+    full = model(ids)
+    torch.testing.assert_close(model(ids, logits_to_keep=1), full[:, -1:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model(ids, logits_to_keep=3), full[:, -3:], rtol=1e-6, atol=1e-6)
