@@ -29,6 +29,16 @@ from utils.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
 
+
+def ms_per_batch(loader, batches: int = 100) -> float:
+    """Milliseconds to assemble one batch, after the first (which builds the epoch's plan)."""
+    it = iter(loader)
+    next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return (time.perf_counter() - t) * 1000 / batches
+
 def real_records() -> list[tuple[str, str]]:
     recs = []
     for line in open(CORPORA / "translational_style" / "2_Dialogues.first6000.jsonl", encoding="utf-8"):
@@ -76,12 +86,7 @@ def main() -> None:
             plan = best_fit_pack(loader.lengths, loader.capacity,
                                  np.random.default_rng(0).permutation(len(loader.lengths)))
             pack = time.perf_counter() - t
-            it = iter(loader)
-            next(it)
-            t = time.perf_counter()
-            for _ in range(100):
-                next(it)
-            batch_ms = (time.perf_counter() - t) * 10
+            batch_ms = ms_per_batch(loader)
             rep = loader.report
             rows.add_row(name, "token cache build", f"{build:.2f} s = {len(recs) / build:,.0f} docs/s, "
                                                     f"{chars / build / 1e6:.2f} M chars/s")
@@ -96,12 +101,7 @@ def main() -> None:
             t = time.perf_counter()
             sft = sft_loader(recs, tok, "chatml", args.seq_len, batch_size=args.batch_size)
             sft_s = time.perf_counter() - t
-            it = iter(sft)
-            next(it)
-            t = time.perf_counter()
-            for _ in range(100):
-                next(it)
-            sft_ms = (time.perf_counter() - t) * 10
+            sft_ms = ms_per_batch(sft)
             srep = sft.report
             rows.add_row(name, "SFT tokenize + first plan", f"{sft_s:.2f} s = {len(recs) / sft_s:,.0f} examples/s")
             rows.add_row(name, "SFT batch assembly", f"{sft_ms:.2f} ms / batch")

@@ -67,6 +67,15 @@ def spawn(model_dir: Path, *flags: str):
     return child
 
 
+def clear_and_exit(child) -> None:
+    """/clear gives a fresh prompt, /exit ends the program (the ending every terminal session here shares)."""
+    child.sendline("/clear")
+    child.expect_exact("conversation cleared")
+    child.expect_exact("User: ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+
+
 def test_terminal_chat_streams_stops_on_ctrl_c_clears_and_exits(model_dir):
     child = spawn(model_dir, "--max-new-tokens", "1500", "--verbose")
     try:
@@ -85,11 +94,7 @@ def test_terminal_chat_streams_stops_on_ctrl_c_clears_and_exits(model_dir):
 
         child.sendintr()  # Ctrl-C at the prompt drops the line and asks again
         child.expect_exact("User: ")
-        child.sendline("/clear")
-        child.expect_exact("conversation cleared")
-        child.expect_exact("User: ")
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
+        clear_and_exit(child)
     finally:
         child.close(force=True)
     assert child.exitstatus == 0, child.before

@@ -56,18 +56,14 @@ def test_terminal_chat_on_the_demo_model(demo):
     """A person at a terminal (pexpect pty): asks a question from the demo data, sees a Chinese answer stream in,
     /clear, /exit. (What a 1.3M-parameter model recalls varies with the data, so the answer's content is not pinned;
     Ctrl-C mid-answer is tested in test_cli_demo.py on a model that never stops by itself.)"""
-    from test_cli_demo import pexpect, spawn  # the same pty driver (skips this test when pexpect is missing)
+    from test_cli_demo import clear_and_exit, spawn  # the same pty driver (skips this test without pexpect)
     child = spawn(demo[0] / "sft" / "latest", "--temperature", "0", "--max-new-tokens", "60")
     try:
         child.sendline("地球上最大的海洋是哪个？")
         child.expect(r"Assistant(\x1b\[0m)?: ")
         child.expect(r"[\u4e00-\u9fff]{4}")  # Chinese text streamed to the screen
         child.expect_exact("User: ")
-        child.sendline("/clear")
-        child.expect("conversation cleared")
-        child.expect_exact("User: ")
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
+        clear_and_exit(child)
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
