@@ -1,7 +1,7 @@
-"""Where the GPU time goes, for the next optimization: kernel tables (torch.profiler) of the compiled 7B decode step
-and of the compiled `small` pretraining step, plus inductor's perf hints (e.g. "skipping cudagraphs").
+"""Where the GPU time goes, for the next optimization: kernel tables (torch.profiler) of the decode step (eager and
+compiled, `small` and 7B shapes) and of the compiled `small` pretraining step, plus inductor's perf hints.
 
-    TORCH_LOGS=perf_hints python bench/profile_gpu.py [--out DIR]
+    TORCH_LOGS=perf_hints python bench/profile_gpu.py [--only decode_small decode_7b pretrain_small] [--out DIR]
 """
 from __future__ import annotations
 
@@ -26,13 +26,9 @@ def table(fn, out: Path, name: str, rows: int = 18) -> None:
     print(f"== {name}\n{text}", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench")
-    out = Path(parser.parse_args().out)
+def decode(out: Path, label: str) -> None:
     from model.generation import SamplingConfig, generate
-
-    model = build("ours", LLAMA_7B, torch.bfloat16).eval()
+    model = build("ours", SMALL if label == "small" else LLAMA_7B, torch.bfloat16).eval()
     config = SamplingConfig(temperature=1.0, top_k=50, max_new_tokens=32, stop_ids=(VOCAB + 1,), seed=0)
     ids = list(range(1, 65))
     with torch.inference_mode():
@@ -40,16 +36,33 @@ def main() -> None:
             for _ in range(2):  # compile + warm-up
                 generate(model, [ids], config, compile=compiled)
             table(lambda: generate(model, [ids], config, compile=compiled), out,
-                  f"decode_7b_{'compiled' if compiled else 'eager'}_32_tokens")
+                  f"decode_{label}_{'compiled' if compiled else 'eager'}_32_tokens")
     del model
     free()
 
+
+def pretrain_small(out: Path) -> None:
     model = build("ours", SMALL, torch.float32).train()
     batch = torch.randint(0, VOCAB, (32, 1025), device="cuda")
     step = train_step_fn(torch.compile(model), "ours", batch, list(model.parameters()))
     for _ in range(3):
         step()
     table(step, out, "pretrain_small_compiled_step")
+
+
+PROFILES = {"decode_small": lambda out: decode(out, "small"), "decode_7b": lambda out: decode(out, "7b"),
+            "pretrain_small": pretrain_small}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=list(PROFILES), choices=list(PROFILES))
+    parser.add_argument("--out", default="bench")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.only:
+        PROFILES[name](out)
 
 
 if __name__ == "__main__":
