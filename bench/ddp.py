@@ -1,7 +1,11 @@
-"""DDP scaling of the real training loop: the `small` preset (seq 1024, bf16, compiled, fused AdamW) on random tokens,
-run by model.trainer.Trainer under `accelerate launch` with 1 and then 2 processes; prints global tokens/s of each.
+"""Multi-GPU scaling of the real training loop (model.trainer.Trainer under `accelerate launch`, random tokens), run with
+1 and then N processes; prints and writes the global tokens/s of each and the peak GPU memory per process.
 
-    python bench/ddp.py --gpus 2 [--steps 40] [--out DIR]
+    python bench/ddp.py --gpus 2 [--steps 40] [--out DIR]                 # `small` preset, compiled, DDP
+    python bench/ddp.py --gpus 2 --model lora7b --steps 12 [--out DIR]    # LoRA r=8 q,v on the Llama-7B shape, FSDP2
+
+small: seq 1024, bf16, compiled, fused AdamW, 16 rows per GPU. lora7b: bf16 base, gradient checkpointing, 4 x 1024
+per GPU; the N-process run shards it with accelerate_fsdp.yaml (the 1-process run is the plain model).
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ class RandomRows:
 
 
 class NoWeights:
-    def save(self, model, out_dir) -> None:
+    def save(self, model, out_dir, state=None) -> None:
         pass
 
     def load(self, model, ckpt_dir) -> None:
@@ -51,13 +55,23 @@ class NoWeights:
 def worker(args) -> None:
     from model import ModelConfig, Transformer
     from model.trainer import TrainConfig, Trainer, make_accelerator, set_seed_everywhere
+    lora = args.model == "lora7b"
     cfg = TrainConfig(out_dir=args.run, max_steps=args.steps, batch_size=args.batch_size, warmup_steps=5,
-                      mixed_precision="bf16", compile=True, log_every=10, save_total_limit=1)
+                      mixed_precision="bf16", compile=not lora, gradient_checkpointing=lora, log_every=4 if lora else 10,
+                      save_total_limit=1)
     acc = make_accelerator(cfg)
     set_seed_everywhere(0)
-    model = Transformer(ModelConfig.preset("small"))
+    if lora:
+        from gpu import LLAMA_7B, build
+        from model.lora import apply_lora
+        model = build("ours", LLAMA_7B, torch.bfloat16)
+        apply_lora(model, r=8, alpha=16, dropout=0.05, targets=["q_proj", "v_proj"])
+    else:
+        model = Transformer(ModelConfig.preset("small"))
     loader = RandomRows(args.batch_size, 1024, model.config.vocab_size, acc.process_index)
     Trainer(model, loader, cfg, NoWeights(), accelerator=acc).train()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    (Path(args.run) / f"peak-gib-rank{acc.process_index}.txt").write_text(f"{peak:.2f}\n")
 
 
 def last_tokens_per_s(run: Path) -> float:
@@ -68,26 +82,37 @@ def last_tokens_per_s(run: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--model", default="small", choices=["small", "lora7b"])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per GPU (default 16 small, 4 lora7b)")
     parser.add_argument("--out", default="bench")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # set for the launched workers
     args = parser.parse_args()
+    args.batch_size = args.batch_size or (4 if args.model == "lora7b" else 16)
     if args.run:
         return worker(args)
-    speeds = {}
+    speeds, peaks = {}, {}
     for n in (1, args.gpus):
-        run = Path(args.out) / f"ddp-{n}"
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-                  "--mixed_precision", "bf16", "--dynamo_backend", "no", *(["--multi_gpu"] if n > 1 else []),
-                  __file__, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--run", str(run)]
-        subprocess.run(launch, check=True, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
+        run = Path(args.out) / f"{args.model}-{n}"
+        topology = []
+        if n > 1:
+            topology = ["--config_file", str(REPO / "accelerate_fsdp.yaml")] if args.model == "lora7b" else \
+                ["--multi_gpu"]
+        launch = [sys.executable, "-m", "accelerate.commands.launch", *topology, "--num_processes", str(n),
+                  "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", __file__,
+                  "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                  "--run", str(run)]
+        subprocess.run(launch, check=True, cwd=REPO,
+                       env=os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])})
         speeds[n] = last_tokens_per_s(run)
-    result = {"name": "ddp_scaling", "ours": speeds[args.gpus], "reference": speeds[1],
+        peaks[n] = max(float(f.read_text()) for f in run.glob("peak-gib-rank*.txt"))
+    name = "ddp_scaling" if args.model == "small" else "fsdp_lora_7b"
+    result = {"name": name, "ours": speeds[args.gpus], "reference": speeds[1],
               "ratio": round(speeds[args.gpus] / speeds[1], 3), "unit": "tokens/s (global)",
-              "device": f"{args.gpus} x {torch.cuda.get_device_name()}", "batch_per_gpu": f"{args.batch_size}x1024"}
+              "device": f"{args.gpus} x {torch.cuda.get_device_name()}", "batch_per_gpu": f"{args.batch_size}x1024",
+              "peak_gib_per_gpu": peaks[args.gpus], "peak_gib_one_gpu": peaks[1]}
     print(json.dumps(result))
-    (Path(args.out) / "ddp.json").write_text(json.dumps(result, indent=2) + "\n")
+    (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,17 +36,20 @@ class CheckpointError(ValueError):
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------
-def model_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """The state to save: HF key names, the tied lm_head dropped (transformers re-ties it), contiguous tensors."""
-    state = model.state_dict()
+def model_state(model: Transformer, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state to save (the model's own, or `state`, e.g. gathered from FSDP shards): HF key names, the tied
+    lm_head dropped (transformers re-ties it), contiguous tensors."""
+    state = dict(model.state_dict() if state is None else state)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def write_model_files(model: Transformer, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Write config.json, generation_config.json and (sharded) safetensors into an existing directory."""
-    state = model_state(model)
+def write_model_files(model: Transformer, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json, generation_config.json and (sharded) safetensors into an existing directory; `state`
+    replaces the model's own tensors (see model_state)."""
+    state = model_state(model, state)
     dtype = next(iter(state.values())).dtype
     config = model.config.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
     write_json(out_dir / "config.json", config)

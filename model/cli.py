@@ -85,8 +85,8 @@ class FullModelIO:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def save(self, model: Transformer, out_dir: Path) -> None:
-        write_model_files(model, out_dir)
+    def save(self, model: Transformer, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        write_model_files(model, out_dir, state=state)
         self.tokenizer.save(out_dir)
 
     def load(self, model: Transformer, ckpt_dir: Path) -> None:

@@ -2,8 +2,9 @@
 (repetition penalty, then temperature, top-k, top-p), stop tokens, batched left-padded generation, a UTF-8-safe text
 stream, and the chat prompt builder shared by the console chat and the HTTP server.
 
-The per-step work is pure tensor code (no `.item()`, no Python branching on values): the only host sync per step is
-the "has every row stopped?" check, so the step can later be compiled or captured in a CUDA graph.
+The per-step work is pure tensor code (no `.item()`, no Python branching on values, sampling noise drawn ahead), so
+the whole step, sampling included, compiles into one CUDA graph; the only host sync is the "has every row stopped?"
+check, which `generate` makes every few steps so the host queues work ahead of the GPU.
 """
 from __future__ import annotations
 
@@ -111,15 +112,32 @@ def process_logits(logits: torch.Tensor, config: SamplingConfig, seen: torch.Ten
 
 
 def next_token(logits: torch.Tensor, config: SamplingConfig, seen: torch.Tensor | None,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """[B] next ids. Sampling uses the exponential race (argmax of p / Exp(1) samples a categorical exactly) so it
-    needs no host sync, unlike torch.multinomial on some backends."""
+               race: torch.Tensor | None) -> torch.Tensor:
+    """[B] next ids. Sampling is the exponential race: argmax of p / E with E ~ Exp(1) ([B, vocab], from
+    `RaceNoise`) samples the categorical p exactly, with no host sync and no RNG inside the step."""
     logits = process_logits(logits, config, seen)
     if config.greedy:
         return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
-    return (probs / race).argmax(-1)  # the clamp: a 0 draw would make 0 / 0 = nan win the argmax
+    return (logits.softmax(-1) / race).argmax(-1)
+
+
+class RaceNoise:
+    """Exp(1) draws for `next_token`, made several decoding steps at a time (up to `max_bytes`) outside the step.
+
+    A compiled step then holds no RNG state (a CUDA graph replays fixed kernels), and every decoding path (eager,
+    static, compiled) consumes the same draws, so a seed gives the same tokens on all of them."""
+
+    def __init__(self, batch: int, vocab: int, device: torch.device, generator: torch.Generator | None,
+                 max_bytes: int = 2**26):
+        self.buffer = torch.empty(max(1, min(32, max_bytes // (4 * batch * vocab))), batch, vocab, device=device)
+        self.generator, self.used = generator, len(self.buffer)
+
+    def next(self) -> torch.Tensor:
+        if self.used == len(self.buffer):  # the clamp: a 0 draw would make 0 / 0 = nan win the argmax
+            self.buffer.exponential_(1.0, generator=self.generator).clamp_(min=torch.finfo(torch.float32).tiny)
+            self.used = 0
+        self.used += 1
+        return self.buffer[self.used - 1]
 
 
 # ---- decoding ----------------------------------------------------------------------------------------------------
@@ -133,10 +151,12 @@ def default_model_stop_ids(model: Transformer) -> tuple[int, ...]:
 
 
 def _static_step(model: Transformer, token: torch.Tensor, cache: KVCache, position: torch.Tensor,
-                 mask: torch.Tensor | None) -> torch.Tensor:
-    """Next-token logits [B, vocab] for tokens at `position`, with shapes fixed by the cache: what torch.compile
-    captures as a CUDA graph for the one-token step (and the prefill, eagerly, for the whole prompt)."""
-    return model(token, cache=cache, cache_position=position, attention_mask=mask, logits_to_keep=1)[:, -1]
+                 mask: torch.Tensor | None, config: SamplingConfig, seen: torch.Tensor | None,
+                 race: torch.Tensor | None) -> torch.Tensor:
+    """The next token [B] after `token` at `position`, with shapes fixed by the cache: what torch.compile captures
+    as one CUDA graph, sampling included (and the prefill runs eagerly for the whole prompt)."""
+    logits = model(token, cache=cache, cache_position=position, attention_mask=mask, logits_to_keep=1)[:, -1]
+    return next_token(logits, config, seen, race)
 
 
 _compiled_step = None
@@ -154,13 +174,16 @@ def static_cache(model: Transformer, batch_size: int) -> KVCache:
 
 @torch.inference_mode()
 def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: SamplingConfig,
-                 pad_id: int = 0, static: bool = False, compile: bool = False) -> Iterator[torch.Tensor]:
+                 pad_id: int = 0, static: bool = False, compile: bool = False,
+                 check_every: int = 1) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B] on the model's device, one step at a time.
 
     Prompts are left-padded to a common length. Stops when every row has produced a stop id (rows that stopped
     keep producing tokens, which callers drop), after max_new_tokens, or when the context window is full.
     static: decode over a full-context cache with fixed shapes (no per-step reallocation or growing masks);
     compile: also torch.compile the step (mode "reduce-overhead": CUDA graphs on a GPU). Same tokens either way.
+    check_every: look for "every row stopped" (a host sync) only every this many steps, so the host can queue
+    steps ahead of the GPU; rows that stopped keep going for up to check_every - 1 steps, which callers drop.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -185,21 +208,24 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: S
 
     stop = torch.tensor(config.stop_ids or default_model_stop_ids(model), dtype=torch.long, device=device)
     seen = token_presence(ids, vocab, mask[:, :L]) if config.repetition_penalty != 1.0 else None
-    generator = None
-    if not config.greedy and config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
+    noise = None
+    if not config.greedy:
+        generator = None if config.seed is None else torch.Generator(device=device).manual_seed(config.seed)
+        noise = RaceNoise(B, vocab, device, generator)
 
     # fixed shapes (static / compiled) build one cuDNN plan and keep it: faster there (bench/RESULTS.md)
     backends = [SDPBackend.CUDNN_ATTENTION, *DECODE_SDPA_BACKENDS] if static or compile else DECODE_SDPA_BACKENDS
     with sdpa_kernel(backends):
-        yield from _decode(model, ids, mask, L, max_new, padded, config, stop, seen, generator, static, compile)
+        yield from _decode(model, ids, mask, L, max_new, padded, config, stop, seen, noise, static, compile,
+                           check_every)
 
 
-def _decode(model, ids, mask, L, max_new, padded, config, stop, seen, generator, static, compile):
+def _decode(model, ids, mask, L, max_new, padded, config, stop, seen, noise, static, compile, check_every):
     """The decode loop of `decode_steps` over prepared, left-padded tensors (prompt length L)."""
     global _compiled_step
     B, device = ids.shape[0], ids.device
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    race = lambda: None if noise is None else noise.next()  # noqa: E731
     if static or compile:
         cache = static_cache(model, B)
         full_mask = None
@@ -211,31 +237,33 @@ def _decode(model, ids, mask, L, max_new, padded, config, stop, seen, generator,
             if _compiled_step is None:
                 _compiled_step = torch.compile(_static_step, mode="reduce-overhead", fullgraph=True)
             step_fn = _compiled_step
-        logits = _static_step(model, ids, cache, torch.arange(L, device=device), full_mask)
+        token = _static_step(model, ids, cache, torch.arange(L, device=device), full_mask, config, seen, race())
         positions = torch.arange(L, L + max_new, device=device)
-        forward = lambda token, step: step_fn(model, token[:, None], cache, positions[step:step + 1],  # noqa: E731
-                                              full_mask)
+        # clone: a CUDA graph's output is overwritten by its next replay
+        advance = lambda token, step: step_fn(model, token[:, None], cache, positions[step:step + 1],  # noqa: E731
+                                              full_mask, config, seen, race()).clone()
     else:
         cache = model.setup_cache(B, L + max_new)
         logits = model(ids, attention_mask=mask[:, :L] if padded else None, cache=cache, logits_to_keep=1)[:, -1]
-        forward = lambda token, step: model(  # noqa: E731
-            token[:, None], attention_mask=mask[:, :L + step + 1] if padded else None, cache=cache)[:, -1]
+        token = next_token(logits, config, seen, race())
+        advance = lambda token, step: next_token(model(  # noqa: E731
+            token[:, None], attention_mask=mask[:, :L + step + 1] if padded else None, cache=cache)[:, -1],
+            config, seen, race())
     for step in range(max_new):
-        token = next_token(logits, config, seen, generator)
         yield token
         finished |= torch.isin(token, stop)
-        if step + 1 == max_new or bool(finished.all()):  # the one host sync per step
+        if step + 1 == max_new or ((step + 1) % check_every == 0 and bool(finished.all())):  # the host sync
             return
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        logits = forward(token, step)
+        token = advance(token, step)
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], config: SamplingConfig,
              pad_id: int | None = None, static: bool = False, compile: bool = False) -> list[list[int]]:
     """New tokens for each prompt (batched, left-padded), each cut before its first stop id."""
     pad = pad_id if pad_id is not None else model.config.pad_token_id or 0
-    steps = list(decode_steps(model, prompts, config, pad, static, compile))
+    steps = list(decode_steps(model, prompts, config, pad, static, compile, check_every=8))
     rows = torch.stack(steps, 1).tolist()
     stops = set(config.stop_ids or default_model_stop_ids(model))
     out = []

@@ -257,7 +257,11 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRAWrapped]]:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors only, under our module paths (`model.layers.0.self_attn.q_proj.lora_A.weight`, or
     `...self_attn.W_pack.lora_A.weight` for Baichuan); PEFT's file keys are these with `base_model.model.` before."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    return adapter_tensors(model.state_dict())
+
+
+def adapter_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
 
 
 def set_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
@@ -316,14 +320,17 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 # ---- PEFT adapter directories ------------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT keys, metadata format=pt) atomically."""
+def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT keys, metadata format=pt) atomically.
+    `state` (e.g. gathered from FSDP shards) replaces the model's own tensors; its adapter keys are the ones kept."""
     config: LoraConfig | None = getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("model has no LoRA layers (apply_lora or load_adapter first)")
     if base_model_name_or_path is not None:
         config.base_model_name_or_path = base_model_name_or_path
-    state = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
+    adapter = lora_state_dict(model) if state is None else adapter_tensors(state)
+    state = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in adapter.items()}
     path = Path(path)
     with atomic_dir(path) as tmp:
         write_json(tmp / ADAPTER_CONFIG, config.to_peft_dict())

@@ -73,8 +73,8 @@ class AdapterIO:
     def __init__(self, base: str):
         self.base = base
 
-    def save(self, model, out_dir: Path) -> None:
-        save_adapter(model, out_dir, base_model_name_or_path=self.base)
+    def save(self, model, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        save_adapter(model, out_dir, base_model_name_or_path=self.base, state=state)
 
     def load(self, model, ckpt_dir: Path) -> None:
         set_lora_state_dict(model, read_adapter_weights(ckpt_dir), source=str(ckpt_dir))

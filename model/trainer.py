@@ -1,9 +1,14 @@
 """The training loop shared by pretraining, SFT and LoRA.
 
-One `accelerate.Accelerator` handles devices, mixed precision, gradient accumulation and DDP / FSDP / DeepSpeed (from
-an accelerate config file). The loop itself is plain: a resumable batch iterator, AdamW with weight decay on matrices
+One `accelerate.Accelerator` handles devices, mixed precision, gradient accumulation and DDP / FSDP (from an
+accelerate config file). The loop itself is plain: a resumable batch iterator, AdamW with weight decay on matrices
 only, warmup + cosine (or constant) learning rate, gradient clipping, periodic evaluation, atomic checkpoints with
 rotation and a `latest` pointer, exact resume, and a clean stop on SIGINT / SIGTERM or a non-finite loss.
+
+Checkpoints are whole whatever the topology: under FSDP the weights and the optimizer state are gathered to rank 0
+(torch.distributed.checkpoint's full state dicts, keyed by parameter name), so a run saved on 8 sharded GPUs is an
+ordinary model dir, and its optimizer state resumes under DDP, FSDP or one process alike. Only the per-rank RNG and
+data-cursor states tie an exact resume to the same number of processes.
 
 A run directory:
     checkpoint-STEP/          model dir (or adapter dir) + training_state/
@@ -31,6 +36,8 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 from accelerate.utils import gather_object
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -85,9 +92,10 @@ class TrainConfig:
 
 
 class WeightsIO(Protocol):
-    """How a checkpoint stores the trainable weights: a full model dir, or a LoRA adapter dir."""
+    """How a checkpoint stores the trainable weights: a full model dir, or a LoRA adapter dir. `state`, when given,
+    holds the full (gathered) tensors to write instead of the model's own, which FSDP keeps sharded."""
 
-    def save(self, model: nn.Module, out_dir: Path) -> None: ...
+    def save(self, model: nn.Module, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None: ...
     def load(self, model: nn.Module, ckpt_dir: Path) -> None: ...
 
 
@@ -195,26 +203,31 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         self.mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cfg.cpu)
         self.accelerator = accelerator or make_accelerator(cfg)
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            # checkpoints here are full replicas (model dir + one optimizer state): sharded states would be saved
-            # as if they were whole, so refuse instead of writing checkpoints that cannot be resumed
-            raise ValueError(f"{self.accelerator.distributed_type.value}: checkpointing sharded training is not "
-                             "supported yet; launch with DDP (accelerate.yaml) or a single process")
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError("DeepSpeed is not supported: for sharded training launch with an FSDP config "
+                             "(accelerate_fsdp.yaml); DDP (accelerate.yaml) or one process otherwise")
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
         self.console = Console(stderr=True, quiet=not self.accelerator.is_main_process)
-        self.raw_model = model  # the module whose parameters train (DDP and compile wrap this same object)
+        self.raw_model = model  # the module whose parameters train (DDP / FSDP / compile wrap this same object)
         self.train_loader, self.eval_loader = train_loader, eval_loader
-        self.chars_per_token, self.sample_fn = chars_per_token, sample_fn
+        self.chars_per_token = chars_per_token
+        self.sample_fn = None if self.sharded else sample_fn  # one rank cannot generate from sharded weights
         self.weights_io = weights_io
         self.run_info = run_info or {}
         self.step = 0
         self._stop_signal: int | None = None
+        self.resume_from = resolve_resume(self.run_dir, cfg.resume)
+        if self.resume_from is not None:  # into the whole model, before FSDP shards it
+            weights_io.load(model, self.resume_from)
+        self.trainable = model.num_parameters(trainable_only=True)
 
         model.gradient_checkpointing = cfg.gradient_checkpointing
         model.train()
         optimizer = build_optimizer(model, cfg, self.accelerator.device)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.prepared, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model = self.prepared
         if cfg.compile:  # after the DDP wrap, so dynamo sees the gradient buckets and overlaps their all-reduce
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.prepared)
         steps_per_epoch = max(1, train_loader.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -236,12 +249,16 @@ class Trainer:
         buffer = io.BytesIO()  # serialized here: gathering raw tensors through pickle fails on some torch builds
         torch.save({"rng": _rng_state(), "loader": self.train_loader.state_dict()}, buffer)
         all_ranks = gather_object([buffer.getvalue()]) if acc.num_processes > 1 else [buffer.getvalue()]
+        # collectives under FSDP (every rank takes part); the full tensors land on rank 0's CPU
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        weights = get_model_state_dict(self.prepared, options=full) if self.sharded else None
+        optimizer_state = get_optimizer_state_dict(self.prepared, self.optimizer.optimizer, options=full)
         if acc.is_main_process:
             with atomic_dir(target) as tmp:
-                self.weights_io.save(self.raw_model, tmp)
+                self.weights_io.save(self.raw_model, tmp, state=weights)
                 state = tmp / STATE_DIR
                 state.mkdir()
-                torch.save(self.optimizer.state_dict(), state / "optimizer.pt")
+                torch.save(optimizer_state, state / "optimizer.pt")
                 for rank, blob in enumerate(all_ranks):
                     (state / f"rank{rank}.pt").write_bytes(blob)
                 write_json(state / "trainer_state.json", {
@@ -256,16 +273,21 @@ class Trainer:
         self.log(f"saved {target}")
         return target
 
-    def load_checkpoint(self, ckpt: Path) -> None:
+    def load_training_state(self, ckpt: Path) -> None:
+        """Optimizer, RNG, data cursor and step (the weights went in before wrapping, in __init__)."""
         acc = self.accelerator
         state = ckpt / STATE_DIR
         meta = json.loads((state / "trainer_state.json").read_text())
         if meta["world_size"] != acc.num_processes:
             raise ValueError(f"{ckpt}: saved with {meta['world_size']} processes, resuming with "
                              f"{acc.num_processes}; exact resume needs the same number")
-        self.weights_io.load(self.raw_model, ckpt)
-        self.optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location=acc.device,
-                                                  weights_only=True))
+        # rank 0 reads the full optimizer state and sends each rank its part (its shard under FSDP)
+        broadcast = acc.num_processes > 1
+        optimizer_state = {}
+        if acc.is_main_process or not broadcast:
+            optimizer_state = torch.load(state / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.prepared, self.optimizer.optimizer, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
         per_rank = torch.load(state / f"rank{acc.process_index}.pt", weights_only=True)
         _set_rng_state(per_rank["rng"])
         self.train_loader.load_state_dict(per_rank["loader"])
@@ -303,9 +325,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self.run_dir.mkdir(parents=True, exist_ok=True)
         acc.init_trackers("tensorboard")
-        resume_from = resolve_resume(self.run_dir, cfg.resume)
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
+        if self.resume_from is not None:
+            self.load_training_state(self.resume_from)
         else:
             set_seed_everywhere(cfg.seed, acc.process_index)
         old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -321,7 +342,7 @@ class Trainer:
         unwrapped = self.raw_model
         batches = iter(self.train_loader)
         peak = peak_flops(acc.device, self.mixed_precision)
-        self.log(f"training {unwrapped.num_parameters(trainable_only=True):,} trainable parameters for "
+        self.log(f"training {self.trainable:,} trainable parameters for "
                  f"{self.total_steps} steps on {acc.num_processes} x {acc.device} ({self.mixed_precision})")
         metrics: dict[str, float] = {}
         tokens_since, t_since = 0, time.perf_counter()

@@ -7,8 +7,8 @@ import torch
 
 import model.generation as generation
 from model import ModelConfig, Transformer, load_model
-from model.generation import (SamplingConfig, apply_repetition_penalty, chat_prompt, default_stop_ids, encode_chat,
-                              generate, next_token, process_logits, stream, token_presence, top_k_filter,
+from model.generation import (RaceNoise, SamplingConfig, apply_repetition_penalty, chat_prompt, default_stop_ids,
+                              encode_chat, generate, next_token, process_logits, stream, token_presence, top_k_filter,
                               top_p_filter)
 from utils.templates import get_template
 from utils.tokenizer import Tokenizer, train_tokenizer
@@ -96,6 +96,17 @@ def test_static_cache_decoding_gives_the_same_tokens(hf_and_ours):
         assert generate(ours, [prompt], config, static=True) == hf_greedy(hf, [prompt], 25, 1.3, VOCAB - 1)
 
 
+def test_seeded_sampling_is_the_same_on_every_decoding_path(hf_and_ours):
+    """Eager, fixed-shape and compiled decoding (sampling inside the compiled step) draw the same noise: same tokens."""
+    _, ours = hf_and_ours
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    config = SamplingConfig(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.1, max_new_tokens=20,
+                            stop_ids=(VOCAB - 1,), seed=3)
+    eager = generate(ours, prompts, config)
+    assert generate(ours, prompts, config, static=True) == eager
+    assert generate(ours, prompts, config, compile=True) == eager
+
+
 def test_generation_stops_at_the_context_window_and_rejects_overlong_prompts(hf_and_ours):
     _, ours = hf_and_ours  # max_position_embeddings 128
     got = generate(ours, [list(range(1, 91))], SamplingConfig(max_new_tokens=100, stop_ids=(VOCAB - 1,)))
@@ -137,14 +148,15 @@ def test_token_presence_ignores_padding():
 
 def test_sampling_follows_the_distribution_and_top_k_1_is_greedy():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).expand(40000, 5)
-    g = torch.Generator().manual_seed(0)
-    samples = next_token(logits, SamplingConfig(temperature=1.0), None, g)
+    noise = RaceNoise(40000, 5, torch.device("cpu"), torch.Generator().manual_seed(0))
+    samples = next_token(logits, SamplingConfig(temperature=1.0), None, noise.next())
     freq = torch.bincount(samples, minlength=5).float() / len(samples)
     assert (freq - logits[0].softmax(-1)).abs().max() < 0.01
-    samples = next_token(logits, SamplingConfig(temperature=1.0, top_k=2), None, g)
+    samples = next_token(logits, SamplingConfig(temperature=1.0, top_k=2), None, noise.next())
     assert set(samples.tolist()) == {0, 1}
     random = torch.randn(8, 50)
-    assert torch.equal(next_token(random, SamplingConfig(temperature=1.0, top_k=1), None, g), random.argmax(-1))
+    race = RaceNoise(8, 50, torch.device("cpu"), None).next()
+    assert torch.equal(next_token(random, SamplingConfig(temperature=1.0, top_k=1), None, race), random.argmax(-1))
 
 
 def test_fixed_seed_reproduces_the_sample(hf_and_ours):

@@ -145,20 +145,28 @@ def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path, monkeypatch):
 
 def test_two_processes_equal_one_process_with_double_accumulation(corpus, tmp_path):
     """Two CPU processes under torchrun (accelerate picks MULTI_CPU, gloo DDP) vs one process with --grad-accum 2:
-    the same rows per optimizer step, so the same weights after 3 steps. (`accelerate launch --cpu --num_processes 2`
-    starts a single process, so the test uses torchrun.)"""
+    the same rows per optimizer step, so the same weights after 3 steps. A 2-process run stopped at step 2 and
+    resumed (rank 0 reads the optimizer state and broadcasts it) ends bitwise equal to the straight one.
+    (`accelerate launch --cpu --num_processes 2` starts a single process, so the test uses torchrun.)"""
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    two = pretrain_args(corpus, tmp_path / "ddp", "--max-steps", "3", "--batch-size", "2")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-              str(REPO / "train.py"), *two]
-    result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+
+    def torchrun(run: str, *extra: str) -> None:
+        args = pretrain_args(corpus, tmp_path / run, "--batch-size", "2", *extra)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                  str(REPO / "train.py"), *args]
+        result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun("ddp", "--max-steps", "3")
     assert "on 2 x cpu" in (tmp_path / "ddp" / "train.log").read_text()
     train.main(pretrain_args(corpus, tmp_path / "one", "--max-steps", "3", "--batch-size", "2",
                              "--grad-accum", "2"))
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # Adam updates are ~3e-3
+    torchrun("resumed", "--max-steps", "2")
+    torchrun("resumed", "--max-steps", "3", "--resume")
+    assert all(torch.equal(v, weights(tmp_path / "resumed")[k]) for k, v in a.items())
 
 
 def test_loss_goes_down_on_a_real_corpus(shared_corpora, tmp_path):
