@@ -69,7 +69,9 @@ def worker(args) -> None:
     else:
         model = Transformer(ModelConfig.preset("small"))
     loader = RandomRows(args.batch_size, 1024, model.config.vocab_size, acc.process_index)
-    Trainer(model, loader, cfg, NoWeights(), accelerator=acc).train()
+    trainer = Trainer(model, loader, cfg, NoWeights(), accelerator=acc)
+    torch.cuda.reset_peak_memory_stats()  # training's peak, not the one-off full copy that sharding starts from
+    trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30
     (Path(args.run) / f"peak-gib-rank{acc.process_index}.txt").write_text(f"{peak:.2f}\n")
 
