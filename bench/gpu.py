@@ -150,7 +150,8 @@ def quantize_blocks(model: Transformer) -> None:
                 setattr(layer.get_submodule(parent), leaf, NF4Linear.from_linear(module))
 
 
-def lora_step(kind: str, r: int, targets, batch: torch.Tensor, qlora: bool = False) -> tuple[float, float]:
+def lora_step(kind: str, r: int, targets, batch: torch.Tensor, qlora: bool = False,
+              compiled: bool = False) -> tuple[float, float]:
     free()
     model = build(kind, LLAMA_7B, torch.bfloat16)
     if kind == "ours":
@@ -168,9 +169,10 @@ def lora_step(kind: str, r: int, targets, batch: torch.Tensor, qlora: bool = Fal
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     torch.cuda.reset_peak_memory_stats()
-    t = median_seconds(train_step_fn(model, kind, batch, params), warmup=2, iters=5)
+    forward = torch.compile(model) if compiled else model
+    t = median_seconds(train_step_fn(forward, kind, batch, params), warmup=3 if compiled else 2, iters=5)
     mem = torch.cuda.max_memory_allocated() / GiB
-    del model, params
+    del model, params, forward
     return batch.shape[0] * (batch.shape[1] - 1) / t, mem
 
 
@@ -184,6 +186,11 @@ def lora_7b(report: Report) -> None:
                    ours_peak_gib=round(ours_mem, 2), ref_peak_gib=round(ref_mem, 2), reference_is="transformers+peft")
         if name == "lora_7b_qv_r8":
             report.bf16_lora = ours
+            ours_c, ours_c_mem = lora_step("ours", r, targets, batch, compiled=True)
+            ref_c, ref_c_mem = lora_step("hf", r, targets, batch, compiled=True)
+            report.add(f"{name}_compiled", ours_c, ref_c, "tokens/s", batch="4x1024", checkpointing=True,
+                       ours_peak_gib=round(ours_c_mem, 2), ref_peak_gib=round(ref_c_mem, 2),
+                       reference_is="transformers+peft, torch.compile", ours_vs_reference_eager=round(ours_c / ref, 3))
 
 
 def qlora_7b(report: Report) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
-from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
+from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils import gather_object
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -147,9 +147,22 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """Built before the data so loaders know their rank; the accelerate config / launcher decides the topology."""
     # buffers (the rotary table, QLoRA's frozen 4-bit bases) are identical on every rank: no per-step broadcast
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cfg.cpu),
-                       gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu, log_with="tensorboard",
-                       project_dir=cfg.out_dir, kwargs_handlers=[ddp])
+    mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cfg.cpu)
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu,
+                       log_with="tensorboard", project_dir=cfg.out_dir, kwargs_handlers=[ddp],
+                       fsdp_plugin=fsdp_plugin(mixed_precision))
+
+
+def fsdp_plugin(mixed_precision: str) -> FullyShardedDataParallelPlugin | None:
+    """Under an FSDP launch config with bf16 / fp16: compute in half precision, but reduce gradients and return the
+    loss in fp32 (accelerate's default reduces and returns in half precision, as DDP here does not). The other
+    settings come from the config file, as accelerate's own plugin would read them."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or mixed_precision not in ("bf16", "fp16"):
+        return None
+    half = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    third = "output_dtype" if os.environ.get("FSDP_VERSION", "1") == "2" else "buffer_dtype"
+    return FullyShardedDataParallelPlugin(mixed_precision_policy={
+        "param_dtype": half, "reduce_dtype": torch.float32, third: torch.float32})
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------------

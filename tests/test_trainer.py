@@ -223,3 +223,20 @@ def test_sft_accumulation_weights_tokens_not_micro_batches(corpus, tmp_path):
     a, b = weights(runs["b2"]), weights(runs["b1"])
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_launch_computes_in_half_precision_but_reduces_in_fp32(monkeypatch):
+    """Under `accelerate launch --config_file accelerate_fsdp.yaml` (which sets these variables) gradients are reduced
+    and the loss returned in fp32; without an FSDP launch, or in full precision, accelerate's defaults stay."""
+    from model.trainer import fsdp_plugin
+    assert fsdp_plugin("bf16") is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    policy = fsdp_plugin("bf16").mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32,
+                                                                              torch.float32)
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    policy = fsdp_plugin("fp16").mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.buffer_dtype) == (torch.float16, torch.float32,
+                                                                              torch.float32)
+    assert fsdp_plugin("no") is None
