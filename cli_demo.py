@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "chat") -> Non
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="weights dtype; auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU")
     parser.add_argument("--prompt", default=None, help="answer this one question, print the answer and exit")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs, tuned "
+                        "kernels): ~7x faster on a GPU after ~20 s of compiling for the first answer")
     parser.add_argument("--verbose", action="store_true", help="print tokens/s and token counts after each answer")
     parser.add_argument("--lora", default=None, help="a LoRA adapter directory (ours or PEFT's) to apply to --model")
     parser.add_argument("--qlora", action="store_true", help="load the base linears as NF4 (4-bit) weights")
@@ -101,13 +103,14 @@ class Chat:
     template: ChatTemplate
     config: SamplingConfig
     system: str | None = None
+    compile: bool = False
     turns: list[dict] = field(default_factory=list)
 
     def reply(self, question: str) -> TextStream:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
         messages.append({"role": "user", "content": question})
         ids = chat_prompt(self.tokenizer, messages, self.template, context_budget(self.model, self.config))
-        return stream(self.model, ids, self.config, self.tokenizer, self.template.stop_strings)
+        return stream(self.model, ids, self.config, self.tokenizer, self.template.stop_strings, self.compile)
 
     def record(self, question: str, answer: str) -> None:
         self.turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
@@ -122,7 +125,7 @@ def build_chat(args: argparse.Namespace, model: Transformer, tokenizer: Tokenize
                             repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                             stop_ids=default_stop_ids(tokenizer, template), seed=args.seed)
     context_budget(model, config)  # fail now, not at the first question
-    return Chat(model, tokenizer, template, config, args.system)
+    return Chat(model, tokenizer, template, config, args.system, args.compile)
 
 
 def answer(chat: Chat, question: str, out: Console, err: Console, verbose: bool) -> None:

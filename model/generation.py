@@ -159,7 +159,17 @@ def _static_step(model: Transformer, token: torch.Tensor, cache: KVCache, positi
     return next_token(logits, config, seen, race)
 
 
-_compiled_step = None
+_compiled_steps: dict[str, object] = {}
+
+
+def compiled_step(device: torch.device):
+    """`_static_step` compiled once per device type. On a GPU mode "max-autotune": CUDA graphs, and matmul kernels
+    tuned for the one-token shapes (Triton GEMVs beat cuBLAS there: 1,972 vs 1,340 tokens/s for `small` on an H200,
+    bench/RESULTS.md), at about 20 s of first-call tuning. Elsewhere inductor's defaults."""
+    if device.type not in _compiled_steps:
+        mode = "max-autotune" if device.type == "cuda" else None
+        _compiled_steps[device.type] = torch.compile(_static_step, mode=mode, fullgraph=True)
+    return _compiled_steps[device.type]
 
 
 def static_cache(model: Transformer, batch_size: int) -> KVCache:
@@ -181,7 +191,8 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: S
     Prompts are left-padded to a common length. Stops when every row has produced a stop id (rows that stopped
     keep producing tokens, which callers drop), after max_new_tokens, or when the context window is full.
     static: decode over a full-context cache with fixed shapes (no per-step reallocation or growing masks);
-    compile: also torch.compile the step (mode "reduce-overhead": CUDA graphs on a GPU). Same tokens either way.
+    compile: also torch.compile the step (CUDA graphs and tuned kernels on a GPU, see compiled_step). Same tokens
+    either way.
     check_every: look for "every row stopped" (a host sync) only every this many steps, so the host can queue
     steps ahead of the GPU; rows that stopped keep going for up to check_every - 1 steps, which callers drop.
     """
@@ -222,7 +233,6 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: S
 
 def _decode(model, ids, mask, L, max_new, padded, config, stop, seen, noise, static, compile, check_every):
     """The decode loop of `decode_steps` over prepared, left-padded tensors (prompt length L)."""
-    global _compiled_step
     B, device = ids.shape[0], ids.device
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     race = lambda: None if noise is None else noise.next()  # noqa: E731
@@ -232,11 +242,7 @@ def _decode(model, ids, mask, L, max_new, padded, config, stop, seen, noise, sta
         if padded:
             full_mask = torch.ones(B, cache.max_len, dtype=torch.long, device=device)
             full_mask[:, :L] = mask[:, :L]
-        step_fn = _static_step
-        if compile:
-            if _compiled_step is None:
-                _compiled_step = torch.compile(_static_step, mode="reduce-overhead", fullgraph=True)
-            step_fn = _compiled_step
+        step_fn = compiled_step(device) if compile else _static_step
         token = _static_step(model, ids, cache, torch.arange(L, device=device), full_mask, config, seen, race())
         positions = torch.arange(L, L + max_new, device=device)
         # clone: a CUDA graph's output is overwritten by its next replay
@@ -293,7 +299,7 @@ class TextStream:
     running or when interrupted), and timings for tokens/s."""
 
     def __init__(self, model: Transformer, prompt_ids: Sequence[int], config: SamplingConfig, tokenizer,
-                 stop_strings: Sequence[str] = ()):
+                 stop_strings: Sequence[str] = (), compile: bool = False):
         self.config = config if config.stop_ids else replace(config, stop_ids=default_stop_ids(tokenizer))
         self.tokenizer, self.stop_strings = tokenizer, tuple(s for s in stop_strings if s)
         self.prompt_tokens = len(prompt_ids)
@@ -303,7 +309,8 @@ class TextStream:
         self.start = time.perf_counter()
         self.first_token_time: float | None = None
         self.end_time: float | None = None
-        self._steps = decode_steps(model, [list(prompt_ids)], self.config, tokenizer.pad_id)
+        self._steps = decode_steps(model, [list(prompt_ids)], self.config, tokenizer.pad_id, static=compile,
+                                   compile=compile)
         self._deltas = self._run()
 
     def __iter__(self) -> "TextStream":
@@ -356,10 +363,11 @@ class TextStream:
 
 
 def stream(model: Transformer, prompt_ids: Sequence[int], config: SamplingConfig, tokenizer,
-           stop_strings: Sequence[str] = ()) -> TextStream:
+           stop_strings: Sequence[str] = (), compile: bool = False) -> TextStream:
     """Text deltas of one answer as they are generated; joined, they equal the decoded answer (cut at the first
-    stop string). Empty `config.stop_ids` means `default_stop_ids(tokenizer)`."""
-    return TextStream(model, prompt_ids, config, tokenizer, stop_strings)
+    stop string). Empty `config.stop_ids` means `default_stop_ids(tokenizer)`. compile: the compiled fixed-shape
+    decode step (decode_steps)."""
+    return TextStream(model, prompt_ids, config, tokenizer, stop_strings, compile)
 
 
 # ---- chat ----------------------------------------------------------------------------------------------------------

@@ -192,16 +192,17 @@ def test_stream_yields_exactly_the_generated_text(tokenizer, chat_model, seed):
     prompt = chat_prompt(tokenizer, [{"role": "user", "content": "今天天气怎么样？"}])
     config = SamplingConfig(temperature=1.0, max_new_tokens=60, seed=seed, stop_ids=default_stop_ids(tokenizer))
     ids = generate(chat_model, [prompt], config)[0]
-    s = stream(chat_model, prompt, config, tokenizer)
-    deltas = list(s)
-    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True) == s.text
-    assert s.token_ids == ids and all(deltas)
-    assert s.finish_reason == ("length" if len(ids) == 60 else "stop")
+    for compile in (False, True):  # the console chat's --compile streams the same answer
+        s = stream(chat_model, prompt, config, tokenizer, compile=compile)
+        deltas = list(s)
+        assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True) == s.text
+        assert s.token_ids == ids and all(deltas)
+        assert s.finish_reason == ("length" if len(ids) == 60 else "stop")
 
 
 def scripted(monkeypatch, token_ids):
     """Replace the model's choices by a fixed token sequence (streaming logic only)."""
-    def fake_steps(model, prompts, config, pad_id=0):
+    def fake_steps(model, prompts, config, pad_id=0, static=False, compile=False):
         for t in token_ids:
             yield torch.tensor([t])
     monkeypatch.setattr(generation, "decode_steps", fake_steps)
