@@ -335,6 +335,7 @@ class TextStream:
 
     def _run(self) -> Iterator[str]:
         stops = set(self.config.stop_ids)
+        done, context, prefix, read = "", "", 0, 0  # done: the decoded text of token_ids[:read]
         for step in self._steps:
             token = int(step[0])
             now = time.perf_counter()
@@ -344,8 +345,16 @@ class TextStream:
                 self.finish_reason = "stop"
                 break
             self.token_ids.append(token)
-            full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-            stable = full.rstrip(REPLACEMENT_CHAR)
+            # Incremental detokenization (as vLLM does it): decode from `prefix`, the tokens added at the previous
+            # advance, so each token costs the same however long the answer. Both decodes start at the same token,
+            # so a SentencePiece leading-space rule treats them alike. Text ending inside a character (a trailing
+            # replacement character) is not emitted and does not advance the window.
+            window = self.tokenizer.decode(self.token_ids[prefix:], skip_special_tokens=True)
+            text = done + window[len(context):]
+            if not window.endswith(REPLACEMENT_CHAR) and len(window) > len(context):
+                done, prefix, read = text, read, len(self.token_ids)
+                context = self.tokenizer.decode(self.token_ids[prefix:read], skip_special_tokens=True)
+            stable = text.rstrip(REPLACEMENT_CHAR)
             cut = truncate_at_stop_strings(stable, self.stop_strings)
             if len(cut) < len(stable):  # a stop string completed
                 self.finish_reason = "stop"
