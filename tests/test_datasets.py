@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -267,6 +268,20 @@ def test_resume_with_another_world_size_continues_at_the_same_row(corpus, tok, t
         rank.load_state_dict(state.state_dict())
         rows += next(iter(rank))["input_ids"].tolist()
     assert sorted(rows) == sorted(second["input_ids"].tolist())
+
+
+def test_resume_survives_copying_the_data_dir(corpus, tok, tmp_path):
+    """A copied data dir has new mtimes, so its token cache is rebuilt; the same documents still resume."""
+    run = make_pretrain(corpus, tok, tmp_path / "cache")
+    batches(run, 2)
+    expected = batches(make_pretrain(corpus, tok, tmp_path / "cache"), 4)[2:]
+    copy = shutil.copytree(corpus, tmp_path / "copy")
+    for f in Path(copy).iterdir():
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    moved = make_pretrain(copy, tok, tmp_path / "cache")
+    assert moved.cache.meta["key"] != run.cache.meta["key"]
+    moved.load_state_dict(run.state_dict())
+    assert_same(batches(moved, 2), expected)
 
 
 def test_state_from_other_data_is_refused(corpus, tok, tmp_path):

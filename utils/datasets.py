@@ -418,6 +418,9 @@ class PackedLoader(_RowLoader):
         self.cache = cache
         self.seq_len = seq_len
         self.capacity = seq_len + 1
+        # the documents' token counts identify the data, not the cache key: a copied data dir (new mtimes, so a
+        # rebuilt cache) still resumes
+        self._data_hash = hashlib.sha256(np.ascontiguousarray(cache.offsets).tobytes()).hexdigest()[:20]
 
     @property
     def chars_per_token(self) -> float:
@@ -430,7 +433,7 @@ class PackedLoader(_RowLoader):
         return rep
 
     def _fingerprint(self) -> str:
-        return f"{self.cache.meta['key']}/len{self.seq_len}/buf{self.buffer_size}"
+        return f"{self._data_hash}/len{self.seq_len}/buf{self.buffer_size}"
 
     def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
         pieces = np.concatenate([np.arange(plan.row_ptr[r], plan.row_ptr[r + 1]) for r in rows])
