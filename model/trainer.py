@@ -299,6 +299,9 @@ class Trainer:
         optimizer_state = {}
         if acc.is_main_process or not broadcast:
             optimizer_state = torch.load(state / "optimizer.pt", map_location="cpu", weights_only=True)
+            if not all(isinstance(k, str) for k in optimizer_state.get("state", {})):
+                raise ValueError(f"{state / 'optimizer.pt'}: optimizer state keyed by position, not parameter name "
+                                 "(an earlier format); start a new run from its weights instead (pretrain / sft --init)")
         set_optimizer_state_dict(self.prepared, self.optimizer.optimizer, optimizer_state,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
         per_rank = torch.load(state / f"rank{acc.process_index}.pt", weights_only=True)

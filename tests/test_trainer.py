@@ -125,6 +125,20 @@ def test_crash_during_checkpoint_save_keeps_previous_checkpoint(corpus, tmp_path
     load_model(run / "latest")
 
 
+def test_resume_refuses_a_position_keyed_optimizer_state(corpus, tmp_path):
+    """Optimizer state is keyed by parameter name (so it resumes under any sharding); a position-keyed file from an
+    earlier format is refused naming the file, before any training step."""
+    run = tmp_path / "run"
+    train.main(pretrain_args(corpus, run, "--max-steps", "2"))
+    state_file = run / "latest" / "training_state" / "optimizer.pt"
+    saved = torch.load(state_file, weights_only=True)
+    assert "model.embed_tokens.weight" in saved["state"]  # parameter names
+    torch.save({"state": {i: v for i, v in enumerate(saved["state"].values())},
+                "param_groups": saved["param_groups"]}, state_file)
+    with pytest.raises(ValueError, match="optimizer.pt: optimizer state keyed by position"):
+        train.main(pretrain_args(corpus, run, "--max-steps", "4", "--resume"))
+
+
 def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train.main(pretrain_args(corpus, run, "--max-steps", "2"))
