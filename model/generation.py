@@ -8,6 +8,7 @@ check, which `generate` makes every few steps so the host queues work ahead of t
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
@@ -159,17 +160,12 @@ def _static_step(model: Transformer, token: torch.Tensor, cache: KVCache, positi
     return next_token(logits, config, seen, race)
 
 
-_compiled_steps: dict[str, object] = {}
-
-
-def compiled_step(device: torch.device):
+@functools.cache
+def compiled_step(device_type: str):
     """`_static_step` compiled once per device type. On a GPU mode "max-autotune": CUDA graphs, and matmul kernels
     tuned for the one-token shapes (Triton GEMVs beat cuBLAS there: 1,972 vs 1,340 tokens/s for `small` on an H200,
     bench/RESULTS.md), at about 20 s of first-call tuning. Elsewhere inductor's defaults."""
-    if device.type not in _compiled_steps:
-        mode = "max-autotune" if device.type == "cuda" else None
-        _compiled_steps[device.type] = torch.compile(_static_step, mode=mode, fullgraph=True)
-    return _compiled_steps[device.type]
+    return torch.compile(_static_step, mode="max-autotune" if device_type == "cuda" else None, fullgraph=True)
 
 
 def static_cache(model: Transformer, batch_size: int) -> KVCache:
@@ -242,7 +238,7 @@ def _decode(model, ids, mask, L, max_new, padded, config, stop, seen, noise, sta
         if padded:
             full_mask = torch.ones(B, cache.max_len, dtype=torch.long, device=device)
             full_mask[:, :L] = mask[:, :L]
-        step_fn = compiled_step(device) if compile else _static_step
+        step_fn = compiled_step(device.type) if compile else _static_step
         token = _static_step(model, ids, cache, torch.arange(L, device=device), full_mask, config, seen, race())
         positions = torch.arange(L, L + max_new, device=device)
         # clone: a CUDA graph's output is overwritten by its next replay

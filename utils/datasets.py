@@ -538,22 +538,15 @@ def tokenize_sft(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, 
                 x: list[int] = []
                 m: list[bool] = []
                 for _, trainable in segs:
-                    seg_ids = next(ids)
-                    if trainable and append_eos:
-                        seg_ids = seg_ids + [eos]
+                    seg_ids = next(ids) + ([eos] if trainable and append_eos else [])
                     x += seg_ids
                     m += [trainable or train_on_prompt] * len(seg_ids)
-                if len(x) - 1 > max_seq_len:
-                    if skip_overlength:
-                        stats["skipped_overlength"] += 1
-                        continue
-                    stats["truncated"] += 1
-                    x, m = x[:max_seq_len + 1], m[:max_seq_len + 1]
-                if not any(m[1:]):
-                    stats["skipped_no_target"] += 1
-                    continue
-                toks.append(x)
-                masks.append(m)
+                outcome = _fit_example(x, m, max_seq_len, skip_overlength)
+                if outcome is not None:
+                    stats[outcome] += 1
+                if outcome in (None, "truncated"):
+                    toks.append(x[:max_seq_len + 1])
+                    masks.append(m[:max_seq_len + 1])
             lens = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
             tokens.append(np.fromiter(chain.from_iterable(toks), dtype=np.int32, count=int(lens.sum())))
             flags.append(np.fromiter(chain.from_iterable(masks), dtype=bool, count=int(lens.sum())))
@@ -565,6 +558,16 @@ def tokenize_sft(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, 
     stats["examples"] = len(lens)
     return SFTExamples(np.concatenate(tokens), np.concatenate(flags),
                        np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), stats)
+
+
+def _fit_example(tokens: list[int], trainable: list[bool], max_seq_len: int, skip_overlength: bool) -> str | None:
+    """What happens to an example: None (kept whole), "truncated" (to max_seq_len + 1 tokens), "skipped_overlength",
+    or "skipped_no_target" (no trainable position left); the non-None ones are counted in the stats."""
+    if len(tokens) - 1 > max_seq_len and skip_overlength:
+        return "skipped_overlength"
+    if not any(trainable[1:max_seq_len + 1]):
+        return "skipped_no_target"
+    return "truncated" if len(tokens) - 1 > max_seq_len else None
 
 
 class SFTLoader(_RowLoader):
