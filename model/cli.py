@@ -33,6 +33,8 @@ TRAIN_HELP = {
     "mixed_precision": "auto = bf16 on a GPU that supports it, else no",
     "compile": "torch.compile the model",
     "gradient_checkpointing": "recompute each decoder block in backward (less memory, ~30%% more compute)",
+    "no_recompute_last": "with --gradient-checkpointing, the last N blocks keep their activations instead of "
+                         "recomputing them (faster; more memory per block kept)",
     "log_every": "log every N optimizer steps",
     "eval_every": "evaluate every N steps (0 = only at the end)",
     "eval_batches": "batches per evaluation",

@@ -80,6 +80,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     compile: bool = False
     gradient_checkpointing: bool = False
+    no_recompute_last: int = 0  # with checkpointing: the last N decoder layers keep their activations
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 50
@@ -89,6 +90,11 @@ class TrainConfig:
     resume: str | None = None  # "auto" = the run's latest checkpoint, or a checkpoint path
     sample_prompts: list[str] = field(default_factory=list)
     cpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.no_recompute_last < 0 or (self.no_recompute_last and not self.gradient_checkpointing):
+            raise ValueError(f"no_recompute_last={self.no_recompute_last}: a count of layers >= 0, and only with "
+                             f"gradient checkpointing on (--gradient-checkpointing)")
 
 
 class WeightsIO(Protocol):
@@ -234,7 +240,7 @@ class Trainer:
             weights_io.load(model, self.resume_from)
         self.trainable = model.num_parameters(trainable_only=True)
 
-        model.gradient_checkpointing = cfg.gradient_checkpointing
+        model.gradient_checkpointing, model.no_recompute_last = cfg.gradient_checkpointing, cfg.no_recompute_last
         model.train()
         optimizer = build_optimizer(model, cfg, self.accelerator.device)
         self.prepared, self.optimizer = self.accelerator.prepare(model, optimizer)

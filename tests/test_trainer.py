@@ -234,9 +234,11 @@ def test_sft_accumulation_weights_tokens_not_micro_batches(corpus, tmp_path):
     rows = next(iter(sft_loader(data, tok, "chatml", max_seq_len=48, batch_size=2, seed=42)))
     per_row = (rows["labels"] != -100).sum(1)
     assert per_row[0] != per_row[1]  # the comparison is meaningful: the two rows weigh differently
-    a, b = weights(runs["b2"]), weights(runs["b1"])
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    a, b, init = weights(runs["b2"]), weights(runs["b1"]), load_file(tmp_path / "init" / "model.safetensors")
+    # Relative to how far the weights moved: ~4e-6 (float rounding, which Adam amplifies at a few elements whose
+    # gradients nearly cancel); weighting each micro-batch's mean equally instead gives ~0.6.
+    moved = sum((a[k] - init[k]).abs().sum() for k in a)
+    assert sum((a[k] - b[k]).abs().sum() for k in a) / moved < 1e-4
 
 
 def test_fsdp_launch_computes_in_half_precision_but_reduces_in_fp32(monkeypatch):

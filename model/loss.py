@@ -1,0 +1,88 @@
+"""Cross-entropy fused with the output projection, a chunk of tokens at a time, so the [tokens, vocab] logits are
+never materialized whole (Liger-Kernel's fused linear cross-entropy, in plain PyTorch).
+
+For hidden states h [N, d], the head W [V, d] and targets y (IGNORE_INDEX rows skipped), n labelled rows:
+
+    z = h W^T  (in the compute dtype),   p = softmax(fp32(z)),   loss = sum_i (logsumexp(z_i) - z_i[y_i]) / n
+    dloss/dz_i = (p_i - onehot(y_i)) / n   (0 for unlabelled rows),   dh = dz W,   dW = dz^T h
+
+With gradients wanted, the forward pass computes dh and dW chunk by chunk (each chunk's logits are freed before the
+next is formed) and backward only scales them by the incoming gradient: the same matmuls as autograd would run, and
+a peak of one chunk's logits instead of N x V in fp32 (4 GiB for a 32x1024 batch over a 32k vocabulary).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+CHUNK_LOGITS = 2**25  # logits per chunk (128 MiB in fp32)
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk: CHUNK_LOGITS // vocab, rounded down to a multiple of 128 (whole GEMM tiles) when that large."""
+    rows = max(1, CHUNK_LOGITS // vocab)
+    return rows // 128 * 128 if rows >= 128 else rows
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `t` runs in: autocast's when it is on for t's device, else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, n: torch.Tensor,
+                    want_hidden: bool, want_weight: bool):
+    """(summed loss, dloss/dhidden or None, dloss/dweight in fp32 or wider or None): gradients of the mean over n."""
+    dtype = compute_dtype(weight)
+    weight_c = weight.to(dtype)
+    grad_hidden = torch.empty_like(hidden) if want_hidden else None
+    acc = torch.promote_types(dtype, torch.float32)  # softmax and dW accumulate in fp32 at least
+    grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
+    rows = chunk_rows(weight.shape[0])
+    total = hidden.new_zeros((), dtype=acc)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start:start + rows].to(dtype), labels[start:start + rows]
+            logits = F.linear(h, weight_c).to(acc)
+            labelled = y != IGNORE_INDEX
+            target = y.clamp(min=0)[:, None]
+            lse = logits.logsumexp(-1)
+            total = total + ((lse - logits.gather(1, target).squeeze(1)) * labelled).sum()
+            if not (want_hidden or want_weight):
+                continue
+            grad = logits.sub_(lse[:, None]).exp_().scatter_add_(1, target, logits.new_full(target.shape, -1.0))
+            grad = (grad * (labelled.to(acc) / n)[:, None]).to(dtype)
+            if want_hidden:
+                grad_hidden[start:start + rows] = grad @ weight_c
+            if want_weight:
+                grad_weight += (grad.T @ h).to(acc)
+    return total, grad_hidden, grad_weight
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, n):
+        total, grad_hidden, grad_weight = _loss_and_grads(hidden, weight, labels, n, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `labels` over labelled rows (0 when none is labelled; no
+    host sync). hidden [..., d], weight [V, d], labels [...] with IGNORE_INDEX for rows to skip."""
+    hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    n = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, labels, n)
+    return _loss_and_grads(hidden, weight, labels, n, False, False)[0] / n
