@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-CHUNK_LOGITS = 2**25  # logits per chunk (128 MiB in fp32)
+CHUNK_LOGITS = 2**27  # logits per chunk (512 MiB in fp32; 4096 rows of a 32k vocabulary)
 
 
 def chunk_rows(vocab: int) -> int:
