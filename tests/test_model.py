@@ -136,15 +136,42 @@ def test_tied_embeddings_share_storage_and_init_scales_residuals():
     assert abs(q_std - 0.02) < 0.003 and abs(o_std - 0.02 / 2) < 0.002  # 1/sqrt(2 * 2 layers)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+    """Every layer recomputed, the last one kept (no_recompute_last=1), or none recomputed: the same gradients."""
+    import model.transformer as transformer
     ids = torch.randint(0, 97, (2, 12))
+    checkpointed, real_checkpoint = [], transformer.checkpoint
+
+    def recording_checkpoint(layer, *args, **kwargs):
+        checkpointed.append(layer.self_attn.layer_idx)
+        return real_checkpoint(layer, *args, **kwargs)
+    monkeypatch.setattr(transformer, "checkpoint", recording_checkpoint)
     grads = []
-    for ckpt in (False, True):
+    for ckpt, kept in ((False, 0), (True, 0), (True, 1)):
         model = tiny_model().train()
-        model.gradient_checkpointing = ckpt
+        model.gradient_checkpointing, model.no_recompute_last = ckpt, kept
+        checkpointed.clear()
         model(ids, ids).backward()
-        grads.append(model.model.layers[0].mlp.up_proj.weight.grad)
-    torch.testing.assert_close(grads[0], grads[1])
+        assert checkpointed == ([0, 1][:2 - kept] if ckpt else [])
+        grads.append([p.grad for p in model.parameters()])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b)
+
+
+def test_rotary_tables_grow_past_max_position_embeddings():
+    """A sequence or cache longer than max_position_embeddings extends the cos/sin tables: the same logits as a
+    model configured long enough from the start, whole or decoded step by step through the cache."""
+    short, long = tiny_model(max_position_embeddings=16), tiny_model(max_position_embeddings=64)
+    long.load_state_dict(short.state_dict())
+    ids = torch.randint(0, 97, (1, 24))
+    ref = long(ids)
+    torch.testing.assert_close(short(ids), ref, rtol=0, atol=0)
+    fresh = tiny_model(max_position_embeddings=16)
+    cache = fresh.setup_cache(1, 30)
+    assert len(fresh.model.rotary.cos) == 30
+    steps = [fresh(ids[:, :8], cache=cache)] + [fresh(ids[:, t:t + 1], cache=cache) for t in range(8, 24)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref, rtol=1e-5, atol=1e-5)
 
 
 # ---- parity with transformers ----------------------------------------------------------------------------------

@@ -256,3 +256,18 @@ def test_fsdp_launch_computes_in_half_precision_but_reduces_in_fp32(monkeypatch)
     assert (policy.param_dtype, policy.reduce_dtype, policy.buffer_dtype) == (torch.float16, torch.float32,
                                                                               torch.float32)
     assert fsdp_plugin("no") is None
+
+
+def test_no_recompute_last_is_a_layer_count_that_needs_checkpointing():
+    import argparse
+
+    from model.cli import add_train_arguments, train_config
+    from model.trainer import TrainConfig
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    cfg = train_config(parser.parse_args(["--gradient-checkpointing", "--no-recompute-last", "4"]))
+    assert cfg.gradient_checkpointing and cfg.no_recompute_last == 4
+    with pytest.raises(ValueError, match="--gradient-checkpointing"):
+        train_config(parser.parse_args(["--no-recompute-last", "4"]))
+    with pytest.raises(ValueError, match=">= 0"):
+        TrainConfig(gradient_checkpointing=True, no_recompute_last=-1)
