@@ -8,7 +8,9 @@ For hidden states h [N, d], the head W [V, d] and targets y (IGNORE_INDEX rows s
 
 With gradients wanted, the forward pass computes dh and dW chunk by chunk (each chunk's logits are freed before the
 next is formed) and backward only scales them by the incoming gradient: the same matmuls as autograd would run, and
-a peak of one chunk's logits instead of N x V in fp32 (4 GiB for a 32x1024 batch over a 32k vocabulary).
+a peak of one chunk's logits instead of N x V in fp32 (4 GiB for a 32x1024 batch over a 32k vocabulary). Under
+torch.compile the softmax is one fused pass, but inductor sums the chunks' dW in one kernel at the end, which keeps
+every chunk's partial alive until then (+2.1 GiB at that shape; bench/RESULTS.md, session 3).
 """
 from __future__ import annotations
 

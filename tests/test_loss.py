@@ -66,3 +66,45 @@ def test_bf16_autocast_matches_autograd_through_bf16_logits(data):
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(ours[1:], ref[1:]):  # bf16 matmul outputs: agree to bf16 rounding
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+FSDP_SCRIPT = '''
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from model import ModelConfig, Transformer
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+cfg = ModelConfig.preset("tiny", tie_word_embeddings=True)
+whole, sharded = Transformer(cfg), Transformer(cfg)
+sharded.load_state_dict(whole.state_dict())
+ids = torch.randint(0, cfg.vocab_size, (4, 33))
+whole(ids[:, :-1], ids[:, 1:]).backward()
+for layer in sharded.model.layers:
+    fully_shard(layer)
+fully_shard(sharded)  # the root holds the tied embedding / lm_head, read directly by the fused loss
+rows = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
+sharded(ids[rows, :-1], ids[rows, 1:]).backward()
+worst = max(((p.grad.full_tensor() - q.grad).abs().max() / q.grad.abs().max()).item()
+            for p, q in zip(sharded.parameters(), whole.parameters()))
+if dist.get_rank() == 0:
+    print("worst", worst)
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp2_sharded_gradients_equal_one_process(tmp_path):
+    """The fused loss reads lm_head.weight without calling the module: under FSDP2 (2 CPU processes, gloo) the
+    root's unsharded weight is used and its gradient reduce-scattered like any other (tied embeddings included)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "fsdp_loss.py"
+    script.write_text(FSDP_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29519", str(script)], cwd=repo, capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    worst = float(result.stdout.split("worst")[-1])
+    assert worst < 1e-5  # equal rows per rank: the mean of the two shards' means is the whole batch's mean
