@@ -43,8 +43,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from utils.io import atomic_dir, write_json
 
+from .loss import IGNORE_INDEX
 from .nf4 import NF4Linear
-from .transformer import IGNORE_INDEX, Transformer
+from .transformer import Transformer
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; an unknown device reports no MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .loss import IGNORE_INDEX, linear_cross_entropy
+from .loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):

@@ -1,4 +1,9 @@
 """The fused, chunked linear cross-entropy (model/loss.py) against autograd through F.cross_entropy on full logits."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,10 +100,6 @@ dist.destroy_process_group()
 def test_fsdp2_sharded_gradients_equal_one_process(tmp_path):
     """The fused loss reads lm_head.weight without calling the module: under FSDP2 (2 CPU processes, gloo) the
     root's unsharded weight is used and its gradient reduce-scattered like any other (tied embeddings included)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
     script = tmp_path / "fsdp_loss.py"
     script.write_text(FSDP_SCRIPT)
