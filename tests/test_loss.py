@@ -77,10 +77,19 @@ FSDP_SCRIPT = '''
 import sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from model import ModelConfig, Transformer
+from model.lora import apply_lora
 dist.init_process_group("gloo")
 torch.manual_seed(0)
+lora = sys.argv[1] == "lora"
 cfg = ModelConfig.preset("tiny", tie_word_embeddings=True)
 whole, sharded = Transformer(cfg), Transformer(cfg)
+if lora:  # adapters with nonzero B on q, v; the sharded model recomputes its layers (frozen down_proj outside)
+    for model in (whole, sharded):
+        apply_lora(model, r=4, alpha=8, targets=["q_proj", "v_proj"])
+    for name, p in whole.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    sharded.gradient_checkpointing = True
 sharded.load_state_dict(whole.state_dict())
 ids = torch.randint(0, cfg.vocab_size, (4, 33))
 whole(ids[:, :-1], ids[:, 1:]).backward()
@@ -89,22 +98,26 @@ for layer in sharded.model.layers:
 fully_shard(sharded)  # the root holds the tied embedding / lm_head, read directly by the fused loss
 rows = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
 sharded(ids[rows, :-1], ids[rows, 1:]).backward()
-worst = max(((p.grad.full_tensor() - q.grad).abs().max() / q.grad.abs().max()).item()
-            for p, q in zip(sharded.parameters(), whole.parameters()))
+pairs = [(p, q) for p, q in zip(sharded.parameters(), whole.parameters()) if q.requires_grad]
+assert len(pairs) == (4 * cfg.num_hidden_layers if lora else len(list(whole.parameters())))
+worst = max(((p.grad.full_tensor() - q.grad).abs().max() / q.grad.abs().max()).item() for p, q in pairs)
 if dist.get_rank() == 0:
     print("worst", worst)
 dist.destroy_process_group()
 '''
 
 
-def test_fsdp2_sharded_gradients_equal_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fsdp2_sharded_gradients_equal_one_process(tmp_path, mode):
     """The fused loss reads lm_head.weight without calling the module: under FSDP2 (2 CPU processes, gloo) the
-    root's unsharded weight is used and its gradient reduce-scattered like any other (tied embeddings included)."""
+    root's unsharded weight is used and its gradient reduce-scattered like any other (tied embeddings included).
+    LoRA with gradient checkpointing: the frozen down_proj, outside the recomputed region, runs on unsharded weights
+    in backward too."""
     repo = Path(__file__).resolve().parents[1]
     script = tmp_path / "fsdp_loss.py"
     script.write_text(FSDP_SCRIPT)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29519", str(script)], cwd=repo, capture_output=True, text=True, timeout=300,
+                             "29519", str(script), mode], cwd=repo, capture_output=True, text=True, timeout=300,
                             env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
     assert result.returncode == 0, result.stderr[-3000:]
     worst = float(result.stdout.split("worst")[-1])
