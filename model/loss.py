@@ -46,15 +46,16 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start:start + rows].to(dtype), labels[start:start + rows]
-            logits = F.linear(h, weight_c).to(acc)
+            # one kernel from the compute-dtype logits to fp32 log-probabilities: no fp32 copy of the logits and no
+            # logsumexp temporaries (eager logsumexp is several full-size passes)
+            logp = torch.log_softmax(F.linear(h, weight_c), dim=-1, dtype=acc)
             labelled = y != IGNORE_INDEX
             target = y.clamp(min=0)[:, None]
-            lse = logits.logsumexp(-1)
-            total = total + ((lse - logits.gather(1, target).squeeze(1)) * labelled).sum()
+            total = total - (logp.gather(1, target).squeeze(1) * labelled).sum()
             if not (want_hidden or want_weight):
                 continue
-            grad = logits.sub_(lse[:, None]).exp_().scatter_add_(1, target, logits.new_full(target.shape, -1.0))
-            grad = (grad * (labelled.to(acc) / n)[:, None]).to(dtype)
+            grad = logp.exp_().scatter_add_(1, target, logp.new_full(target.shape, -1.0))
+            grad = grad.mul_((labelled.to(acc) / n)[:, None]).to(dtype)
             if want_hidden:
                 grad_hidden[start:start + rows] = grad @ weight_c
             if want_weight:
