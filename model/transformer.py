@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .loss import linear_cross_entropy
+from .loss import CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -148,11 +148,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gated(x))
-
-    def gated(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate(x)) * up(x): down_proj's input."""
-        return F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -163,22 +159,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache, cache_position=None, recompute: bool = False):
-        """With `recompute` (gradient checkpointing) the layer's activations are recomputed in backward instead of
-        kept. A frozen down_proj (LoRA elsewhere, or none) stays outside the recomputed region: its backward needs only
-        its weight, not its input, so recomputing its GEMM (a fifth of a 7B layer's forward FLOPs) would be wasted."""
-        if not recompute:
-            h, gated = self.up_to_down_proj(x, cos, sin, mask, cache, cache_position)
-        elif any(p.requires_grad for p in self.mlp.down_proj.parameters()):
-            return checkpoint(self, x, cos, sin, mask, cache, cache_position, use_reentrant=False)
-        else:
-            h, gated = checkpoint(self.up_to_down_proj, x, cos, sin, mask, cache, cache_position, use_reentrant=False)
-        return h + self.mlp.down_proj(gated)
-
-    def up_to_down_proj(self, x, cos, sin, mask, cache, cache_position=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream after attention, and the MLP's gated activations (down_proj's input)."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
-        return h, self.mlp.gated(self.post_attention_layernorm(h))
+    def forward(self, x, cos, sin, mask, cache, cache_position=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
@@ -291,7 +274,10 @@ class Transformer(nn.Module):
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         kept_from = len(self.model.layers) - self.no_recompute_last
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, recompute=recompute and i < kept_from)
+            if recompute and i < kept_from:
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         if labels is not None:
@@ -317,8 +303,10 @@ class Transformer(nn.Module):
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy in fp32 over labelled positions (0 when none is labelled; no host sync), fused
-        with the lm_head a chunk of tokens at a time (model/loss.py): the full logits are never materialized."""
-        return linear_cross_entropy(hidden, self.lm_head.weight, labels)
+        with the lm_head a chunk of tokens at a time (model/loss.py): the full logits are never materialized. Smaller
+        chunks under gradient checkpointing, which is asked for to save memory."""
+        chunk = CHUNK_LOGITS_LOW_MEMORY if self.gradient_checkpointing else CHUNK_LOGITS
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels, chunk)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

