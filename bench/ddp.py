@@ -1,7 +1,7 @@
 """Multi-GPU scaling of the real training loop (model.trainer.Trainer under `accelerate launch`, random tokens), run with
 1 and then N processes; prints and writes the global tokens/s of each and the peak GPU memory per process.
 
-    python bench/ddp.py --gpus 2 [--steps 40] [--out DIR]                 # `small` preset, compiled, DDP
+    python bench/ddp.py --gpus 2 [--steps 100] [--out DIR]                # `small` preset, compiled, DDP
     python bench/ddp.py --gpus 2 --model lora7b --steps 12 [--out DIR]    # LoRA r=8 q,v on the Llama-7B shape, FSDP2
 
 small: seq 1024, bf16, compiled, fused AdamW, 16 rows per GPU. lora7b: bf16 base, gradient checkpointing, 4 x 1024
@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -76,16 +77,17 @@ def worker(args) -> None:
     (Path(args.run) / f"peak-gib-rank{acc.process_index}.txt").write_text(f"{peak:.2f}\n")
 
 
-def last_tokens_per_s(run: Path) -> float:
+def tokens_per_s(run: Path) -> float:
+    """The median of the logged windows' tokens/s, the first (compilation, warm-up) left out."""
     speeds = re.findall(r" step \d+ .* ([\d,]+) tok/s", (run / "train.log").read_text())
-    return float(speeds[-1].replace(",", ""))
+    return statistics.median(float(s.replace(",", "")) for s in speeds[1:])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--model", default="small", choices=["small", "lora7b"])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="rows per GPU (default 16 small, 4 lora7b)")
     parser.add_argument("--out", default="bench")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # set for the launched workers
@@ -106,7 +108,7 @@ def main() -> None:
                   "--run", str(run)]
         subprocess.run(launch, check=True, cwd=REPO,
                        env=os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])})
-        speeds[n] = last_tokens_per_s(run)
+        speeds[n] = tokens_per_s(run)
         peaks[n] = max(float(f.read_text()) for f in run.glob("peak-gib-rank*.txt"))
     name = "ddp_scaling" if args.model == "small" else "fsdp_lora_7b"
     result = {"name": name, "ours": speeds[args.gpus], "reference": speeds[1],
