@@ -398,8 +398,8 @@ def encode_chat(tokenizer, template: ChatTemplate, messages: list[dict]) -> list
     the model continues from the token boundary it was trained on."""
     append_eos = not ends_turn_with_token(template, tokenizer)
     ids: list[int] = []
-    for piece, trainable in template.segments(messages, add_generation_prompt=True):
-        ids += tokenizer.encode(piece)
+    for i, (piece, trainable) in enumerate(template.segments(messages, add_generation_prompt=True)):
+        ids += tokenizer.encode(piece, continuation=i > 0)
         if trainable and append_eos:
             ids.append(tokenizer.eos_id)
     return ids

@@ -188,21 +188,75 @@ def test_qwen2_vocab_merges_matches_transformers(shared_corpora, tmp_path):
     assert hf2.encode(MIXED, add_special_tokens=False) == ours.encode(MIXED)
 
 
-def test_sentencepiece_llama_matches_transformers(shared_corpora, tmp_path):
+@pytest.fixture(scope="module")
+def llama(shared_corpora, tmp_path_factory):
+    """(ours, transformers') for the real LLaMA tokenizer.model."""
     transformers = pytest.importorskip("transformers")
-    shutil.copy(shared_corpora / "tokenizers" / "llama" / "tokenizer.model", tmp_path / "tokenizer.model")
-    ours = Tokenizer.load(tmp_path)
+    path = tmp_path_factory.mktemp("llama_tokenizer")
+    shutil.copy(shared_corpora / "tokenizers" / "llama" / "tokenizer.model", path / "tokenizer.model")
+    ours = Tokenizer.load(path)
     # Llama-2-7b-hf's tokenizer_config.json: LlamaTokenizer, add_bos_token true, legacy false
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+    (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None}))
-    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    return ours, transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def test_sentencepiece_llama_matches_transformers(shared_corpora, llama):
+    ours, hf = llama
     texts = _real_texts(shared_corpora) + ["</s>x<s> y", "  two leading spaces", "a  b   c"]
     for text in texts:
         assert ours.encode(text, add_bos=True) == hf.encode(text), text
         assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
     assert (ours.eos_id, ours.bos_id, ours.pad_id, ours.vocab_size) == (2, 1, 2, 32000)
     assert ours.decode(ours.encode(MIXED)) == hf.decode(hf.encode(MIXED, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("prefix", ["metaspace", "prepend_normalizer"])
+def test_continuation_drops_only_the_dummy_prefix(tmp_path, prefix):
+    """Both ways a tokenizer.json writes SentencePiece's dummy prefix: a Metaspace pre-tokenizer (tokenizers >= 0.15)
+    or a Prepend("▁") normalizer (Llama-2's original tokenizer.json). Inner spaces still become "▁"."""
+    from tokenizers import AddedToken, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    vocab = {"<unk>": 0, "</s>": 1, "▁": 2, "a": 3, "b": 4, "▁a": 5, "▁b": 6}
+    backend = HFTokenizer(models.BPE(vocab, [("▁", "a"), ("▁", "b")], unk_token="<unk>"))
+    if prefix == "metaspace":
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    else:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.add_special_tokens([AddedToken("</s>", special=True, normalized=False)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path)
+    assert tok.encode("a b") == [5, 6]
+    assert tok.encode("a b", continuation=True) == [3, 6]
+    assert tok.encode_batch(["b", " a"], continuation=True) == [[4], [5]]
+
+
+@pytest.mark.parametrize("template", ["llama2", "wenda", "human_assistant", "chatml", "raw"])
+def test_template_pieces_encode_as_the_whole_text_does(shared_corpora, llama, template):
+    """Training (tokenize_sft) and chat (encode_chat) encode a template's pieces one by one; with SentencePiece's
+    dummy prefix only on the first, the ids equal transformers' encoding of the whole rendered text, the format a
+    LLaMA-family checkpoint was trained on (eos appended after answers aside, for templates without a marker)."""
+    from model.generation import encode_chat
+    from utils.datasets import ends_turn_with_token, tokenize_sft
+    from utils.templates import get_template
+    ours, hf = llama
+    tpl = get_template(template)
+    pairs = qa_pairs(shared_corpora)[:6]
+    conversations = [[{"role": "system", "content": "你是一个助手。"}] * (i % 2) +
+                     [{"role": "user", "content": pairs[i][0]}, {"role": "assistant", "content": pairs[i][1]},
+                      {"role": "user", "content": " Hello, 今天"}, {"role": "assistant", "content": MIXED}]
+                     for i in range(len(pairs))]
+    appended = not ends_turn_with_token(tpl, ours)
+    examples = tokenize_sft(conversations, ours, tpl, max_seq_len=4096)
+    assert len(examples) == len(conversations)
+    for e, messages in enumerate(conversations):
+        tokens, trainable = examples.example(e)
+        whole = hf.encode(tpl.render(messages), add_special_tokens=False)
+        ids = [int(t) for t, was_appended in zip(tokens, trainable) if not (appended and was_appended and t == ours.eos_id)]
+        assert ids == whole
+        prompt = [i for i in encode_chat(ours, tpl, messages[:-1]) if not (appended and i == ours.eos_id)]
+        assert prompt == hf.encode(tpl.render(messages[:-1], add_generation_prompt=True), add_special_tokens=False)
 
 
 def test_sampler_keeps_only_heldout_chars_of_the_holdout(tmp_path):

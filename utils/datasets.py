@@ -531,14 +531,17 @@ def tokenize_sft(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, 
         for start in range(0, len(conversations), ENCODE_BATCH):
             chunk = conversations[start:start + ENCODE_BATCH]
             seg_lists = [template.segments(msgs) for msgs in chunk]
-            ids = iter(tokenizer.encode_batch([text for segs in seg_lists for text, _ in segs]))
+            # each piece on its own (no token straddles prompt and answer); only a conversation's first piece gets
+            # a SentencePiece dummy prefix, as in a whole-text encode
+            heads = iter(tokenizer.encode_batch([segs[0][0] for segs in seg_lists]))
+            rest = iter(tokenizer.encode_batch([text for segs in seg_lists for text, _ in segs[1:]], continuation=True))
             toks: list[list[int]] = []
             masks: list[list[bool]] = []
             for segs in seg_lists:
                 x: list[int] = []
                 m: list[bool] = []
-                for _, trainable in segs:
-                    seg_ids = next(ids) + ([eos] if trainable and append_eos else [])
+                for j, (_, trainable) in enumerate(segs):
+                    seg_ids = next(rest if j else heads) + ([eos] if trainable and append_eos else [])
                     x += seg_ids
                     m += [trainable or train_on_prompt] * len(seg_ids)
                 outcome = _fit_example(x, m, max_seq_len, skip_overlength)

@@ -12,10 +12,12 @@ bounded twice: a corpus larger than `sample_bytes` is subsampled deterministical
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import tempfile
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -71,12 +73,33 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     # ---------------------------------------------------------------- encoding
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool = False, continuation: bool = False) -> list[int]:
+        """`continuation`: the text continues a sequence (a chat template's pieces after the first), so it gets no
+        SentencePiece dummy-prefix "▁", as it would not inside a whole-text encode."""
+        backend = self._continuation_backend if continuation else self.backend
+        ids = backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], continuation: bool = False) -> list[list[int]]:
+        backend = self._continuation_backend if continuation else self.backend
+        return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    @cached_property
+    def _continuation_backend(self) -> _HFTokenizer:
+        """The backend without a dummy prefix (a Metaspace pre-tokenizer's, or a Prepend("▁") normalizer's as in
+        Llama's tokenizer.json); byte-level BPE has none and is used as it is."""
+        spec = json.loads(self.backend.to_str())
+        changed = False
+        pre = spec.get("pre_tokenizer") or {}
+        for p in [pre, *pre.get("pretokenizers", [])]:
+            if p.get("type") == "Metaspace" and p.get("prepend_scheme") != "never":
+                p["prepend_scheme"], changed = "never", True
+        norm = spec.get("normalizer") or {}
+        parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+        kept = [n for n in parts if n.get("type") != "Prepend"]
+        if len(kept) < len(parts):
+            spec["normalizer"], changed = {"type": "Sequence", "normalizers": kept} if kept else None, True
+        return _HFTokenizer.from_str(json.dumps(spec)) if changed else self.backend
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
