@@ -4,6 +4,8 @@
     python bench/ddp.py --gpus 2 [--steps 100] [--out DIR]                # `small` preset, compiled, DDP
     python bench/ddp.py --gpus 2 --model lora7b --steps 12 [--out DIR]    # LoRA r=8 q,v on the Llama-7B shape, FSDP2
 
+DDP variants: --bucket-mb N (gradient bucket size), --no-graph-split (one compiled graph instead of one per bucket).
+
 small: seq 1024, bf16, compiled, fused AdamW, 16 rows per GPU. lora7b: bf16 base, gradient checkpointing, 4 x 1024
 per GPU; the N-process run shards it with accelerate_fsdp.yaml (the 1-process run is the plain model).
 """
@@ -59,7 +61,9 @@ def worker(args) -> None:
     lora = args.model == "lora7b"
     cfg = TrainConfig(out_dir=args.run, max_steps=args.steps, batch_size=args.batch_size, warmup_steps=5,
                       mixed_precision="bf16", compile=not lora, gradient_checkpointing=lora, log_every=4 if lora else 10,
-                      save_total_limit=1)
+                      save_total_limit=1, ddp_bucket_mb=args.bucket_mb)
+    if args.no_graph_split:  # one compiled graph: the all-reduce waits for the whole backward
+        torch._dynamo.config.optimize_ddp = False
     acc = make_accelerator(cfg)
     set_seed_everywhere(0)
     if lora:
@@ -89,6 +93,9 @@ def main() -> None:
     parser.add_argument("--model", default="small", choices=["small", "lora7b"])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="rows per GPU (default 16 small, 4 lora7b)")
+    parser.add_argument("--bucket-mb", type=int, default=25, help="DDP gradient bucket size (TrainConfig.ddp_bucket_mb)")
+    parser.add_argument("--no-graph-split", action="store_true",
+                        help="compile DDP as one graph (torch._dynamo.config.optimize_ddp = False)")
     parser.add_argument("--out", default="bench")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # set for the launched workers
     args = parser.parse_args()
@@ -105,6 +112,7 @@ def main() -> None:
         launch = [sys.executable, "-m", "accelerate.commands.launch", *topology, "--num_processes", str(n),
                   "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", __file__,
                   "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                  "--bucket-mb", str(args.bucket_mb), *(["--no-graph-split"] if args.no_graph_split else []),
                   "--run", str(run)]
         subprocess.run(launch, check=True, cwd=REPO,
                        env=os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])})
@@ -114,7 +122,8 @@ def main() -> None:
     result = {"name": name, "ours": speeds[args.gpus], "reference": speeds[1],
               "ratio": round(speeds[args.gpus] / speeds[1], 3), "unit": "tokens/s (global)",
               "device": f"{args.gpus} x {torch.cuda.get_device_name()}", "batch_per_gpu": f"{args.batch_size}x1024",
-              "peak_gib_per_gpu": peaks[args.gpus], "peak_gib_one_gpu": peaks[1]}
+              "peak_gib_per_gpu": peaks[args.gpus], "peak_gib_one_gpu": peaks[1], "bucket_mb": args.bucket_mb,
+              "graph_split": not args.no_graph_split}
     print(json.dumps(result))
     (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -35,6 +35,8 @@ TRAIN_HELP = {
     "gradient_checkpointing": "recompute each decoder block in backward (less memory, ~30%% more compute)",
     "no_recompute_last": "with --gradient-checkpointing, the last N blocks keep their activations instead of "
                          "recomputing them (faster; more memory per block kept)",
+    "ddp_bucket_mb": "DDP gradient bucket size in MiB: each bucket's all-reduce overlaps the rest of the backward "
+                     "(under --compile the graph is split at each bucket; larger buckets, fewer splits)",
     "log_every": "log every N optimizer steps",
     "eval_every": "evaluate every N steps (0 = only at the end)",
     "eval_batches": "batches per evaluation",

@@ -82,6 +82,7 @@ class TrainConfig:
     compile: bool = False
     gradient_checkpointing: bool = False
     no_recompute_last: int = 0  # with checkpointing: the last N decoder layers keep their activations
+    ddp_bucket_mb: int = 25  # DDP gradient buckets: each one's all-reduce overlaps the rest of the backward
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 50
@@ -96,6 +97,8 @@ class TrainConfig:
         if self.no_recompute_last < 0 or (self.no_recompute_last and not self.gradient_checkpointing):
             raise ValueError(f"no_recompute_last={self.no_recompute_last}: a count of layers >= 0, and only with "
                              f"gradient checkpointing on (--gradient-checkpointing)")
+        if self.ddp_bucket_mb <= 0:
+            raise ValueError(f"ddp_bucket_mb={self.ddp_bucket_mb}: a bucket size in MiB > 0")
 
 
 class WeightsIO(Protocol):
@@ -153,7 +156,7 @@ def resolve_mixed_precision(choice: str, cpu: bool) -> str:
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """Built before the data so loaders know their rank; the accelerate config / launcher decides the topology."""
     # buffers (the rotary table, QLoRA's frozen 4-bit bases) are identical on every rank: no per-step broadcast
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, bucket_cap_mb=cfg.ddp_bucket_mb)
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cfg.cpu)
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu,
                        log_with="tensorboard", project_dir=cfg.out_dir, kwargs_handlers=[ddp],

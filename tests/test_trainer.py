@@ -271,3 +271,16 @@ def test_no_recompute_last_is_a_layer_count_that_needs_checkpointing():
         train_config(parser.parse_args(["--no-recompute-last", "4"]))
     with pytest.raises(ValueError, match=">= 0"):
         TrainConfig(gradient_checkpointing=True, no_recompute_last=-1)
+
+
+def test_ddp_bucket_size_reaches_the_ddp_wrapper(tmp_path):
+    import argparse
+
+    from model.cli import add_train_arguments, train_config
+    from model.trainer import TrainConfig, make_accelerator
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    cfg = train_config(parser.parse_args(["--ddp-bucket-mb", "100", "--cpu", "--out", str(tmp_path)]))
+    assert make_accelerator(cfg).ddp_handler.bucket_cap_mb == 100
+    with pytest.raises(ValueError, match="ddp_bucket_mb=0"):
+        TrainConfig(ddp_bucket_mb=0)

@@ -33,10 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from model.loss import IGNORE_INDEX  # the label the loss skips
 from utils.io import atomic_dir
 from utils.progress import progress_bar
 
-IGNORE_INDEX = -100
 PAD_SEGMENT = -1  # segment id of the padding at the end of a packed SFT row
 CACHE_FORMAT_VERSION = 1  # bump when the document format or the cache layout changes
 ENCODE_BATCH = 4096  # documents per encode_batch call (tokenizers threads inside each call)

@@ -43,8 +43,9 @@ from rich.table import Table
 from model.generation import (DECODE_SDPA_BACKENDS, SamplingConfig, context_budget, generate_answers,
                               resolve_template)
 from model.checkpoint import load_model
+from model.loss import IGNORE_INDEX
 from model.transformer import Transformer
-from utils.datasets import IGNORE_INDEX, find_shards, iter_parquet, to_messages, tokenize_sft
+from utils.datasets import find_shards, iter_parquet, to_messages, tokenize_sft
 from utils.io import write_json
 from utils.progress import progress_bar
 from utils.templates import TEMPLATES, ChatTemplate
