@@ -212,18 +212,22 @@ def test_sentencepiece_llama_matches_transformers(shared_corpora, llama):
     assert ours.decode(ours.encode(MIXED)) == hf.decode(hf.encode(MIXED, add_special_tokens=False))
 
 
-@pytest.mark.parametrize("prefix", ["metaspace", "prepend_normalizer"])
+@pytest.mark.parametrize("prefix", ["metaspace", "prepend_normalizer", "byte_level"])
 def test_continuation_drops_only_the_dummy_prefix(tmp_path, prefix):
-    """Both ways a tokenizer.json writes SentencePiece's dummy prefix: a Metaspace pre-tokenizer (tokenizers >= 0.15)
-    or a Prepend("▁") normalizer (Llama-2's original tokenizer.json). Inner spaces still become "▁"."""
+    """Every way a tokenizer.json writes a prefix space on the first word: a Metaspace pre-tokenizer (tokenizers >=
+    0.15), a Prepend("▁") normalizer (Llama-2's original tokenizer.json), ByteLevel's add_prefix_space (GPT-2's "Ġ").
+    Inner spaces still become the space symbol."""
     from tokenizers import AddedToken, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-    vocab = {"<unk>": 0, "</s>": 1, "▁": 2, "a": 3, "b": 4, "▁a": 5, "▁b": 6}
-    backend = HFTokenizer(models.BPE(vocab, [("▁", "a"), ("▁", "b")], unk_token="<unk>"))
+    sp = "Ġ" if prefix == "byte_level" else "▁"
+    vocab = {"<unk>": 0, "</s>": 1, sp: 2, "a": 3, "b": 4, sp + "a": 5, sp + "b": 6}
+    backend = HFTokenizer(models.BPE(vocab, [(sp, "a"), (sp, "b")], unk_token="<unk>"))
     if prefix == "metaspace":
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    else:
+    elif prefix == "prepend_normalizer":
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False)
     backend.add_special_tokens([AddedToken("</s>", special=True, normalized=False)])
     backend.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer.load(tmp_path)

@@ -86,14 +86,16 @@ class Tokenizer:
 
     @cached_property
     def _continuation_backend(self) -> _HFTokenizer:
-        """The backend without a dummy prefix (a Metaspace pre-tokenizer's, or a Prepend("▁") normalizer's as in
-        Llama's tokenizer.json); byte-level BPE has none and is used as it is."""
+        """The backend without a dummy prefix (a Metaspace pre-tokenizer's, a Prepend("▁") normalizer's as in
+        Llama's tokenizer.json, a ByteLevel add_prefix_space); ours and Qwen2's have none and are used as they are."""
         spec = json.loads(self.backend.to_str())
         changed = False
         pre = spec.get("pre_tokenizer") or {}
         for p in [pre, *pre.get("pretokenizers", [])]:
             if p.get("type") == "Metaspace" and p.get("prepend_scheme") != "never":
                 p["prepend_scheme"], changed = "never", True
+            if p.get("type") == "ByteLevel" and p.get("add_prefix_space"):  # GPT-2 style "Ġ" on the first word
+                p["add_prefix_space"], changed = False, True
         norm = spec.get("normalizer") or {}
         parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
         kept = [n for n in parts if n.get("type") != "Prepend"]
