@@ -86,22 +86,14 @@ class Tokenizer:
 
     @cached_property
     def _continuation_backend(self) -> _HFTokenizer:
-        """The backend without a dummy prefix (a Metaspace pre-tokenizer's, a Prepend("▁") normalizer's as in
-        Llama's tokenizer.json, a ByteLevel add_prefix_space); ours and Qwen2's have none and are used as they are."""
-        spec = json.loads(self.backend.to_str())
-        changed = False
-        pre = spec.get("pre_tokenizer") or {}
-        for p in [pre, *pre.get("pretokenizers", [])]:
-            if p.get("type") == "Metaspace" and p.get("prepend_scheme") != "never":
-                p["prepend_scheme"], changed = "never", True
-            if p.get("type") == "ByteLevel" and p.get("add_prefix_space"):  # GPT-2 style "Ġ" on the first word
-                p["add_prefix_space"], changed = False, True
-        norm = spec.get("normalizer") or {}
-        parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
-        kept = [n for n in parts if n.get("type") != "Prepend"]
-        if len(kept) < len(parts):
-            spec["normalizer"], changed = {"type": "Sequence", "normalizers": kept} if kept else None, True
-        return _HFTokenizer.from_str(json.dumps(spec)) if changed else self.backend
+        """The backend without a first-word prefix: a Metaspace pre-tokenizer's dummy "▁", a Prepend("▁")
+        normalizer's (Llama's tokenizer.json), ByteLevel's add_prefix_space. Ours and Qwen2's have none and are used
+        as they are (found from the two components, without serializing the vocabulary)."""
+        spec = {k: json.loads(c.__getstate__()) if c is not None else None
+                for k, c in (("pre_tokenizer", self.backend.pre_tokenizer), ("normalizer", self.backend.normalizer))}
+        if not _drop_first_word_prefix(spec):
+            return self.backend
+        return _HFTokenizer.from_str(json.dumps(json.loads(self.backend.to_str()) | spec))
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -164,6 +156,24 @@ class Tokenizer:
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.json, vocab.json + merges.txt, or tokenizer.model")
         return cls(backend, **_special_roles(backend, config, path))
+
+
+def _drop_first_word_prefix(spec: dict) -> bool:
+    """Edit a tokenizer.json's "pre_tokenizer" / "normalizer" entries in place so that no prefix space is added to
+    the first word; True when anything changed."""
+    changed = False
+    pre = spec.get("pre_tokenizer") or {}
+    for p in [pre, *pre.get("pretokenizers", [])]:
+        if p.get("type") == "Metaspace" and p.get("prepend_scheme") != "never":
+            p["prepend_scheme"], changed = "never", True
+        if p.get("type") == "ByteLevel" and p.get("add_prefix_space"):
+            p["add_prefix_space"], changed = False, True
+    norm = spec.get("normalizer") or {}
+    parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    kept = [n for n in parts if n.get("type") != "Prepend"]
+    if len(kept) < len(parts):
+        spec["normalizer"], changed = {"type": "Sequence", "normalizers": kept} if kept else None, True
+    return changed
 
 
 def _token_str(v) -> str | None:
