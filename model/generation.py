@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from utils.datasets import ends_turn_with_token
+from utils.datasets import encode_segments, ends_turn_with_token
 from utils.progress import progress_bar
 from utils.templates import ChatTemplate, get_template
 
@@ -393,16 +393,10 @@ def default_stop_ids(tokenizer, template: str | ChatTemplate | None = None) -> t
 
 
 def encode_chat(tokenizer, template: ChatTemplate, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation plus the generation prompt, exactly as `utils.datasets.tokenize_sft` encodes SFT
-    data (each template piece on its own, eos after every answer when the template has no end-of-turn token), so
-    the model continues from the token boundary it was trained on."""
-    append_eos = not ends_turn_with_token(template, tokenizer)
-    ids: list[int] = []
-    for i, (piece, trainable) in enumerate(template.segments(messages, add_generation_prompt=True)):
-        ids += tokenizer.encode(piece, continuation=i > 0)
-        if trainable and append_eos:
-            ids.append(tokenizer.eos_id)
-    return ids
+    """Token ids of a conversation plus the generation prompt, through the same `encode_segments` as SFT data
+    (`utils.datasets.tokenize_sft`), so the model continues from the token boundary it was trained on."""
+    segments = template.segments(messages, add_generation_prompt=True)
+    return encode_segments(tokenizer, [segments], not ends_turn_with_token(template, tokenizer))[0][0]
 
 
 def chat_prompt(tokenizer, messages: list[dict], template: str | ChatTemplate | None = None,

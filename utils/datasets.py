@@ -520,7 +520,6 @@ def tokenize_sft(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, 
     (`skip_overlength`) or cut to max_seq_len + 1 tokens. Examples left with nothing to learn are skipped.
     """
     append_eos = not ends_turn_with_token(template, tokenizer)
-    eos = tokenizer.eos_id
     stats = {"conversations": len(conversations), "examples": 0, "truncated": 0, "skipped_overlength": 0,
              "skipped_no_target": 0}
     # chunk by chunk, each chunk's examples packed into numpy arrays at once: Python int lists (~36 bytes a token)
@@ -530,20 +529,10 @@ def tokenize_sft(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, 
         task = progress.add_task("tokenizing SFT examples", total=len(conversations))
         for start in range(0, len(conversations), ENCODE_BATCH):
             chunk = conversations[start:start + ENCODE_BATCH]
-            seg_lists = [template.segments(msgs) for msgs in chunk]
-            # each piece on its own (no token straddles prompt and answer); only a conversation's first piece gets
-            # a SentencePiece dummy prefix, as in a whole-text encode
-            heads = iter(tokenizer.encode_batch([segs[0][0] for segs in seg_lists]))
-            rest = iter(tokenizer.encode_batch([text for segs in seg_lists for text, _ in segs[1:]], continuation=True))
             toks: list[list[int]] = []
             masks: list[list[bool]] = []
-            for segs in seg_lists:
-                x: list[int] = []
-                m: list[bool] = []
-                for j, (_, trainable) in enumerate(segs):
-                    seg_ids = next(rest if j else heads) + ([eos] if trainable and append_eos else [])
-                    x += seg_ids
-                    m += [trainable or train_on_prompt] * len(seg_ids)
+            for x, m in encode_segments(tokenizer, [template.segments(msgs) for msgs in chunk], append_eos):
+                m = [True] * len(m) if train_on_prompt else m
                 outcome = _fit_example(x, m, max_seq_len, skip_overlength)
                 if outcome is not None:
                     stats[outcome] += 1
@@ -561,6 +550,27 @@ def tokenize_sft(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, 
     stats["examples"] = len(lens)
     return SFTExamples(np.concatenate(tokens), np.concatenate(flags),
                        np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), stats)
+
+
+def encode_segments(tokenizer: Any, seg_lists: Sequence[list[tuple[str, bool]]],
+                    append_eos: bool) -> list[tuple[list[int], list[bool]]]:
+    """(ids, trainable flags) of each conversation's template pieces (ChatTemplate.segments), encoded in two batches.
+
+    Each piece is encoded on its own, so no token straddles a prompt and its answer; only a conversation's first
+    piece gets a SentencePiece dummy prefix, as in a whole-text encode; eos follows every trainable piece when
+    `append_eos` (templates without an end-of-turn token)."""
+    heads = iter(tokenizer.encode_batch([segs[0][0] for segs in seg_lists]))
+    rest = iter(tokenizer.encode_batch([text for segs in seg_lists for text, _ in segs[1:]], continuation=True))
+    encoded = []
+    for segs in seg_lists:
+        x: list[int] = []
+        m: list[bool] = []
+        for j, (_, trainable) in enumerate(segs):
+            ids = next(rest if j else heads) + ([tokenizer.eos_id] if trainable and append_eos else [])
+            x += ids
+            m += [trainable] * len(ids)
+        encoded.append((x, m))
+    return encoded
 
 
 def _fit_example(tokens: list[int], trainable: list[bool], max_seq_len: int, skip_overlength: bool) -> str | None:
