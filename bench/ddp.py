@@ -4,7 +4,9 @@
     python bench/ddp.py --gpus 2 [--steps 100] [--out DIR]                # `small` preset, compiled, DDP
     python bench/ddp.py --gpus 2 --model lora7b --steps 12 [--out DIR]    # LoRA r=8 q,v on the Llama-7B shape, FSDP2
 
-DDP variants: --bucket-mb N (gradient bucket size), --no-graph-split (one compiled graph instead of one per bucket).
+DDP variants: --bucket-mb N (gradient bucket size), --bucket-view (gradients as views of the buckets), --dynamo-ddp MODE
+(torch._dynamo.config.optimize_ddp: ddp_optimizer splits the compiled graph at each bucket so its all-reduce overlaps
+the backward, no_optimization keeps one graph, python_reducer traces the all-reduce with compiled autograd).
 
 small: seq 1024, bf16, compiled, fused AdamW, 16 rows per GPU. lora7b: bf16 base, gradient checkpointing, 4 x 1024
 per GPU; the N-process run shards it with accelerate_fsdp.yaml (the 1-process run is the plain model).
@@ -24,6 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from model.trainer import TrainConfig  # noqa: E402
 
 
 class RandomRows:
@@ -57,28 +60,35 @@ class NoWeights:
 
 def worker(args) -> None:
     from model import ModelConfig, Transformer
-    from model.trainer import TrainConfig, Trainer, make_accelerator, set_seed_everywhere
+    from model.trainer import Trainer, make_accelerator, set_seed_everywhere, weights_device
     lora = args.model == "lora7b"
     cfg = TrainConfig(out_dir=args.run, max_steps=args.steps, batch_size=args.batch_size, warmup_steps=5,
                       mixed_precision="bf16", compile=not lora, gradient_checkpointing=lora, log_every=4 if lora else 10,
                       save_total_limit=1, ddp_bucket_mb=args.bucket_mb)
-    if args.no_graph_split:  # one compiled graph: the all-reduce waits for the whole backward
-        torch._dynamo.config.optimize_ddp = False
+    torch._dynamo.config.optimize_ddp = args.dynamo_ddp
+    torch._dynamo.config.compiled_autograd = args.dynamo_ddp == "python_reducer"  # which needs it
     acc = make_accelerator(cfg)
+    if args.bucket_view:
+        acc.ddp_handler.gradient_as_bucket_view = True
     set_seed_everywhere(0)
     if lora:
         from gpu import LLAMA_7B, build
         from model.lora import apply_lora
-        model = build("ours", LLAMA_7B, torch.bfloat16)
+        # built on the GPU (a random init of 6.7B weights on the CPU takes minutes), then placed where `train.py lora`
+        # loads it: on the CPU under FSDP. The setup peak counts from there.
+        model = build("ours", LLAMA_7B, torch.bfloat16).to(weights_device(acc))
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         apply_lora(model, r=8, alpha=16, dropout=0.05, targets=["q_proj", "v_proj"])
     else:
         model = Transformer(ModelConfig.preset("small"))
     loader = RandomRows(args.batch_size, 1024, model.config.vocab_size, acc.process_index)
     trainer = Trainer(model, loader, cfg, NoWeights(), accelerator=acc)
-    torch.cuda.reset_peak_memory_stats()  # training's peak, not the one-off full copy that sharding starts from
+    setup_peak = torch.cuda.max_memory_allocated() / 2**30  # building / loading and sharding
+    torch.cuda.reset_peak_memory_stats()
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30
-    (Path(args.run) / f"peak-gib-rank{acc.process_index}.txt").write_text(f"{peak:.2f}\n")
+    (Path(args.run) / f"peak-gib-rank{acc.process_index}.txt").write_text(f"{peak:.2f} {setup_peak:.2f}\n")
 
 
 def tokens_per_s(run: Path) -> float:
@@ -93,9 +103,10 @@ def main() -> None:
     parser.add_argument("--model", default="small", choices=["small", "lora7b"])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="rows per GPU (default 16 small, 4 lora7b)")
-    parser.add_argument("--bucket-mb", type=int, default=25, help="DDP gradient bucket size (TrainConfig.ddp_bucket_mb)")
-    parser.add_argument("--no-graph-split", action="store_true",
-                        help="compile DDP as one graph (torch._dynamo.config.optimize_ddp = False)")
+    parser.add_argument("--bucket-mb", type=int, default=TrainConfig.ddp_bucket_mb, help="DDP gradient bucket size (TrainConfig.ddp_bucket_mb)")
+    parser.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view")
+    parser.add_argument("--dynamo-ddp", default="ddp_optimizer",
+                        choices=["ddp_optimizer", "no_optimization", "python_reducer"])
     parser.add_argument("--out", default="bench")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # set for the launched workers
     args = parser.parse_args()
@@ -112,18 +123,20 @@ def main() -> None:
         launch = [sys.executable, "-m", "accelerate.commands.launch", *topology, "--num_processes", str(n),
                   "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", __file__,
                   "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                  "--bucket-mb", str(args.bucket_mb), *(["--no-graph-split"] if args.no_graph_split else []),
+                  "--bucket-mb", str(args.bucket_mb), "--dynamo-ddp", args.dynamo_ddp, *(["--bucket-view"] if args.bucket_view else []),
                   "--run", str(run)]
         subprocess.run(launch, check=True, cwd=REPO,
                        env=os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])})
         speeds[n] = tokens_per_s(run)
-        peaks[n] = max(float(f.read_text()) for f in run.glob("peak-gib-rank*.txt"))
+        peaks[n] = [max(p) for p in zip(*(map(float, f.read_text().split()) for f in run.glob("peak-gib-rank*")))]
     name = "ddp_scaling" if args.model == "small" else "fsdp_lora_7b"
     result = {"name": name, "ours": speeds[args.gpus], "reference": speeds[1],
               "ratio": round(speeds[args.gpus] / speeds[1], 3), "unit": "tokens/s (global)",
               "device": f"{args.gpus} x {torch.cuda.get_device_name()}", "batch_per_gpu": f"{args.batch_size}x1024",
-              "peak_gib_per_gpu": peaks[args.gpus], "peak_gib_one_gpu": peaks[1], "bucket_mb": args.bucket_mb,
-              "graph_split": not args.no_graph_split}
+              "peak_gib_per_gpu": peaks[args.gpus][0], "peak_gib_one_gpu": peaks[1][0],
+              "setup_peak_gib_per_gpu": peaks[args.gpus][1], "setup_peak_gib_one_gpu": peaks[1][1], "bucket_mb": args.bucket_mb,
+              "bucket_view": args.bucket_view,
+              "dynamo_ddp": args.dynamo_ddp}
     print(json.dumps(result))
     (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -85,13 +85,13 @@ def hf_llama(cfg: ModelConfig):
     return transformers.LlamaForCausalLM(hf_cfg)
 
 
-def build(kind: str, cfg: ModelConfig, dtype: torch.dtype):
-    """A random-init model of the shape directly on the GPU in `dtype` (no CPU copy)."""
+def build(kind: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cuda"):
+    """A random-init model of the shape, built directly on `device` in `dtype` (no copy)."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             return Transformer(cfg) if kind == "ours" else hf_llama(cfg)
     finally:
         torch.set_default_dtype(default)

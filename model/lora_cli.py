@@ -12,7 +12,7 @@ from .checkpoint import load_model, save_model
 from .cli import add_sft_data_arguments, add_train_arguments, sample_fn, train_config
 from .lora import (apply_lora, load_adapter, merge_and_unload, read_adapter_weights, save_adapter,
                    set_lora_state_dict)
-from .trainer import Trainer, make_accelerator, set_seed_everywhere
+from .trainer import Trainer, make_accelerator, set_seed_everywhere, weights_device
 
 FORMATS = ["qa", "instruct", "alpaca", "sharegpt", "parquet"]
 TEMPLATE_CHOICES = ["wenda", "human_assistant", "chatml", "qwen", "llama2", "raw"]
@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> dict | None:
     if args.qlora and not on_gpu:
         acc.print("note: --qlora on the CPU works but is slow; it is meant for CUDA")
     tokenizer = Tokenizer.load(args.tokenizer or args.base)
-    model = load_base(args.base, dtype, acc.device, args.qlora)
+    model = load_base(args.base, dtype, weights_device(acc, args.qlora), args.qlora)
     if args.init_adapter:
         load_adapter(model, args.init_adapter, trainable=True)
     else:

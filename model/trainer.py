@@ -17,6 +17,7 @@ A run directory:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import json
@@ -82,7 +83,7 @@ class TrainConfig:
     compile: bool = False
     gradient_checkpointing: bool = False
     no_recompute_last: int = 0  # with checkpointing: the last N decoder layers keep their activations
-    ddp_bucket_mb: int = 25  # DDP gradient buckets: each one's all-reduce overlaps the rest of the backward
+    ddp_bucket_mb: int = 100  # DDP gradient buckets: each one's all-reduce overlaps the rest of the backward
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 50
@@ -161,6 +162,37 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu,
                        log_with="tensorboard", project_dir=cfg.out_dir, kwargs_handlers=[ddp],
                        fsdp_plugin=fsdp_plugin(mixed_precision))
+
+
+@dataclass
+class StepRecord:
+    """What the host needs from a step once the GPU has finished it."""
+
+    step: int
+    lr: float
+    tokens: int  # per rank
+    seq_len: int
+    summary: torch.Tensor  # [global mean loss, stop votes], readable after `ready` fired
+    ready: torch.cuda.Event | None
+
+
+def to_host(summary: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying a small device tensor into pinned host memory; read it after `event.synchronize()`."""
+    if summary.device.type != "cuda":
+        return summary, None
+    host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True).copy_(summary, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def weights_device(accelerator: Accelerator, quantized: bool = False) -> torch.device:
+    """Where to load a model's weights before `prepare`. Under FSDP: the CPU (a safetensors load there is zero-copy),
+    because `fully_shard` moves one decoder layer at a time to the GPU and shards it, so no GPU ever holds the whole
+    model. NF4 bases are quantized while loading, which is a GPU job, so they go to the accelerator's device."""
+    if accelerator.distributed_type == DistributedType.FSDP and not quantized:
+        return torch.device("cpu")
+    return accelerator.device
 
 
 def fsdp_plugin(mixed_precision: str) -> FullyShardedDataParallelPlugin | None:
@@ -363,20 +395,53 @@ class Trainer:
                 signal.signal(s, h)
             acc.end_training()
 
+    def _read_step(self, record: StepRecord) -> bool:
+        """Wait for a finished step's summary: stop on a non-finite loss, log every `log_every` steps. True when a
+        rank was signalled to stop."""
+        cfg, acc = self.cfg, self.accelerator
+        if record.ready is not None:
+            record.ready.synchronize()
+        train_loss, stop_votes = record.summary.tolist()
+        if not math.isfinite(train_loss):  # the same global value on every rank: all stop together
+            raise NonFiniteLoss(f"non-finite training loss ({train_loss}) at step {record.step}; stopped without "
+                                f"saving. The last good checkpoint is {self.run_dir / 'latest'}")
+        tokens, since = self._window
+        tokens += record.tokens
+        self._window = (tokens, since)
+        if record.step % cfg.log_every == 0 or record.step == self.total_steps:
+            tok_s = tokens * acc.num_processes / (time.perf_counter() - since)
+            self._metrics = {"train/loss": train_loss, "train/lr": record.lr, "train/tokens_per_s": tok_s}
+            info = f"loss {train_loss:.4f} lr {record.lr:.2e} {tok_s:,.0f} tok/s"
+            peak = peak_flops(acc.device, self.mixed_precision)
+            if peak:
+                mfu = tok_s * flops_per_token(self.raw_model, record.seq_len) / (peak * acc.num_processes)
+                self._metrics["train/mfu"] = mfu
+                info += f" MFU {mfu:.1%}"
+            if acc.device.type == "cuda":  # this rank's high-water mark since the start
+                info += f" peak {torch.cuda.max_memory_allocated(acc.device) / 2**30:.2f} GiB"
+            acc.log(self._metrics, step=record.step)
+            self.log(f"step {record.step} {info}")
+            self._progress.update(self._task, info=info)
+            self._window = (0, time.perf_counter())
+        self._progress.update(self._task, completed=record.step)
+        return stop_votes > 0
+
     def _loop(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
-        unwrapped = self.raw_model
         batches = iter(self.train_loader)
-        peak = peak_flops(acc.device, self.mixed_precision)
         self.log(f"training {self.trainable:,} trainable parameters for "
                  f"{self.total_steps} steps on {acc.num_processes} x {acc.device} ({self.mixed_precision})")
-        metrics: dict[str, float] = {}
-        tokens_since, t_since = 0, time.perf_counter()
-        progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                            console=self.console, disable=not acc.is_main_process)
-        with progress:
-            task = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
+        self._metrics: dict[str, float] = {}
+        self._window = (0, time.perf_counter())  # tokens read since the last log line, and when it was written
+        # Each step's [loss, stop votes] is copied to the host asynchronously and read one step later, so the host
+        # queues step k+1 while the GPU runs step k and never waits for it (a read per step would leave the GPU idle
+        # while the host prepares the next one). Steps that save, evaluate or finish read at once.
+        pending: collections.deque[StepRecord] = collections.deque()
+        self._progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                  console=self.console, disable=not acc.is_main_process)
+        with self._progress:
+            self._task = self._progress.add_task("train", total=self.total_steps, completed=self.step, info="")
             while self.step < self.total_steps:
                 lr = learning_rate(self.step, self.total_steps, cfg)
                 for group in self.optimizer.param_groups:
@@ -386,16 +451,15 @@ class Trainer:
                 # One token-weighted mean over the window and all ranks (micro-batches with few answer tokens do not
                 # weigh as much as full ones): accelerate divides each backward by grad_accum and DDP averages over
                 # ranks, so micro-batch i's mean loss is scaled by n_i * grad_accum * world / N. Exactly 1 when every
-                # micro-batch has the same count (pretraining).
-                window = torch.tensor(float(sum(counts)), device=acc.device)
+                # micro-batch has the same count (pretraining). torch.full, not torch.tensor: a fill kernel, where a
+                # host-to-device copy would wait for the GPU.
+                window = torch.full((), float(sum(counts)), device=acc.device)
                 if acc.num_processes > 1:
                     window = acc.reduce(window, reduction="sum")
                 window = window.clamp(min=1)
                 weighted = torch.zeros((), device=acc.device)
                 for batch, n in zip(micro, counts):
                     batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-                    seq_len = batch["input_ids"].shape[1]
-                    tokens_since += batch["input_ids"].numel()
                     with acc.accumulate(self.model), acc.autocast():
                         loss = self.model(batch.pop("input_ids"), batch.pop("labels"), **batch)
                         acc.backward(loss * (n * cfg.grad_accum * acc.num_processes / window))
@@ -404,39 +468,30 @@ class Trainer:
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     weighted += loss.detach().float() * n
-                stop = torch.tensor(float(self._stop_signal is not None), device=acc.device)
+                stop = torch.full((), float(self._stop_signal is not None), device=acc.device)
                 summary = torch.stack([weighted / window, stop])
                 if acc.num_processes > 1:  # the loss over all ranks, and whether any rank was signalled
                     summary = acc.reduce(summary, reduction="sum")
-                train_loss, stop_votes = summary.tolist()  # the one host sync per optimizer step
-                if not math.isfinite(train_loss):  # the same global value on every rank: all stop together
-                    raise NonFiniteLoss(f"non-finite training loss ({train_loss}) at step {self.step + 1}; stopped "
-                                        f"without saving. The last good checkpoint is {self.run_dir / 'latest'}")
                 self.step += 1
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    dt = time.perf_counter() - t_since
-                    tok_s = tokens_since * acc.num_processes / dt
-                    metrics = {"train/loss": train_loss, "train/lr": lr, "train/tokens_per_s": tok_s}
-                    info = f"loss {train_loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s"
-                    if peak:
-                        mfu = tok_s * flops_per_token(unwrapped, seq_len) / (peak * acc.num_processes)
-                        metrics["train/mfu"] = mfu
-                        info += f" MFU {mfu:.1%}"
-                    acc.log(metrics, step=self.step)
-                    self.log(f"step {self.step} {info}")
-                    progress.update(task, info=info)
-                    tokens_since, t_since = 0, time.perf_counter()
-                progress.update(task, completed=self.step)
-                if self.eval_loader and cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self._eval_and_log(unwrapped)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
-                    self.save_checkpoint()
-                if stop_votes > 0:
+                tokens = sum(b["input_ids"].numel() for b in micro)
+                pending.append(StepRecord(self.step, lr, tokens, micro[-1]["input_ids"].shape[1], *to_host(summary)))
+                evaluate = bool(self.eval_loader) and cfg.eval_every > 0 and self.step % cfg.eval_every == 0
+                save = cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step < self.total_steps
+                due = evaluate or save or self.step == self.total_steps
+                stopped = False
+                while len(pending) > (0 if due else 1) and not stopped:  # every rank reads the same steps
+                    stopped = self._read_step(pending.popleft())
+                if stopped:  # all ranks saw the vote at the same step; the state saved is the newest step's
                     self.log(f"received signal {self._stop_signal}: saving and stopping at step {self.step}")
                     self.save_checkpoint()
-                    return metrics | {"stopped_early": 1.0}
+                    return self._metrics | {"stopped_early": 1.0}
+                if evaluate:
+                    self._eval_and_log(self.raw_model)
+                if save:
+                    self.save_checkpoint()
+        metrics = self._metrics
         if self.eval_loader:
-            metrics |= self._eval_and_log(unwrapped)
+            metrics |= self._eval_and_log(self.raw_model)
         self.save_checkpoint()
         return metrics
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,8 +68,9 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monkeypatch):
-    """SIGTERM at step 3 saves a checkpoint and stops cleanly; --resume finishes bitwise equal to a straight run
-    (weights, and the data iterator position: the same rows follow)."""
+    """SIGTERM during step 3 saves a checkpoint and stops cleanly; --resume finishes bitwise equal to a straight run
+    (weights, and the data iterator position: the same rows follow). The host reads step 3's stop votes while step 4
+    runs (one step behind the GPU), so the checkpoint is step 4's."""
     train.main(pretrain_args(corpus, tmp_path / "straight", "--max-steps", "6"))
 
     import utils.datasets as datasets
@@ -83,7 +85,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monk
             yield batch
     monkeypatch.setattr(datasets.PackedLoader, "__iter__", iter_with_sigterm)
     train.main(pretrain_args(corpus, tmp_path / "resumed", "--max-steps", "6"))
-    assert os.readlink(tmp_path / "resumed" / "latest") == "checkpoint-3"
+    assert os.readlink(tmp_path / "resumed" / "latest") == "checkpoint-4"
     assert "received signal" in (tmp_path / "resumed" / "train.log").read_text()
     monkeypatch.setattr(datasets.PackedLoader, "__iter__", original_iter)
 
@@ -94,6 +96,22 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monk
         assert torch.equal(a[k], b[k]), k
     state = json.loads((tmp_path / "resumed" / "latest" / "training_state" / "trainer_state.json").read_text())
     assert state["step"] == 6
+
+
+def test_the_host_reads_each_step_one_step_behind(corpus, tmp_path, monkeypatch):
+    """No device sync per step: step k's loss is read after step k+1 was queued, except at steps that save,
+    evaluate or finish, which read everything at once (a checkpoint never holds a step whose loss was not checked)."""
+    from model.trainer import Trainer
+    original, seen = Trainer._read_step, []
+
+    def spy(self, record):
+        seen.append((record.step, self.step))
+        return original(self, record)
+    monkeypatch.setattr(Trainer, "_read_step", spy)
+    train.main(pretrain_args(corpus, tmp_path / "run", "--max-steps", "6", "--save-every", "3"))
+    assert seen == [(1, 2), (2, 3), (3, 3), (4, 5), (5, 6), (6, 6)]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert [int(n) for n in re.findall(r"step (\d+) loss", log)] == [1, 2, 3, 4, 5, 6]  # --log-every 1
 
 
 def test_checkpoints_rotate_and_load_in_transformers(corpus, tmp_path):
@@ -280,7 +298,22 @@ def test_ddp_bucket_size_reaches_the_ddp_wrapper(tmp_path):
     from model.trainer import TrainConfig, make_accelerator
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
-    cfg = train_config(parser.parse_args(["--ddp-bucket-mb", "100", "--cpu", "--out", str(tmp_path)]))
-    assert make_accelerator(cfg).ddp_handler.bucket_cap_mb == 100
+    cfg = train_config(parser.parse_args(["--ddp-bucket-mb", "50", "--cpu", "--out", str(tmp_path)]))
+    assert make_accelerator(cfg).ddp_handler.bucket_cap_mb == 50
     with pytest.raises(ValueError, match="ddp_bucket_mb=0"):
         TrainConfig(ddp_bucket_mb=0)
+
+
+def test_a_base_loads_to_the_cpu_under_fsdp():
+    """Under FSDP the base loads to the CPU and fully_shard moves one layer at a time to the GPU (no GPU holds the
+    whole model); NF4 bases are quantized on the accelerator while loading; any other topology loads to the GPU."""
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from model.trainer import weights_device
+    gpu = torch.device("cuda", 0)
+    assert weights_device(SimpleNamespace(distributed_type=DistributedType.FSDP, device=gpu)) == torch.device("cpu")
+    assert weights_device(SimpleNamespace(distributed_type=DistributedType.FSDP, device=gpu), quantized=True) == gpu
+    assert weights_device(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, device=gpu)) == gpu
+    assert weights_device(SimpleNamespace(distributed_type=DistributedType.NO, device=gpu)) == gpu
