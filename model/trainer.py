@@ -478,9 +478,9 @@ class Trainer:
                 evaluate = bool(self.eval_loader) and cfg.eval_every > 0 and self.step % cfg.eval_every == 0
                 save = cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step < self.total_steps
                 due = evaluate or save or self.step == self.total_steps
-                stopped = False
-                while len(pending) > (0 if due else 1) and not stopped:  # every rank reads the same steps
-                    stopped = self._read_step(pending.popleft())
+                stopped = False  # every rank reads the same steps; a stop drains them, so a saved step was checked
+                while pending and (due or stopped or len(pending) > 1):
+                    stopped = self._read_step(pending.popleft()) or stopped
                 if stopped:  # all ranks saw the vote at the same step; the state saved is the newest step's
                     self.log(f"received signal {self._stop_signal}: saving and stopping at step {self.step}")
                     self.save_checkpoint()

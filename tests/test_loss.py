@@ -88,23 +88,28 @@ def test_gradient_checkpointing_asks_for_smaller_chunks(monkeypatch):
 
 
 FSDP_SCRIPT = '''
-import sys, torch, torch.distributed as dist
+import copy, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from model import ModelConfig, Transformer
 from model.lora import apply_lora
+from model.nf4 import NF4Linear
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-lora = sys.argv[1] == "lora"
+lora = sys.argv[1] in ("lora", "qlora")
 cfg = ModelConfig.preset("tiny", tie_word_embeddings=True)
-whole, sharded = Transformer(cfg), Transformer(cfg)
-if lora:  # adapters with nonzero B on q, v; the sharded model recomputes its layers
-    for model in (whole, sharded):
-        apply_lora(model, r=4, alpha=8, targets=["q_proj", "v_proj"])
+whole = Transformer(cfg)
+if sys.argv[1] == "qlora":  # NF4 block linears: frozen uint8 buffers, which FSDP moves but does not shard
+    for layer in whole.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                setattr(parent, name, NF4Linear.from_linear(child))
+if lora:  # adapters with nonzero B on q, v
+    apply_lora(whole, r=4, alpha=8, targets=["q_proj", "v_proj"])
     for name, p in whole.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    sharded.gradient_checkpointing = True
-sharded.load_state_dict(whole.state_dict())
+sharded = copy.deepcopy(whole)
+sharded.gradient_checkpointing = lora  # the sharded model recomputes its layers
 ids = torch.randint(0, cfg.vocab_size, (4, 33))
 whole(ids[:, :-1], ids[:, 1:]).backward()
 for layer in sharded.model.layers:
@@ -121,11 +126,12 @@ dist.destroy_process_group()
 '''
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 def test_fsdp2_sharded_gradients_equal_one_process(tmp_path, mode):
     """The fused loss reads lm_head.weight without calling the module: under FSDP2 (2 CPU processes, gloo) the
     root's unsharded weight is used and its gradient reduce-scattered like any other (tied embeddings included).
-    LoRA with gradient checkpointing: the recomputed layers run on unsharded weights in backward too."""
+    LoRA with gradient checkpointing: the recomputed layers run on unsharded weights in backward too. QLoRA: the
+    same over NF4 bases, whose packed buffers every rank keeps whole."""
     repo = Path(__file__).resolve().parents[1]
     script = tmp_path / "fsdp_loss.py"
     script.write_text(FSDP_SCRIPT)
