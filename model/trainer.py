@@ -482,7 +482,9 @@ class Trainer:
                 while pending and (due or stopped or len(pending) > 1):
                     stopped = self._read_step(pending.popleft()) or stopped
                 if stopped:  # all ranks saw the vote at the same step; the state saved is the newest step's
-                    self.log(f"received signal {self._stop_signal}: saving and stopping at step {self.step}")
+                    why = (f"received signal {self._stop_signal}" if self._stop_signal is not None
+                           else "another rank received a signal")
+                    self.log(f"{why}: saving and stopping at step {self.step}")
                     self.save_checkpoint()
                     return self._metrics | {"stopped_early": 1.0}
                 if evaluate:
