@@ -3,7 +3,8 @@
 One `accelerate.Accelerator` handles devices, mixed precision, gradient accumulation and DDP / FSDP (from an
 accelerate config file). The loop itself is plain: a resumable batch iterator, AdamW with weight decay on matrices
 only, warmup + cosine (or constant) learning rate, gradient clipping, periodic evaluation, atomic checkpoints with
-rotation and a `latest` pointer, exact resume, and a clean stop on SIGINT / SIGTERM or a non-finite loss.
+rotation and a `latest` pointer, exact resume, and a clean stop on SIGINT / SIGTERM or a non-finite loss. The host
+reads each step's loss one step behind the GPU (no device sync per step), so a stop lands one step after its cause.
 
 Checkpoints are whole whatever the topology: under FSDP the weights and the optimizer state are gathered to rank 0
 (torch.distributed.checkpoint's full state dicts, keyed by parameter name), so a run saved on 8 sharded GPUs is an
