@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--model", default="small", choices=["small", "lora7b"])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="rows per GPU (default 16 small, 4 lora7b)")
-    parser.add_argument("--bucket-mb", type=int, default=TrainConfig.ddp_bucket_mb, help="DDP gradient bucket size (TrainConfig.ddp_bucket_mb)")
+    parser.add_argument("--bucket-mb", type=int, default=TrainConfig.ddp_bucket_mb,
+                        help="DDP gradient bucket size (TrainConfig.ddp_bucket_mb)")
     parser.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view")
     parser.add_argument("--dynamo-ddp", default="ddp_optimizer",
                         choices=["ddp_optimizer", "no_optimization", "python_reducer"])
@@ -123,20 +124,21 @@ def main() -> None:
         launch = [sys.executable, "-m", "accelerate.commands.launch", *topology, "--num_processes", str(n),
                   "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", __file__,
                   "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                  "--bucket-mb", str(args.bucket_mb), "--dynamo-ddp", args.dynamo_ddp, *(["--bucket-view"] if args.bucket_view else []),
+                  "--bucket-mb", str(args.bucket_mb), "--dynamo-ddp", args.dynamo_ddp,
+                  *(["--bucket-view"] if args.bucket_view else []),
                   "--run", str(run)]
         subprocess.run(launch, check=True, cwd=REPO,
                        env=os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])})
         speeds[n] = tokens_per_s(run)
-        peaks[n] = [max(p) for p in zip(*(map(float, f.read_text().split()) for f in run.glob("peak-gib-rank*")))]
+        per_rank = [[float(v) for v in f.read_text().split()] for f in run.glob("peak-gib-rank*.txt")]
+        peaks[n] = {"train": max(r[0] for r in per_rank), "setup": max(r[1] for r in per_rank)}
     name = "ddp_scaling" if args.model == "small" else "fsdp_lora_7b"
     result = {"name": name, "ours": speeds[args.gpus], "reference": speeds[1],
               "ratio": round(speeds[args.gpus] / speeds[1], 3), "unit": "tokens/s (global)",
               "device": f"{args.gpus} x {torch.cuda.get_device_name()}", "batch_per_gpu": f"{args.batch_size}x1024",
-              "peak_gib_per_gpu": peaks[args.gpus][0], "peak_gib_one_gpu": peaks[1][0],
-              "setup_peak_gib_per_gpu": peaks[args.gpus][1], "setup_peak_gib_one_gpu": peaks[1][1], "bucket_mb": args.bucket_mb,
-              "bucket_view": args.bucket_view,
-              "dynamo_ddp": args.dynamo_ddp}
+              "peak_gib_per_gpu": peaks[args.gpus]["train"], "peak_gib_one_gpu": peaks[1]["train"],
+              "setup_peak_gib_per_gpu": peaks[args.gpus]["setup"], "setup_peak_gib_one_gpu": peaks[1]["setup"],
+              "bucket_mb": args.bucket_mb, "bucket_view": args.bucket_view, "dynamo_ddp": args.dynamo_ddp}
     print(json.dumps(result))
     (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -259,6 +259,7 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         self.mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cfg.cpu)
         self.accelerator = accelerator or make_accelerator(cfg)
+        self.peak_flops = peak_flops(self.accelerator.device, self.mixed_precision)  # for MFU; None when unknown
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ValueError("DeepSpeed is not supported: for sharded training launch with an FSDP config "
                              "(accelerate_fsdp.yaml); DDP (accelerate.yaml) or one process otherwise")
@@ -413,9 +414,8 @@ class Trainer:
             tok_s = tokens * acc.num_processes / (time.perf_counter() - since)
             self._metrics = {"train/loss": train_loss, "train/lr": record.lr, "train/tokens_per_s": tok_s}
             info = f"loss {train_loss:.4f} lr {record.lr:.2e} {tok_s:,.0f} tok/s"
-            peak = peak_flops(acc.device, self.mixed_precision)
-            if peak:
-                mfu = tok_s * flops_per_token(self.raw_model, record.seq_len) / (peak * acc.num_processes)
+            if self.peak_flops:
+                mfu = tok_s * flops_per_token(self.raw_model, record.seq_len) / (self.peak_flops * acc.num_processes)
                 self._metrics["train/mfu"] = mfu
                 info += f" MFU {mfu:.1%}"
             if acc.device.type == "cuda":  # this rank's high-water mark since the start
