@@ -53,11 +53,16 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             logp = torch.log_softmax(F.linear(h, weight_c), dim=-1, dtype=acc)
             labelled = y != IGNORE_INDEX
             target = y.clamp(min=0)[:, None]
-            total = total - (logp.gather(1, target).squeeze(1) * labelled).sum()
+            picked = logp.gather(1, target)
+            total = total - (picked.squeeze(1) * labelled).sum()
             if not (want_hidden or want_weight):
                 continue
-            grad = logp.exp_().scatter_add_(1, target, logp.new_full(target.shape, -1.0))
-            grad = grad.mul_((labelled.to(acc) / n)[:, None]).to(dtype)
+            # p / n everywhere, then the target column overwritten with (p - 1) / n from the picked log-probability:
+            # the same values as subtracting the one-hot in fp32, but the full-size pass stays one fused kernel under
+            # torch.compile (a scatter into the fp32 tensor made inductor write it out and read it back to cast)
+            scale = (labelled.to(acc) / n)[:, None]
+            grad = logp.exp_().mul_(scale).to(dtype)
+            grad.scatter_(1, target, (picked.exp() - 1).mul_(scale).to(dtype))
             if want_hidden:
                 grad_hidden[start:start + rows] = grad @ weight_c
             if want_weight:
