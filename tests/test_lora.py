@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import load_model, save_model
 from model.lora import (LoRALinear, LoRASlice, apply_lora, load_adapter, lora_state_dict, mark_only_lora_trainable,
@@ -103,6 +104,43 @@ def test_same_outputs_and_lora_gradients_as_peft(hf_dir, rslora):
     assert {k.removeprefix("base_model.model.") for k in ref_grads} == set(ours_grads)
     for k, g in ref_grads.items():
         torch.testing.assert_close(ours_grads[k.removeprefix("base_model.model.")], g, rtol=1e-4, atol=1e-6)
+
+
+class FullSizeFp32(TorchDispatchMode):
+    """Records every op that outputs an fp32 tensor of `numel` elements."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() == self.numel:
+                self.ops.append(str(func))
+        return out
+
+
+def test_under_autocast_the_adapter_equals_peft_bitwise_with_no_fp32_copy_of_its_input():
+    """How LoRA trains: a bf16 base, fp32 adapters, bf16 autocast. PEFT casts the input to the adapter's fp32 first;
+    we skip that copy (the matmul runs in bf16 either way), and the output must not change by a bit."""
+    ref = peft.get_peft_model(hf_model("llama").to(torch.bfloat16),
+                              peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.0))
+    randomize_lora(ref)
+    ref_layer = ref.base_model.model.model.layers[0].self_attn.q_proj
+    assert ref_layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    for dropout in (0.0, 0.1):
+        ours = LoRALinear(ref_layer.base_layer, r=4, alpha=8, dropout=dropout).eval()
+        with torch.no_grad():
+            ours.lora_A.weight.copy_(ref_layer.lora_A["default"].weight)
+            ours.lora_B.weight.copy_(ref_layer.lora_B["default"].weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16), FullSizeFp32(x.numel()) as seen:
+            got = ours.train(dropout > 0)(x)
+        assert seen.ops == [], f"fp32 copies of the input: {seen.ops}"
+        if dropout == 0:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                torch.testing.assert_close(got, ref_layer(x), rtol=0, atol=0)
 
 
 def test_adapters_round_trip_between_peft_and_ours(hf_dir, tmp_path):
