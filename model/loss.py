@@ -9,8 +9,9 @@ For hidden states h [N, d], the head W [V, d] and targets y (IGNORE_INDEX rows s
 With gradients wanted, the forward pass computes dh and dW chunk by chunk (each chunk's logits are freed before the
 next is formed) and backward only scales them by the incoming gradient: the same matmuls as autograd would run, and
 a peak of one chunk's logits instead of N x V in fp32 (4 GiB for a 32x1024 batch over a 32k vocabulary). Under
-torch.compile the softmax is one fused pass, but inductor sums the chunks' dW in one kernel at the end, which keeps
-every chunk's partial alive until then (+2.1 GiB at that shape; bench/RESULTS.md, session 3).
+torch.compile the softmax, the one-hot, the 1/n and the cast to the compute dtype are one fused pass per chunk: the
+one-hot is written over the target column afterwards, since a scatter into the fp32 probabilities made inductor
+write them out and read them back (the compiled `small` step: +2.4% and 15.9 -> 12.6 GiB; bench/RESULTS.md run 21).
 """
 from __future__ import annotations
 
@@ -57,9 +58,8 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             total = total - (picked.squeeze(1) * labelled).sum()
             if not (want_hidden or want_weight):
                 continue
-            # p / n everywhere, then the target column overwritten with (p - 1) / n from the picked log-probability:
-            # the same values as subtracting the one-hot in fp32, but the full-size pass stays one fused kernel under
-            # torch.compile (a scatter into the fp32 tensor made inductor write it out and read it back to cast)
+            # p / n everywhere, then the target column overwritten with (p - 1) / n: the same values as subtracting
+            # the one-hot in fp32, with the full-size pass left as one fused kernel under torch.compile (see above)
             scale = (labelled.to(acc) / n)[:, None]
             grad = logp.exp_().mul_(scale).to(dtype)
             grad.scatter_(1, target, (picked.exp() - 1).mul_(scale).to(dtype))

@@ -74,6 +74,24 @@ def test_bf16_autocast_matches_autograd_through_bf16_logits(data):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
 
 
+def test_confident_predictions_keep_their_small_gradient_in_bf16():
+    """p_target near 1: dz_target = p - 1 is small, so it must be formed in fp32 before the cast to bf16
+    (bf16(p) - 1 would be 0 or -2^-8, off by several times its size)."""
+    torch.manual_seed(1)
+    weight = torch.randn(64, 32) * 0.3
+    labels = torch.randint(0, 64, (1, 40))
+    hidden = weight[labels[0]][None] * 4.0  # the target's logit stands far above the others
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = F.linear(hidden.bfloat16(), weight.bfloat16()).double()
+        p_target = logits.softmax(-1).gather(-1, labels[..., None])
+        assert p_target.median() > 0.99 and (p_target < 0.9999).sum() > 10
+        _, gh, gw = grads_of(linear_cross_entropy, hidden, weight, labels)
+    dz = (logits.softmax(-1) - F.one_hot(labels, 64)) / labels.numel()  # float64 from the same bf16 logits
+    torch.testing.assert_close(gh.double(), dz @ weight.bfloat16().double(), rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(gw.double(), dz.flatten(0, 1).T @ hidden.bfloat16().double().flatten(0, 1),
+                               rtol=2e-2, atol=1e-5)
+
+
 def test_gradient_checkpointing_asks_for_smaller_chunks(monkeypatch):
     """Checkpointing is asked for to save memory, so the loss's transient logits shrink with it."""
     asked = []
