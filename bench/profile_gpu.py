@@ -1,12 +1,14 @@
 """Where the GPU time goes, for the next optimization: kernel tables (torch.profiler) of the decode step (eager and
 compiled, `small` and 7B shapes), of the compiled `small` pretraining step and of the compiled 7B LoRA step, each
 with a summary by kernel kind (matmul, attention, fused elementwise, optimizer, other), plus inductor's perf hints.
+For the LoRA step also where its peak memory is reached and which blocks are alive there (the allocator's trace).
 
     TORCH_LOGS=perf_hints python bench/profile_gpu.py [--only decode_small decode_7b pretrain_small lora_7b] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
+import linecache
 import re
 import sys
 from collections import defaultdict
@@ -46,6 +48,68 @@ def by_kind(prof, steps: int, top: int = 30) -> str:
              "| kernel | kind | calls per step | ms per step |", "|---|---|---|---|"]
     lines += [f"| `{name}` | {kind} | {calls:g} | {ms:.2f} |" for ms, calls, kind, name in sorted(kernels)[::-1][:top]]
     return "\n".join(lines)
+
+
+def peak_of_trace(trace: list[dict]) -> tuple[int, int, dict[int, dict]]:
+    """Replay an allocator trace (`torch.cuda.memory._snapshot()["device_traces"][device]`): the most bytes allocated
+    at once over the level where recording began, the index of the entry that reached it, and the blocks made during
+    the trace and alive there (address -> entry). A block made before recording and freed during it counts negative."""
+    live: dict[int, dict] = {}
+    now = peak = peak_at = 0
+    peak_live: dict[int, dict] = {}
+    for i, entry in enumerate(trace):
+        if entry["action"] == "alloc":
+            live[entry["addr"]] = entry
+            now += entry["size"]
+            if now > peak:
+                peak, peak_at, peak_live = now, i, dict(live)
+        elif entry["action"] == "free_requested":
+            now -= live.pop(entry["addr"])["size"] if entry["addr"] in live else entry["size"]
+    return peak, peak_at, peak_live
+
+
+def where(frames: list[dict], depth: int = 3) -> str:
+    """The innermost `depth` Python frames outside torch itself (inductor's generated code counts as ours), with the
+    line of code of each: the graph buffer or the model line that made an allocation."""
+    parts = []
+    for f in frames:
+        name = f["filename"]
+        if not name.endswith(".py") or ("site-packages/torch" in name and "torchinductor" not in name):
+            continue
+        code = linecache.getline(name, f["line"]).strip()[:100]
+        parts.append(f"{Path(name).name}:{f['line']} `{code}`")
+        if len(parts) == depth:
+            break
+    return " <- ".join(parts) or "(no Python frame)"
+
+
+def memory_peak(fn, out: Path, name: str, top: int = 30) -> None:
+    """One call of `fn` under the allocator's recorder: the peak, when it came, and the blocks alive at it by origin."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    peak, at, live = peak_of_trace(trace)
+    by_origin: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for entry in live.values():
+        group = by_origin[where(entry["frames"])]
+        group[0] += entry["size"]
+        group[1] += 1
+    lines = [f"{name}: peak {(base + peak) / 2**30:.3f} GiB ({base / 2**30:.3f} before the call) at trace entry "
+             f"{at} of {len(trace)}, in {where(trace[at]['frames'])}",
+             f"blocks made in the call and alive at the peak: {len(live)}, "
+             f"{sum(e['size'] for e in live.values()) / 2**30:.3f} GiB (inductor reuses buffers, so an origin is "
+             f"where a block was first allocated)", "", "| MiB | blocks | allocated at |", "|---|---|---|"]
+    lines += [f"| {size / 2**20:.1f} | {count} | {origin} |"
+              for origin, (size, count) in sorted(by_origin.items(), key=lambda kv: -kv[1][0])[:top]]
+    text = "\n".join(lines)
+    (out / f"{name}.txt").write_text(text + "\n")
+    print(f"== {name}\n{text}", flush=True)
 
 
 def table(fn, out: Path, name: str, rows: int = 25, steps: int = 1) -> None:
@@ -97,6 +161,7 @@ def lora_7b(out: Path) -> None:
     for _ in range(3):
         step()
     table(step, out, "lora_7b_compiled_step", steps=2)
+    memory_peak(step, out, "lora_7b_compiled_memory_peak")
     del model, step
     free()
 
