@@ -262,3 +262,33 @@ def test_json_array_bad_item_spanning_chunks_and_at_the_end(tmp_path):
     tally = Tally()
     assert [o for _, o in _json_array(p, "utf-8", tally, chunk_chars=7)] == good[:2]
     assert tally.dropped["bad_json"] == 1
+
+
+@pytest.mark.parametrize("indent", [None, 2])  # one item per line, and pretty-printed
+def test_json_array_stray_quote_loses_only_its_item(tmp_path, indent):
+    """A value missing its opening quote leaves its closing quote unpaired: a scanner that pairs quotes across lines
+    would then see every later item's braces inside "strings" and drop the rest of the file as one bad item."""
+    items = [{"instruction": f"问题{i}", "output": f"答案{i}"} for i in range(300)]
+    lines = [json.dumps(it, ensure_ascii=False, indent=indent) for it in items]
+    lines[10] = lines[10].replace('"output": "', '"output": ', 1)
+    p = tmp_path / "a.json"
+    p.write_text("[\n" + ",\n".join(lines) + "\n]\n", encoding="utf-8")
+    for chunk in (64, 1 << 20):
+        tally = Tally()
+        got = [obj for _, obj in _json_array(p, "utf-8", tally, chunk_chars=chunk)]
+        assert got == items[:10] + items[11:], chunk
+        assert tally.read == 300 and tally.dropped == {"bad_json": 1}
+        assert tally.examples[0]["detail"].endswith("skipped to the next item")
+
+
+def test_json_array_on_one_line_reports_how_much_a_stray_quote_skipped(tmp_path):
+    """On a single line the quotes cannot be re-paired: the rest of the array is skipped, and the report says so."""
+    items = [{"instruction": f"问题{i}", "output": f"答案{i}"} for i in range(50)]
+    text = json.dumps(items, ensure_ascii=False).replace('"output": "答案20"', '"output": 答案20"', 1)
+    p = tmp_path / "a.json"
+    p.write_text(text, encoding="utf-8")
+    tally = Tally()
+    assert [obj for _, obj in _json_array(p, "utf-8", tally, chunk_chars=100)] == items[:20]
+    assert tally.dropped == {"bad_json": 1}
+    skipped = len(text) - text.index('{"instruction": "问题20"')
+    assert tally.examples[0]["detail"].endswith(f"the rest of the array ({skipped:,} characters) skipped")

@@ -130,17 +130,21 @@ def json_objects(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tupl
         yield f"{path}:{n}", obj
 
 
-_ITEM_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\],"]')
+_ITEM_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|[{}\[\],"]')  # a JSON string never holds a raw newline
 
 
 def _item_end(buf: str, i: int, depth: int) -> tuple[int | None, int, int]:
     """Scan a malformed array item from buf[i] at bracket depth `depth` (strings skipped) for the `,` that ends it
     or the `]` that closes the array. Returns (index after the `,` / of the `]`, or None when buf ends first;
-    where to resume scanning after more text is appended; depth there)."""
+    where to resume scanning after more text is appended; depth there). A quote with no closing quote before the
+    end of its line is a stray one and is passed over, so one broken string cannot pair the quotes of every later
+    item wrongly (which would hide their brackets inside "strings" and lose the rest of the file)."""
     for m in _ITEM_TOKEN.finditer(buf, i):
         tok = m.group()
-        if tok == '"':          # a string that does not end inside buf: resume from its opening quote
-            return None, m.start(), depth
+        if tok == '"':
+            if buf.find("\n", m.end()) >= 0:  # the line ends before any closing quote: a stray quote
+                continue
+            return None, m.start(), depth  # the string may close in the next chunk: resume from its quote
         if tok in "{[":
             depth += 1
         elif tok in "}]":
@@ -194,19 +198,24 @@ def _json_array(path: Path, enc: str, tally: Tally, chunk_chars: int = 1 << 20) 
                     if broken:  # undecodable bytes: counted, the rest is unreadable
                         return
                 tally.read += 1
-                tally.drop("bad_json", f"{path}:{line}", f"{e}; skipped to the next item")
-                scan, depth = pos, 0
+                where, scan, depth, skipped, resumed = f"{path}:{line}", pos, 0, 0, False
                 while True:
                     nxt, scan, depth = _item_end(buf, scan, depth)
+                    upto = scan if nxt is None else nxt
+                    line += buf.count("\n", pos, upto)
+                    skipped += upto - pos
+                    pos = upto  # the scanned part of the bad item is not needed again: the buffer stays small
                     if nxt is not None:
-                        line += buf.count("\n", pos, nxt)
-                        pos = nxt
+                        resumed = True
                         break
-                    line += buf.count("\n", pos, scan)
-                    pos = scan  # the scanned part of the bad item is not needed again: the buffer stays small
                     if eof or not refill():
-                        return
+                        skipped += len(buf) - pos  # an unclosed string runs to the end
+                        break
                     scan = 0
+                tally.drop("bad_json", where, f"{e}; " + ("skipped to the next item" if resumed else
+                                                         f"the rest of the array ({skipped:,} characters) skipped"))
+                if not resumed:
+                    return
                 continue
             tally.read += 1
             where = f"{path}:{line}"
