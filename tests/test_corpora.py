@@ -126,6 +126,25 @@ def test_real_medical_csv(shared_corpora):
     assert any("\n" in r.response for r in recs) or any("\n" in r.prompt for r in recs)
 
 
+def test_real_medical_csv_with_a_quote_that_never_closes(shared_corpora, tmp_path):
+    """A title that opens a quote and never closes it: the rows below it must not vanish into that field. The real
+    file's own multi-line quoted answers (one spans 35 lines) must read as before."""
+    src = next((shared_corpora / "medical_dialogue").glob("*.csv"))
+    before, _ = read_all("medical", src)
+    lines = src.read_bytes().split(b"\n")
+    first, sep, rest = lines[500].partition(b",")
+    assert sep and b'"' not in lines[500]
+    lines[500] = first + b',"' + rest
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"\n".join(lines))
+    after, tally = read_all("medical", bad)
+    assert tally.read == 7444 and sum(tally.dropped.values()) == 0
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(after) == len(before) and len(changed) == 1
+    assert changed[0][1].prompt.startswith('"')  # the stray quote is kept as a character
+    assert sum("\n" in r.response for r in after) == sum("\n" in r.response for r in before) > 0
+
+
 def test_real_gbk_strict_decoding_counts_bad_bytes(shared_corpora):
     """gb2312 (the seed's encoding) cannot decode the file: bad lines are counted, good ones still read."""
     recs, tally = read_all("medical", shared_corpora / "medical_dialogue", encoding="gb2312")
@@ -217,6 +236,19 @@ def test_json_array_truncated_keeps_good_items(tmp_path):
     p.write_text(text[:-12], encoding="utf-8")
     recs, tally = read_all("alpaca", p)
     assert [r.prompt for r in recs] == ["一"] and tally.dropped["bad_json"] == 1
+
+
+@pytest.mark.parametrize("n", [300, 8000])  # 8000: the runaway field outgrows csv's field size limit (an error)
+def test_medical_quote_that_never_closes_swallows_no_rows(tmp_path, n):
+    rows = [f"内科,头疼{i}怎么办,最近经常头疼{i},注意休息{i}" for i in range(n)]
+    rows[10] = '内科,"头疼10怎么办,最近经常头疼10,注意休息10'  # the quote runs on to the next one, far below
+    rows[n - 10] = '内科,多行回答,无,"第一行\n第二行"'
+    p = tmp_path / "m.csv"
+    p.write_text("department,title,ask,answer\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    recs, tally = read_all("medical", p)
+    assert len(recs) == n and tally.read == n and not tally.dropped
+    assert recs[10].prompt.startswith('"头疼10') and recs[11].prompt == "头疼11怎么办\n最近经常头疼11"
+    assert recs[n - 10].response == "第一行\n第二行"
 
 
 def test_medical_short_rows_and_utf8(tmp_path):

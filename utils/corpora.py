@@ -12,7 +12,7 @@ import csv
 import json
 import re
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -276,38 +276,73 @@ def read_baike(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record
 MEDICAL_COLUMNS = ("title", "ask", "answer")  # the columns read; department is not
 
 
+class _Lines:
+    """Numbered physical lines for csv.reader. Lines given back (`pending`) are read again first, also after the
+    file's end was reached once; `consumed` collects the lines read since the caller last cleared it."""
+
+    def __init__(self, numbered: Iterator[tuple[int, str]]):
+        self.numbered = numbered
+        self.pending: deque[tuple[int, str]] = deque()
+        self.consumed: list[tuple[int, str]] = []
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        n, line = self.pending.popleft() if self.pending else next(self.numbered)
+        self.consumed.append((n, line))
+        return line
+
+
+def _starts_a_row(line: str, departments: set[str], column: int, width: int) -> bool:
+    """Whether a line read inside a quoted field looks like the start of a row: a known department, all columns."""
+    fields = line.split(",")
+    return len(fields) >= width and fields[column].strip() in departments
+
+
 @register("medical", patterns=("*.csv",))
 def read_medical(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
     """Toyhom medical dialogue CSV (department,title,ask,answer), GB18030 or UTF-8: title + ask (one of them when
-    Dice-similar) -> answer. Quoted fields may span lines; a stray quote inside an unquoted field is literal."""
+    Dice-similar) -> answer. Quoted fields may span lines; a stray quote inside an unquoted field is literal. A quote
+    that opens a field and never closes on its line would swallow the rows below it into that field: when a row that
+    spans lines holds a line that starts like a row of its own (a department already seen, and all the columns), its
+    first line is read with the quote as a literal character and the lines after it are read again as rows."""
     from utils.cleaning import merge_title
-    lines = text_lines(path, opts, tally)
-    line_no = [0]
-
-    def numbered() -> Iterator[str]:
-        for n, line in lines:
-            line_no[0] = n
-            yield line
-
-    rows = csv.reader(numbered())
+    lines = _Lines(text_lines(path, opts, tally))
+    consumed = lines.consumed
+    rows = csv.reader(lines)
     header: list[str] | None = None
+    departments: set[str] = set()
+    dept: int | None = 0  # the department column (first without a header; None when a header has none)
     while True:
+        consumed.clear()
         try:
-            row = next(rows)
+            row, error = next(rows), None
         except StopIteration:
             return
-        except csv.Error as e:
+        except csv.Error as e:  # a quote running on past csv's field size limit ends here too
+            row, error = [], e
+        width = len(header) if header is not None else 4
+        if dept is not None and len(consumed) > 1 and any(
+                _starts_a_row(text, departments, dept, width) for _, text in consumed[1:]):
+            lines.pending.extendleft(reversed(consumed[1:]))
+            del consumed[1:]
+            row, error = next(csv.reader([consumed[0][1]], quoting=csv.QUOTE_NONE)), None
+        if error is not None:
             tally.read += 1
-            tally.drop("malformed_row", f"{path}:{line_no[0]}", str(e))
+            tally.drop("malformed_row", f"{path}:{consumed[-1][0]}", str(error))
             continue
         if not row or not any(c.strip() for c in row):
             continue
         if header is None and {c.strip().lower() for c in row} >= set(MEDICAL_COLUMNS):
             header = [c.strip().lower() for c in row]
             idx = {name: header.index(name) for name in MEDICAL_COLUMNS}
+            dept = header.index("department") if "department" in header else None
             continue
+        if dept is not None and len(row) > dept:
+            departments.add(row[dept].strip())
         tally.read += 1
-        where = f"{path}:{line_no[0]}"
+        where = f"{path}:{consumed[-1][0]}"
         if header is not None:
             if len(row) < len(header):
                 tally.drop("missing_field", where, f"{len(row)} of {len(header)} columns")
