@@ -57,16 +57,19 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             picked = logp.gather(1, target)
             total = total - (picked.squeeze(1) * labelled).sum()
             if not (want_hidden or want_weight):
+                del logp  # eager frees a chunk only here: else it would live on beside the next chunk's logits
                 continue
             # p / n everywhere, then the target column overwritten with (p - 1) / n: the same values as subtracting
             # the one-hot in fp32, with the full-size pass left as one fused kernel under torch.compile (see above)
             scale = (labelled.to(acc) / n)[:, None]
             grad = logp.exp_().mul_(scale).to(dtype)
+            del logp  # the fp32 chunk goes before the matmuls (unless it is the same tensor as grad)
             grad.scatter_(1, target, (picked.exp() - 1).mul_(scale).to(dtype))
             if want_hidden:
                 grad_hidden[start:start + rows] = grad @ weight_c
             if want_weight:
                 grad_weight += (grad.T @ h).to(acc)
+            del grad
     return total, grad_hidden, grad_weight
 
 

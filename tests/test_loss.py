@@ -92,6 +92,33 @@ def test_confident_predictions_keep_their_small_gradient_in_bf16():
                                rtol=2e-2, atol=1e-5)
 
 
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_eager_holds_one_chunk_at_a_time(data, monkeypatch, grad_enabled):
+    """When a chunk's logits are formed, the previous chunk's fp32 log-probabilities and its gradient are freed
+    (eager keeps whatever a Python name still holds: two chunks at once would double the loss's peak)."""
+    import weakref
+    hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in data)
+    earlier: list[weakref.ref] = []
+    log_softmax, scatter_ = torch.log_softmax, torch.Tensor.scatter_
+
+    def spy_log_softmax(*args, **kwargs):
+        assert all(r() is None for r in earlier), "a previous chunk is still alive"
+        out = log_softmax(*args, **kwargs)
+        earlier.append(weakref.ref(out))
+        return out
+
+    def spy_scatter_(self, *args, **kwargs):
+        earlier.append(weakref.ref(self))
+        return scatter_(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "log_softmax", spy_log_softmax)
+    monkeypatch.setattr(torch.Tensor, "scatter_", spy_scatter_)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad_enabled):
+        loss = linear_cross_entropy(hidden.requires_grad_(grad_enabled), weight, labels, chunk_logits=10 * 53)
+    assert len(earlier) == (24 if grad_enabled else 12)  # 111 rows in 12 chunks: each chunk's logp (and grad)
+    torch.testing.assert_close(loss.float(), reference(hidden.detach(), weight, labels), rtol=1e-2, atol=1e-2)
+
+
 def test_gradient_checkpointing_asks_for_smaller_chunks(monkeypatch):
     """Checkpointing is asked for to save memory, so the loss's transient logits shrink with it."""
     asked = []
