@@ -99,6 +99,17 @@ def test_wiki_sample_both_layouts(samples_dir):
         assert len(r.response) <= 512 and not r.response.startswith(r.prompt)
 
 
+def test_wiki_doc_without_its_closing_tag_is_kept(tmp_path):
+    """A `<doc>` whose `</doc>` is missing ends where the next `<doc>` begins (it was dropped without a count);
+    one still open at the end of the file is counted as truncated."""
+    docs = [f'<doc id="{i}" url="u" title="条目{i}">\n条目{i}\n\n条目{i}是第{i}个测试条目。\n'
+            + ("" if i in (1, 3) else "</doc>\n") for i in range(4)]
+    (tmp_path / "wiki_00").write_text("".join(docs), encoding="utf-8")
+    recs, tally = read_all("wiki", tmp_path / "wiki_00")
+    assert [r.response for r in recs] == [f"条目{i}是第{i}个测试条目。" for i in range(3)]
+    assert tally.read == 4 and tally.dropped == {"truncated_article": 1}
+
+
 def test_wiki_template_independent_of_order(tmp_path, samples_dir):
     lines = (samples_dir / "wiki" / "AB" / "wiki_00").read_text(encoding="utf-8").splitlines()
     (tmp_path / "a").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -571,6 +571,8 @@ def _wiki_articles(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tu
     for n, line in ((first[0], first[1]), *lines):
         m = _DOC_OPEN.match(line.strip())
         if m:
+            if title is not None:  # the previous article lacks its </doc>: it ends where this one begins
+                yield f"{path}:{start}", title, "".join(body)
             title, body, start = m.group(1), [], n
             tally.read += 1
         elif line.strip() == "</doc>":
