@@ -1,16 +1,20 @@
 """Where the GPU time goes, for the next optimization: kernel tables (torch.profiler) of the decode step (eager and
 compiled, `small` and 7B shapes), of the compiled `small` pretraining step and of the compiled 7B LoRA step, each
 with a summary by kernel kind (matmul, attention, fused elementwise, optimizer, other), plus inductor's perf hints.
-For the LoRA step also where its peak memory is reached and which blocks are alive there (the allocator's trace).
+For the training steps also the GPU's idle time between kernels and what the host was doing when each gap ended
+(timed as bench/gpu.py times them: synchronized after every step), and for the LoRA step where its peak memory is
+reached and which blocks are alive there (the allocator's trace).
 
     TORCH_LOGS=perf_hints python bench/profile_gpu.py [--only decode_small decode_7b pretrain_small lora_7b] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import linecache
 import re
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -112,13 +116,76 @@ def memory_peak(fn, out: Path, name: str, top: int = 30) -> None:
     print(f"== {name}\n{text}", flush=True)
 
 
+GPU_CATS, LAUNCH_CATS, HOST_CATS = ("kernel", "gpu_memcpy", "gpu_memset"), ("cuda_runtime", "cuda_driver"), \
+    ("cpu_op", "user_annotation", "python_function")
+
+
+def idle_gaps(events: list[dict], steps: int, min_gap_us: float = 5.0, top: int = 12) -> str:
+    """GPU idle time in a profiled run (chrome-trace events of torch.profiler), grouped by what the host was doing.
+
+    A gap is a stretch of at least `min_gap_us` with no kernel, copy or memset running on any stream. It is charged
+    to the innermost host op (on the launching thread) that enclosed the launch of the kernel that ended it: if that
+    launch came after the GPU fell idle, the host set the pace there. A kernel launched before the gap began was
+    waiting on something else (another stream, an event), and is counted as such.
+    """
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATS and e.get("ph") == "X"), key=lambda e: e["ts"])
+    if not gpu:
+        return "no GPU activity in the trace"
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {})}
+    host = [e for e in events if e.get("cat") in HOST_CATS and e.get("ph") == "X"]
+
+    def innermost(t: float, tid) -> str:
+        around = [e for e in host if e["tid"] == tid and e["ts"] <= t <= e["ts"] + e["dur"]]
+        return min(around, key=lambda e: e["dur"])["name"][:90] if around else "(no host op recorded)"
+
+    groups: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    gaps = []
+    busy_until = gpu[0]["ts"] + gpu[0]["dur"]
+    for kernel in gpu[1:]:
+        gap = kernel["ts"] - busy_until
+        if gap >= min_gap_us:
+            launch = launches.get(kernel.get("args", {}).get("correlation"))
+            if launch is None:
+                cause = "(launch not recorded)"
+            elif launch["ts"] < busy_until:
+                cause = "(launched before the gap: waiting on another stream or event)"
+            else:
+                cause = innermost(launch["ts"], launch["tid"])
+            groups[cause][0] += 1
+            groups[cause][1] += gap
+            gaps.append((gap, cause, kernel["name"][:60]))
+        busy_until = max(busy_until, kernel["ts"] + kernel["dur"])
+    span = (busy_until - gpu[0]["ts"]) / 1e3 / steps
+    idle = sum(g for g, _, _ in gaps) / 1e3 / steps
+    lines = [f"GPU span {span:.2f} ms per step, idle {idle:.2f} ms in gaps of at least {min_gap_us:g} us "
+             f"({100 * idle / span:.1f}%)", "", "| host op when the gap ended | gaps per step | idle ms per step |",
+             "|---|---|---|"]
+    lines += [f"| `{cause}` | {n / steps:g} | {ms / 1e3 / steps:.2f} |"
+              for cause, (n, ms) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]]
+    lines += ["", "| longest gaps (us) | host op | next kernel |", "|---|---|---|"]
+    lines += [f"| {gap:.0f} | `{cause}` | `{kernel}` |" for gap, cause, kernel in sorted(gaps, reverse=True)[:top]]
+    return "\n".join(lines)
+
+
 def table(fn, out: Path, name: str, rows: int = 25, steps: int = 1) -> None:
+    """Kernel tables of `steps` calls of `fn`, then the idle gaps of the same calls each followed by a synchronize
+    (as bench/gpu.py times them)."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
     text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
     text += f"\n\n{name}, per step:\n{by_kind(prof, steps)}\n"
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+            torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    text += f"\n{name}, idle GPU time, synchronized after each step:\n{idle_gaps(events, steps)}\n"
     (out / f"{name}.txt").write_text(text)
     print(f"== {name}\n{text}", flush=True)
 
