@@ -2,7 +2,9 @@
 
     python bench/gpu.py [--only pretrain_small lora_7b qlora_7b decode] [--out DIR] [--commit SHA]
 
-Every figure: warm-up steps first, synchronized timing, the median of several steps, random (never zero) data.
+Every figure: warm-up steps first, synchronized timing, the median of several steps, random (never zero) data; for
+the training steps also the SM clock and board power during the timed steps (nvidia-smi in the background) and the
+energy per token. These GPUs run under a power cap, so a denser step runs at a lower clock (bench/RESULTS.md, run 22).
 Writes DIR/results.json (one object per figure: name, ours, reference, ratio, unit, device, commit, date) and
 DIR/results.md (a table for bench/RESULTS.md); each figure is written as soon as it is measured.
 """
@@ -12,11 +14,16 @@ import argparse
 import datetime
 import gc
 import json
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -37,6 +44,7 @@ class Report:
         self.out, self.rows = out, []
         self.device = torch.cuda.get_device_name()
         self.common = {"device": self.device, "commit": commit, "date": datetime.date.today().isoformat()}
+        self.monitor = GpuMonitor()
         out.mkdir(parents=True, exist_ok=True)
 
     def add(self, name: str, ours: float, reference: float | None, unit: str, **extra) -> None:
@@ -54,18 +62,89 @@ class Report:
         (self.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def median_seconds(step, warmup: int, iters: int) -> float:
-    """Median wall time of `step` (synchronized before and after each run) after `warmup` runs."""
+def median_seconds(step, warmup: int, iters: int) -> tuple[float, float, float]:
+    """Median wall time of `step` (synchronized before and after each run) after `warmup` runs, and the epoch times
+    at which the timed runs began and ended (to read GpuMonitor's samples of them)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    times = []
+    times, began = [], time.time()
     for _ in range(iters):
         start = time.perf_counter()
         step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), began, time.time()
+
+
+def clock_and_power(lines: Iterable[str], start: float, end: float, uuid: str = "") -> tuple[float, float] | None:
+    """Median SM clock (MHz) and board power (W) of the nvidia-smi samples
+    (`timestamp, uuid, clocks.sm, power.draw` with nounits) taken between epoch times `start` and `end` on the GPU
+    whose UUID contains `uuid`; None when there is none."""
+    clocks, watts = [], []
+    for line in lines:
+        try:
+            stamp, gpu, mhz, w = (part.strip() for part in line.split(","))
+            day, _, fraction = stamp.partition(".")
+            t = time.mktime(time.strptime(day, "%Y/%m/%d %H:%M:%S")) + float("0." + (fraction or "0"))
+            sample = float(mhz), float(w)
+        except ValueError:  # a header, a cut-off last line, or "[N/A]"
+            continue
+        if uuid in gpu and start <= t <= end:
+            clocks.append(sample[0])
+            watts.append(sample[1])
+    return (statistics.median(clocks), statistics.median(watts)) if clocks else None
+
+
+class GpuMonitor:
+    """nvidia-smi sampling the SM clock and board power every 100 ms in the background, for the whole run."""
+
+    def __init__(self):
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".csv")
+        self.proc, self.uuid = None, ""
+        if shutil.which("nvidia-smi") is None:
+            return
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True,
+                              text=True).stdout.split()
+        if len(gpus) > 1:  # ours among several: torch's UUID is nvidia-smi's without the "GPU-" prefix
+            self.uuid = str(torch.cuda.get_device_properties().uuid)
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,uuid,clocks.sm,power.draw",
+                                      "--format=csv,noheader,nounits", "-lms", "100"],
+                                     stdout=self.log, stderr=subprocess.DEVNULL)
+
+    def during(self, start: float, end: float) -> tuple[float, float] | None:
+        self.log.flush()
+        return clock_and_power(Path(self.log.name).read_text().splitlines(), start, end, self.uuid)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+        self.log.close()
+
+
+@dataclass
+class Measured:
+    """One side of a training figure."""
+    tokens_per_s: float
+    peak_gib: float
+    sm_mhz: float | None = None
+    watts: float | None = None
+
+    def notes(self, side: str) -> dict:
+        """Report columns: peak memory, clock, power and energy per token (mJ) of `side` (ours / ref)."""
+        notes = {f"{side}_peak_gib": round(self.peak_gib, 2)}
+        if self.watts is not None:
+            notes |= {f"{side}_sm_mhz": round(self.sm_mhz), f"{side}_watts": round(self.watts),
+                      f"{side}_mj_per_token": round(1e3 * self.watts / self.tokens_per_s, 2)}
+        return notes
+
+
+def measure(report: Report, step, tokens: int, warmup: int, iters: int) -> Measured:
+    """Tokens/s of `step`, its peak memory since the last reset, and the clock and power it ran at."""
+    seconds, start, end = median_seconds(step, warmup, iters)
+    conditions = report.monitor.during(start, end) or (None, None)
+    return Measured(tokens / seconds, torch.cuda.max_memory_allocated() / GiB, *conditions)
 
 
 def free() -> None:
@@ -127,16 +206,14 @@ def pretrain_small(report: Report, batch_size: int = 32, seq: int = 1024) -> Non
             model = build(kind, SMALL, torch.float32).train()
             fwd = torch.compile(model) if compiled else model
             step = train_step_fn(fwd, kind, batch, list(model.parameters()))
-            t = median_seconds(step, warmup=3, iters=10)
-            tok_s = batch_size * seq / t
-            results[(kind, compiled)] = (tok_s, torch.cuda.max_memory_allocated() / GiB)
+            results[kind] = measure(report, step, batch_size * seq, warmup=3, iters=10)
             del model, fwd, step
-        (ours, ours_mem), (ref, ref_mem) = results[("ours", compiled)], results[("hf", compiled)]
-        mode = "compiled" if compiled else "eager"
-        report.add(f"pretrain_small_{mode}", ours, ref, "tokens/s", batch=f"{batch_size}x{seq}",
-                   ours_mfu=None if peak is None else round(ours * fpt / peak, 3),
-                   ref_mfu=None if peak is None else round(ref * fpt / peak, 3),
-                   ours_peak_gib=round(ours_mem, 2), ref_peak_gib=round(ref_mem, 2))
+        ours, ref = results["ours"], results["hf"]
+        report.add(f"pretrain_small_{'compiled' if compiled else 'eager'}", ours.tokens_per_s, ref.tokens_per_s,
+                   "tokens/s", batch=f"{batch_size}x{seq}",
+                   ours_mfu=None if peak is None else round(ours.tokens_per_s * fpt / peak, 3),
+                   ref_mfu=None if peak is None else round(ref.tokens_per_s * fpt / peak, 3),
+                   **ours.notes("ours"), **ref.notes("ref"))
 
 
 # ---- 2./3. LoRA and QLoRA on a 7B shape ------------------------------------------------------------------------------
@@ -150,9 +227,9 @@ def quantize_blocks(model: Transformer) -> None:
                 setattr(layer.get_submodule(parent), leaf, NF4Linear.from_linear(module))
 
 
-def lora_step(kind: str, r: int, targets, batch: torch.Tensor, qlora: bool = False,
-              compiled: bool = False, keep: int = 0) -> tuple[float, float]:
-    """Tokens/s and peak GiB of a LoRA step; `keep` = our last layers exempt from checkpointing (no recompute)."""
+def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, qlora: bool = False,
+              compiled: bool = False, keep: int = 0) -> Measured:
+    """A LoRA step measured; `keep` = our last layers exempt from checkpointing (no recompute)."""
     free()
     model = build(kind, LLAMA_7B, torch.bfloat16)
     if kind == "ours":
@@ -171,10 +248,10 @@ def lora_step(kind: str, r: int, targets, batch: torch.Tensor, qlora: bool = Fal
     params = [p for p in model.parameters() if p.requires_grad]
     torch.cuda.reset_peak_memory_stats()
     forward = torch.compile(model) if compiled else model
-    t = median_seconds(train_step_fn(forward, kind, batch, params), warmup=3 if compiled else 2, iters=5)
-    mem = torch.cuda.max_memory_allocated() / GiB
+    measured = measure(report, train_step_fn(forward, kind, batch, params), batch.shape[0] * (batch.shape[1] - 1),
+                       warmup=3 if compiled else 2, iters=5)
     del model, params, forward
-    return batch.shape[0] * (batch.shape[1] - 1) / t, mem
+    return measured
 
 
 def lora_7b(report: Report, keep: int = 1) -> None:
@@ -182,36 +259,35 @@ def lora_7b(report: Report, keep: int = 1) -> None:
     recomputed (as much as fits under the reference's eager peak) against the reference as usually run (eager)."""
     batch = torch.randint(0, VOCAB, (4, 1025), device="cuda")
     name, r, targets = "lora_7b_qv_r8", 8, ["q_proj", "v_proj"]
-    ours, ours_mem = lora_step("ours", r, targets, batch)
-    ref, ref_mem = lora_step("hf", r, targets, batch)
-    report.add(name, ours, ref, "tokens/s", batch="4x1024", checkpointing=True, ours_peak_gib=round(ours_mem, 2),
-               ref_peak_gib=round(ref_mem, 2), reference_is="transformers+peft")
-    report.bf16_lora = ours
-    ours_c, ours_c_mem = lora_step("ours", r, targets, batch, compiled=True)
-    ref_c, ref_c_mem = lora_step("hf", r, targets, batch, compiled=True)
-    report.add(f"{name}_compiled", ours_c, ref_c, "tokens/s", batch="4x1024", checkpointing=True,
-               ours_peak_gib=round(ours_c_mem, 2), ref_peak_gib=round(ref_c_mem, 2),
-               reference_is="transformers+peft, torch.compile", ours_vs_reference_eager=round(ours_c / ref, 3))
-    ours_k, ours_k_mem = lora_step("ours", r, targets, batch, compiled=True, keep=keep)
-    report.add(f"{name}_compiled_keep{keep}", ours_k, ref, "tokens/s", batch="4x1024",
-               checkpointing=f"all but the last {keep} layers", ours_peak_gib=round(ours_k_mem, 2),
-               ref_peak_gib=round(ref_mem, 2), reference_is="transformers+peft (eager)",
-               ours_vs_reference_compiled=round(ours_k / ref_c, 3))
+    ours, ref = lora_step(report, "ours", r, targets, batch), lora_step(report, "hf", r, targets, batch)
+    report.add(name, ours.tokens_per_s, ref.tokens_per_s, "tokens/s", batch="4x1024", checkpointing=True,
+               **ours.notes("ours"), **ref.notes("ref"), reference_is="transformers+peft")
+    report.bf16_lora = ours.tokens_per_s
+    ours_c = lora_step(report, "ours", r, targets, batch, compiled=True)
+    ref_c = lora_step(report, "hf", r, targets, batch, compiled=True)
+    report.add(f"{name}_compiled", ours_c.tokens_per_s, ref_c.tokens_per_s, "tokens/s", batch="4x1024",
+               checkpointing=True, **ours_c.notes("ours"), **ref_c.notes("ref"),
+               reference_is="transformers+peft, torch.compile",
+               ours_vs_reference_eager=round(ours_c.tokens_per_s / ref.tokens_per_s, 3))
+    ours_k = lora_step(report, "ours", r, targets, batch, compiled=True, keep=keep)
+    report.add(f"{name}_compiled_keep{keep}", ours_k.tokens_per_s, ref.tokens_per_s, "tokens/s", batch="4x1024",
+               checkpointing=f"all but the last {keep} layers", **ours_k.notes("ours"), **ref.notes("ref"),
+               reference_is="transformers+peft (eager)",
+               ours_vs_reference_compiled=round(ours_k.tokens_per_s / ref_c.tokens_per_s, 3))
 
 
 def lora_7b_all_linear(report: Report) -> None:
     batch = torch.randint(0, VOCAB, (4, 1025), device="cuda")
-    ours, ours_mem = lora_step("ours", 16, "all-linear", batch)
-    ref, ref_mem = lora_step("hf", 16, "all-linear", batch)
-    report.add("lora_7b_all_linear_r16", ours, ref, "tokens/s", batch="4x1024", checkpointing=True,
-               ours_peak_gib=round(ours_mem, 2), ref_peak_gib=round(ref_mem, 2), reference_is="transformers+peft")
+    ours, ref = lora_step(report, "ours", 16, "all-linear", batch), lora_step(report, "hf", 16, "all-linear", batch)
+    report.add("lora_7b_all_linear_r16", ours.tokens_per_s, ref.tokens_per_s, "tokens/s", batch="4x1024",
+               checkpointing=True, **ours.notes("ours"), **ref.notes("ref"), reference_is="transformers+peft")
 
 
 def qlora_7b(report: Report) -> None:
     batch = torch.randint(0, VOCAB, (4, 1025), device="cuda")
-    ours, mem = lora_step("ours", 8, ["q_proj", "v_proj"], batch, qlora=True)
-    report.add("qlora_7b_qv_r8", ours, getattr(report, "bf16_lora", None), "tokens/s", batch="4x1024",
-               checkpointing=True, ours_peak_gib=round(mem, 2), reference_is="our bf16 LoRA")
+    ours = lora_step(report, "ours", 8, ["q_proj", "v_proj"], batch, qlora=True)
+    report.add("qlora_7b_qv_r8", ours.tokens_per_s, getattr(report, "bf16_lora", None), "tokens/s", batch="4x1024",
+               checkpointing=True, **ours.notes("ours"), reference_is="our bf16 LoRA")
 
 
 # ---- 4. decoding ----------------------------------------------------------------------------------------------------
@@ -233,7 +309,7 @@ def decode_speed(kind: str, cfg: ModelConfig, prompt: torch.Tensor, new_tokens: 
             out = generate(model, [ids], config, compile=kind == "ours_compiled")
             assert len(out[0]) == new_tokens
     with torch.inference_mode():
-        return new_tokens / median_seconds(run, warmup=1, iters=3)
+        return new_tokens / median_seconds(run, warmup=1, iters=3)[0]
 
 
 def decode(report: Report, new_tokens: int = 256, prompt_len: int = 64) -> None:
@@ -265,6 +341,7 @@ def main() -> None:
             traceback.print_exc()
             report.add(f"{name}_failed", 0.0, None, "error")
         print(f"# {name} took {time.perf_counter() - start:.0f} s", flush=True)
+    report.monitor.close()
 
 
 if __name__ == "__main__":

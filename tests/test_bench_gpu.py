@@ -1,0 +1,36 @@
+"""bench/gpu.py's reading of nvidia-smi samples (pure Python: checked here on synthetic lines)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from gpu import Measured, clock_and_power  # noqa: E402
+
+
+def stamp(epoch: float) -> str:
+    return time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(epoch)) + f".{round(epoch % 1 * 1000):03d}"
+
+
+def test_clock_and_power_takes_the_medians_of_this_gpus_samples_inside_the_window():
+    t0 = time.mktime(time.strptime("2026/11/21 19:00:00", "%Y/%m/%d %H:%M:%S"))
+    lines = ["timestamp, uuid, clocks.sm [MHz], power.draw [W]",  # a header, if one is printed
+             f"{stamp(t0 + 0.9)}, GPU-aaa, 1980, 120.0",  # before the window
+             f"{stamp(t0 + 1.1)}, GPU-aaa, 1545, 693.5",
+             f"{stamp(t0 + 1.2)}, GPU-bbb, 1200, 300.0",  # another GPU
+             f"{stamp(t0 + 1.3)}, GPU-aaa, 1500, [N/A]",  # no power reading: skipped
+             f"{stamp(t0 + 1.4)}, GPU-aaa, 1560, 691.0",
+             f"{stamp(t0 + 1.5)}, GPU-aaa, 1290, 700.0",
+             f"{stamp(t0 + 2.5)}, GPU-aaa, 1800, 200.0",  # after it
+             f"{stamp(t0 + 2.6)}, GPU-aa"]  # cut off while nvidia-smi was writing
+    assert clock_and_power(lines, t0 + 1.0, t0 + 2.0, "aaa") == (1545.0, 693.5)
+    assert clock_and_power(lines, t0 + 1.0, t0 + 2.0, "bbb") == (1200.0, 300.0)
+    assert clock_and_power(lines, t0 + 3.0, t0 + 4.0, "aaa") is None
+
+
+def test_energy_per_token_is_power_over_throughput():
+    notes = Measured(tokens_per_s=14_000.0, peak_gib=14.512, sm_mhz=1545.4, watts=693.0).notes("ours")
+    assert notes == {"ours_peak_gib": 14.51, "ours_sm_mhz": 1545, "ours_watts": 693, "ours_mj_per_token": 49.5}
+    assert Measured(10.0, 1.0).notes("ref") == {"ref_peak_gib": 1.0}
