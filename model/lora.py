@@ -16,9 +16,11 @@ Baichuan-7B fuses q/k/v into one `W_pack` [3d, d]; a PEFT adapter on it has ONE 
 decoder holds q/k/v split, so a `W_pack` target registers one `LoRAAdapter` at `self_attn.W_pack` (the PEFT key
 prefix) and q/k/v become `LoRASlice`s that share its A and take row slices of its B:
 
-    q = W_q x + s * B[0:d]   A x,   k = W_k x + s * B[d:2d]  A x,   v = W_v x + s * B[2d:3d] A x
+    u = s * B A dropout(x)   [.., 3d]
+    q = W_q x + u[..., 0:d],   k = W_k x + u[..., d:2d],   v = W_v x + u[..., 2d:3d]
 
-which is exactly PEFT-on-Baichuan (in eval; with dropout > 0 each projection draws its own mask).
+which is exactly PEFT-on-Baichuan, in training too: `Attention` gets q, k, v from one `W_pack.project` call, so the
+three share one dropout mask and one A x, as the fused layer does in PEFT (calling each slice alone would draw its own).
 
 Adapter directories hold `adapter_config.json` and `adapter_model.safetensors` with PEFT's keys:
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`.
@@ -117,6 +119,15 @@ class LoRAAdapter(nn.Module):
         h = self.lora_A(self.lora_dropout(x))
         return F.linear(h, self.lora_B.weight[rows]) * self.scaling
 
+    def project(self, x: torch.Tensor, slices: Sequence[LoRASlice]) -> list[torch.Tensor]:
+        """The outputs of `slices` (the LoRASlices of this adapter) from ONE update over all of B's rows, split by
+        rows: PEFT's fused-layer math (one dropout mask, one A x), which calling each slice cannot give."""
+        results = [s.base_layer(x) for s in slices]
+        if slices[0].merged:  # `_merge` flips every slice of an adapter together
+            return results
+        update = self.delta(x)
+        return [y + update[..., s.rows].to(y.dtype) for y, s in zip(results, slices)]
+
     def delta_weight(self, rows: slice = slice(None)) -> torch.Tensor:
         """s * B[rows] @ A in fp32: the [out, in] update that merging adds to W."""
         return (self.lora_B.weight[rows].float() @ self.lora_A.weight.float()) * self.scaling
@@ -143,7 +154,8 @@ class LoRALinear(LoRAAdapter):
 
 
 class LoRASlice(nn.Module):
-    """A frozen `base_layer` whose update is rows `rows` of a shared (fused) adapter registered elsewhere."""
+    """A frozen `base_layer` whose update is rows `rows` of a shared (fused) adapter registered elsewhere. Calling it
+    alone draws its own dropout mask; `Attention` runs all slices of an adapter at once (`LoRAAdapter.project`)."""
 
     def __init__(self, base_layer: nn.Module, adapter: LoRAAdapter, rows: slice):
         super().__init__()

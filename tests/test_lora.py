@@ -283,6 +283,8 @@ def test_baichuan_w_pack_adapter_maps_exactly_onto_split_qkv(tmp_path):
                                                                                                        "o_proj"]
     with torch.no_grad():  # merging the shared adapter into split q/k/v
         expected = ours(IDS)
+        merge_lora(ours)  # W_pack stays, so the packed path must now skip the update
+        torch.testing.assert_close(ours(IDS), expected, rtol=1e-4, atol=1e-5)
         merged = merge_and_unload(ours)
         assert not hasattr(merged.model.layers[0].self_attn, "W_pack")
         torch.testing.assert_close(merged(IDS), expected, rtol=1e-4, atol=1e-5)
@@ -299,6 +301,78 @@ def test_baichuan_all_linear_targets_w_pack(tmp_path):
     with pytest.raises(ValueError, match="match no module"):
         apply_lora(load_model(tmp_path), targets=["q_proj"])
 
+
+
+def packed_peft(attn: torch.nn.Module, dropout: float) -> torch.nn.Module:
+    """PEFT on a real fused `W_pack` = cat(q, k, v) rows of `attn`, with the same A and B as attn's shared adapter."""
+    adapter, bases = attn.W_pack, [p.base_layer for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    module = torch.nn.Module()
+    module.W_pack = torch.nn.Linear(bases[0].in_features, sum(b.out_features for b in bases), bias=False)
+    with torch.no_grad():
+        module.W_pack.weight.copy_(torch.cat([b.weight for b in bases]))
+    config = peft.LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=dropout, target_modules=["W_pack"])
+    peft.inject_adapter_in_model(config, module)
+    with torch.no_grad():
+        module.W_pack.lora_A["default"].weight.copy_(adapter.lora_A.weight)
+        module.W_pack.lora_B["default"].weight.copy_(adapter.lora_B.weight)
+    return module.train()
+
+
+def test_baichuan_packed_qkv_share_one_dropout_mask_and_train_as_peft(tmp_path):
+    """In training (dropout 0.5) q/k/v and the shared A/B gradients equal PEFT's fused W_pack under the same seed."""
+    baichuan_dir(tmp_path)
+    model = load_model(tmp_path).train()
+    apply_lora(model, r=4, alpha=8, targets=["W_pack"], dropout=0.5)
+    randomize_lora(model)
+    attn = model.model.layers[0].self_attn
+    ref = packed_peft(attn, dropout=0.5)
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 12, 64, generator=g)
+    cotangents = torch.randn(3, 2, 12, 64, generator=g)
+    ours_lora = {"A": attn.W_pack.lora_A.weight, "B": attn.W_pack.lora_B.weight}
+    ref_lora = {"A": ref.W_pack.lora_A["default"].weight, "B": ref.W_pack.lora_B["default"].weight}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expected = ref.W_pack(x).split(64, dim=-1)
+        torch.manual_seed(seed)
+        got = attn.W_pack.project(x, projections)  # what Attention.forward calls
+        for y, e in zip(got, expected):
+            torch.testing.assert_close(y, e, rtol=1e-5, atol=1e-6)
+        torch.manual_seed(seed)  # calling the slices one by one draws three masks: k and v then differ from PEFT
+        separate = [p(x) for p in projections]
+        assert not torch.allclose(separate[1], expected[1], rtol=1e-3, atol=1e-3)
+
+        for p in (*ours_lora.values(), *ref_lora.values()):
+            p.grad = None
+        sum((y * c).sum() for y, c in zip(got, cotangents)).backward()
+        sum((e * c).sum() for e, c in zip(expected, cotangents)).backward()
+        for k in ours_lora:
+            assert ours_lora[k].grad.abs().sum() > 0
+            torch.testing.assert_close(ours_lora[k].grad, ref_lora[k].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_baichuan_attention_draws_one_mask_per_layer_and_trains_with_checkpointing(tmp_path):
+    """The model's own forward goes through the packed path: one W_pack dropout per layer (recomputed once under
+    gradient checkpointing, with the same mask: the same gradients)."""
+    baichuan_dir(tmp_path)
+    grads = []
+    for ckpt in (False, True):
+        model = load_model(tmp_path).train()
+        apply_lora(model, r=4, alpha=8, targets=["W_pack"], dropout=0.5)
+        randomize_lora(model)
+        model.gradient_checkpointing = ckpt
+        draws = []
+        for layer in model.model.layers:
+            layer.self_attn.W_pack.lora_dropout.register_forward_hook(lambda *_: draws.append(1))
+        torch.manual_seed(0)
+        model(IDS, torch.roll(IDS, -1, 1)).backward()
+        assert len(draws) == len(model.model.layers) * (2 if ckpt else 1)
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 2
+    for k in grads[0]:
+        assert grads[0][k].abs().sum() > 0
+        torch.testing.assert_close(grads[1][k], grads[0][k])
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
 def test_unsupported_or_mismatched_adapters_raise_naming_the_file(tmp_path):
