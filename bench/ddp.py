@@ -4,7 +4,8 @@
     python bench/ddp.py --gpus 2 [--steps 100] [--out DIR]                # `small` preset, compiled, DDP
     python bench/ddp.py --gpus 2 --model lora7b --steps 12 [--out DIR]    # LoRA r=8 q,v on the Llama-7B shape, FSDP2
 
-DDP variants: --bucket-mb N (gradient bucket size), --bucket-view (gradients as views of the buckets), --dynamo-ddp MODE
+DDP variants: --bucket-mb N (gradient bucket size), --copy-gradients (gradients copied out of the buckets instead
+of being views of them, DDP's default), --dynamo-ddp MODE
 (torch._dynamo.config.optimize_ddp: ddp_optimizer splits the compiled graph at each bucket so its all-reduce overlaps
 the backward, no_optimization keeps one graph, python_reducer traces the all-reduce with compiled autograd).
 
@@ -68,8 +69,8 @@ def worker(args) -> None:
     torch._dynamo.config.optimize_ddp = args.dynamo_ddp
     torch._dynamo.config.compiled_autograd = args.dynamo_ddp == "python_reducer"  # which needs it
     acc = make_accelerator(cfg)
-    if args.bucket_view:
-        acc.ddp_handler.gradient_as_bucket_view = True
+    if args.copy_gradients:
+        acc.ddp_handler.gradient_as_bucket_view = False
     set_seed_everywhere(0)
     if lora:
         from gpu import LLAMA_7B, build
@@ -105,7 +106,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="rows per GPU (default 16 small, 4 lora7b)")
     parser.add_argument("--bucket-mb", type=int, default=TrainConfig.ddp_bucket_mb,
                         help="DDP gradient bucket size (TrainConfig.ddp_bucket_mb)")
-    parser.add_argument("--bucket-view", action="store_true", help="DDP gradient_as_bucket_view")
+    parser.add_argument("--copy-gradients", action="store_true",
+                        help="DDP gradient_as_bucket_view=False (the trainer uses True)")
     parser.add_argument("--dynamo-ddp", default="ddp_optimizer",
                         choices=["ddp_optimizer", "no_optimization", "python_reducer"])
     parser.add_argument("--out", default="bench")
@@ -125,7 +127,7 @@ def main() -> None:
                   "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", __file__,
                   "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                   "--bucket-mb", str(args.bucket_mb), "--dynamo-ddp", args.dynamo_ddp,
-                  *(["--bucket-view"] if args.bucket_view else []),
+                  *(["--copy-gradients"] if args.copy_gradients else []),
                   "--run", str(run)]
         subprocess.run(launch, check=True, cwd=REPO,
                        env=os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])})
@@ -138,7 +140,7 @@ def main() -> None:
               "device": f"{args.gpus} x {torch.cuda.get_device_name()}", "batch_per_gpu": f"{args.batch_size}x1024",
               "peak_gib_per_gpu": peaks[args.gpus]["train"], "peak_gib_one_gpu": peaks[1]["train"],
               "setup_peak_gib_per_gpu": peaks[args.gpus]["setup"], "setup_peak_gib_one_gpu": peaks[1]["setup"],
-              "bucket_mb": args.bucket_mb, "bucket_view": args.bucket_view, "dynamo_ddp": args.dynamo_ddp}
+              "bucket_mb": args.bucket_mb, "gradient_as_bucket_view": not args.copy_gradients, "dynamo_ddp": args.dynamo_ddp}
     print(json.dumps(result))
     (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -291,7 +291,7 @@ def test_no_recompute_last_is_a_layer_count_that_needs_checkpointing():
         TrainConfig(gradient_checkpointing=True, no_recompute_last=-1)
 
 
-def test_ddp_bucket_size_reaches_the_ddp_wrapper(tmp_path):
+def test_ddp_bucket_size_and_bucket_views_reach_the_ddp_wrapper(tmp_path):
     import argparse
 
     from model.cli import add_train_arguments, train_config
@@ -299,7 +299,8 @@ def test_ddp_bucket_size_reaches_the_ddp_wrapper(tmp_path):
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     cfg = train_config(parser.parse_args(["--ddp-bucket-mb", "50", "--cpu", "--out", str(tmp_path)]))
-    assert make_accelerator(cfg).ddp_handler.bucket_cap_mb == 50
+    handler = make_accelerator(cfg).ddp_handler
+    assert handler.bucket_cap_mb == 50 and handler.gradient_as_bucket_view
     with pytest.raises(ValueError, match="ddp_bucket_mb=0"):
         TrainConfig(ddp_bucket_mb=0)
 
