@@ -302,7 +302,6 @@ def test_baichuan_all_linear_targets_w_pack(tmp_path):
         apply_lora(load_model(tmp_path), targets=["q_proj"])
 
 
-
 def packed_peft(attn: torch.nn.Module, dropout: float) -> torch.nn.Module:
     """PEFT on a real fused `W_pack` = cat(q, k, v) rows of `attn`, with the same A and B as attn's shared adapter."""
     adapter, bases = attn.W_pack, [p.base_layer for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
@@ -373,6 +372,7 @@ def test_baichuan_attention_draws_one_mask_per_layer_and_trains_with_checkpointi
     for k in grads[0]:
         assert grads[0][k].abs().sum() > 0
         torch.testing.assert_close(grads[1][k], grads[0][k])
+
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
 def test_unsupported_or_mismatched_adapters_raise_naming_the_file(tmp_path):
