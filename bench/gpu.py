@@ -97,7 +97,9 @@ def clock_and_power(lines: Iterable[str], start: float, end: float, uuid: str = 
 
 
 class GpuMonitor:
-    """nvidia-smi sampling the SM clock and board power every 100 ms in the background, for the whole run."""
+    """nvidia-smi sampling the SM clock and board power every 100 ms in the background, for the whole run. Power is
+    the instantaneous reading where the driver has it: `power.draw` averages over 1 s on Ampere and newer, longer
+    than a figure's timed steps can be, so it mixes in the idle time before them (run 25)."""
 
     def __init__(self):
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".csv")
@@ -108,7 +110,9 @@ class GpuMonitor:
                               text=True).stdout.split()
         if len(gpus) > 1:  # ours among several: torch's UUID is nvidia-smi's without the "GPU-" prefix
             self.uuid = str(torch.cuda.get_device_properties().uuid)
-        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,uuid,clocks.sm,power.draw",
+        fields = subprocess.run(["nvidia-smi", "--help-query-gpu"], capture_output=True, text=True).stdout
+        power = "power.draw.instant" if '"power.draw.instant"' in fields else "power.draw"
+        self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu=timestamp,uuid,clocks.sm,{power}",
                                       "--format=csv,noheader,nounits", "-lms", "100"],
                                      stdout=self.log, stderr=subprocess.DEVNULL)
 
