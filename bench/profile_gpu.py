@@ -169,18 +169,14 @@ def idle_gaps(events: list[dict], steps: int, min_gap_us: float = 5.0, top: int 
 
 
 def table(fn, out: Path, name: str, rows: int = 25, steps: int = 1) -> None:
-    """Kernel tables of `steps` calls of `fn`, then the idle gaps of the same calls each followed by a synchronize
-    (as bench/gpu.py times them)."""
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
-    text += f"\n\n{name}, per step:\n{by_kind(prof, steps)}\n"
+    """Kernel tables and idle gaps of `steps` calls of `fn`, each followed by a synchronize (as bench/gpu.py times
+    them; the kernels are the same without it)."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
             torch.cuda.synchronize()
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    text += f"\n\n{name}, per step:\n{by_kind(prof, steps)}\n"
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))

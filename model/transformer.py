@@ -125,8 +125,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        if hasattr(self, "W_pack"):  # a LoRA adapter shared by q/k/v (Baichuan, model/lora.py): one update for all 3
-            q, k, v = self.W_pack.project(x, (self.q_proj, self.k_proj, self.v_proj))
+        packed = self._modules.get("W_pack")  # a LoRA adapter shared by q/k/v (Baichuan, model/lora.py): one update
+        if packed is not None:  # for all 3 (a dict lookup: hasattr would raise and catch inside nn.Module per call)
+            q, k, v = packed.project(x, (self.q_proj, self.k_proj, self.v_proj))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
