@@ -137,7 +137,7 @@ class Measured:
 
     def notes(self, side: str) -> dict:
         """Report columns: peak memory, clock, power and energy per token (mJ) of `side` (ours / ref)."""
-        notes = {f"{side}_peak_gib": round(self.peak_gib, 2)}
+        notes = {f"{side}_peak_gib": round(self.peak_gib, 3)}  # 3 places: "no more memory" is a close call
         if self.watts is not None:
             notes |= {f"{side}_sm_mhz": round(self.sm_mhz), f"{side}_watts": round(self.watts),
                       f"{side}_mj_per_token": round(1e3 * self.watts / self.tokens_per_s, 2)}

@@ -32,5 +32,5 @@ def test_clock_and_power_takes_the_medians_of_this_gpus_samples_inside_the_windo
 
 def test_energy_per_token_is_power_over_throughput():
     notes = Measured(tokens_per_s=14_000.0, peak_gib=14.512, sm_mhz=1545.4, watts=693.0).notes("ours")
-    assert notes == {"ours_peak_gib": 14.51, "ours_sm_mhz": 1545, "ours_watts": 693, "ours_mj_per_token": 49.5}
+    assert notes == {"ours_peak_gib": 14.512, "ours_sm_mhz": 1545, "ours_watts": 693, "ours_mj_per_token": 49.5}
     assert Measured(10.0, 1.0).notes("ref") == {"ref_peak_gib": 1.0}
