@@ -261,7 +261,7 @@ def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, q
 def lora_7b(report: Report, keep: int = 2) -> None:
     """q,v r=8: eager against eager, compiled against compiled, then ours compiled with the last `keep` layers not
     recomputed against the reference as usually run (eager). 2 is as many as stay under the reference's eager peak
-    (15.189 GiB) on every run: 14.77 GiB; 3 measured 15.107 and 15.199 (bench/RESULTS.md, runs 28-30)."""
+    (15.189 GiB) on every run: 14.77 GiB; 3 measured 15.107 and 15.199 (bench/RESULTS.md, runs 28-29)."""
     batch = torch.randint(0, VOCAB, (4, 1025), device="cuda")
     name, r, targets = "lora_7b_qv_r8", 8, ["q_proj", "v_proj"]
     ours, ref = lora_step(report, "ours", r, targets, batch), lora_step(report, "hf", r, targets, batch)
