@@ -140,7 +140,8 @@ def main() -> None:
               "device": f"{args.gpus} x {torch.cuda.get_device_name()}", "batch_per_gpu": f"{args.batch_size}x1024",
               "peak_gib_per_gpu": peaks[args.gpus]["train"], "peak_gib_one_gpu": peaks[1]["train"],
               "setup_peak_gib_per_gpu": peaks[args.gpus]["setup"], "setup_peak_gib_one_gpu": peaks[1]["setup"],
-              "bucket_mb": args.bucket_mb, "gradient_as_bucket_view": not args.copy_gradients, "dynamo_ddp": args.dynamo_ddp}
+              "bucket_mb": args.bucket_mb, "gradient_as_bucket_view": not args.copy_gradients,
+              "dynamo_ddp": args.dynamo_ddp}
     print(json.dumps(result))
     (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
