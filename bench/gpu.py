@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import ModelConfig, Transformer  # noqa: E402
-from model.trainer import PEAK_BF16_FLOPS, flops_per_token  # noqa: E402
+from model.trainer import PEAK_BF16_FLOPS, TrainConfig, flops_per_token  # noqa: E402
 
 VOCAB, GiB = 32000, 2**30
 SMALL = ModelConfig.preset("small", vocab_size=VOCAB, max_position_embeddings=1024)
@@ -134,10 +134,13 @@ class Measured:
     peak_gib: float
     sm_mhz: float | None = None
     watts: float | None = None
+    host_gib: float | None = None  # pinned host memory holding offloaded activations
 
     def notes(self, side: str) -> dict:
         """Report columns: peak memory, clock, power and energy per token (mJ) of `side` (ours / ref)."""
         notes = {f"{side}_peak_gib": round(self.peak_gib, 3)}  # 3 places: "no more memory" is a close call
+        if self.host_gib is not None:
+            notes[f"{side}_host_gib"] = round(self.host_gib, 2)
         if self.watts is not None:
             notes |= {f"{side}_sm_mhz": round(self.sm_mhz), f"{side}_watts": round(self.watts),
                       f"{side}_mj_per_token": round(1e3 * self.watts / self.tokens_per_s, 2)}
@@ -232,8 +235,9 @@ def quantize_blocks(model: Transformer) -> None:
 
 
 def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, qlora: bool = False,
-              compiled: bool = False, keep: int = 0) -> Measured:
-    """A LoRA step measured; `keep` = our last layers exempt from checkpointing (no recompute)."""
+              compiled: bool = False, keep: int = 0, offload: int | None = None) -> Measured:
+    """A LoRA step measured; `keep` = our last layers exempt from checkpointing (no recompute); `offload` = ours with
+    activation offloading, the last `offload` recomputed layers not offloaded (compiled: a graph per block)."""
     free()
     model = build(kind, LLAMA_7B, torch.bfloat16)
     if kind == "ours":
@@ -243,6 +247,8 @@ def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, q
             free()
         apply_lora(model, r=r, alpha=2 * r, dropout=0.05, targets=targets)
         model.gradient_checkpointing, model.no_recompute_last = True, keep
+        if offload is not None:
+            model.offload_activations, model.offload_skip_last = True, offload
     else:
         import peft
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -251,9 +257,13 @@ def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, q
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     torch.cuda.reset_peak_memory_stats()
-    forward = torch.compile(model) if compiled else model
+    if compiled and offload is not None:
+        model.compile_blocks()
+    forward = torch.compile(model) if compiled and offload is None else model
     measured = measure(report, train_step_fn(forward, kind, batch, params), batch.shape[0] * (batch.shape[1] - 1),
                        warmup=3 if compiled else 2, iters=5)
+    if offload is not None:
+        measured.host_gib = model._offloader.offloaded_bytes / GiB
     del model, params, forward
     return measured
 
@@ -261,7 +271,8 @@ def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, q
 def lora_7b(report: Report, keep: int = 2) -> None:
     """q,v r=8: eager against eager, compiled against compiled, then ours compiled with the last `keep` layers not
     recomputed against the reference as usually run (eager). 2 is as many as stay under the reference's eager peak
-    (15.189 GiB) on every run: 14.77 GiB; 3 measured 15.107 and 15.199 (bench/RESULTS.md, runs 28-29)."""
+    (15.189 GiB) on every run: 14.77 GiB; 3 measured 15.107 and 15.199 (bench/RESULTS.md, runs 28-29). Last, ours
+    compiled with activation offloading at the trainer's defaults (`--offload-activations`: 4 layers not offloaded)."""
     batch = torch.randint(0, VOCAB, (4, 1025), device="cuda")
     name, r, targets = "lora_7b_qv_r8", 8, ["q_proj", "v_proj"]
     ours, ref = lora_step(report, "ours", r, targets, batch), lora_step(report, "hf", r, targets, batch)
@@ -279,6 +290,12 @@ def lora_7b(report: Report, keep: int = 2) -> None:
                checkpointing=f"all but the last {keep} layers", **ours_k.notes("ours"), **ref.notes("ref"),
                reference_is="transformers+peft (eager)",
                ours_vs_reference_compiled=round(ours_k.tokens_per_s / ref_c.tokens_per_s, 3))
+    ours_o = lora_step(report, "ours", r, targets, batch, compiled=True, offload=TrainConfig.offload_skip_last)
+    report.add(f"{name}_compiled_offload", ours_o.tokens_per_s, ref.tokens_per_s, "tokens/s", batch="4x1024",
+               checkpointing="recomputed layers save gate/up and offload to host memory, the last "
+                             f"{TrainConfig.offload_skip_last} on the GPU", **ours_o.notes("ours"), **ref.notes("ref"),
+               reference_is="transformers+peft (eager)",
+               ours_vs_reference_compiled=round(ours_o.tokens_per_s / ref_c.tokens_per_s, 3))
 
 
 def lora_7b_all_linear(report: Report) -> None:

@@ -35,6 +35,12 @@ TRAIN_HELP = {
     "gradient_checkpointing": "recompute each decoder block in backward (less memory, ~30%% more compute)",
     "no_recompute_last": "with --gradient-checkpointing, the last N blocks keep their activations instead of "
                          "recomputing them (faster; more memory per block kept)",
+    "offload_activations": "with --gradient-checkpointing, what recomputed blocks save goes to pinned host memory "
+                           "during the forward and comes back for the backward; with --compile each block is "
+                           "compiled on its own and also saves its MLP gate/up projections instead of recomputing "
+                           "them (faster at less GPU memory; needs host memory and a fast host link, a GPU's job)",
+    "offload_skip_last": "with --offload-activations, the last N recomputed blocks keep what they save on the GPU "
+                         "(their backward comes first, before copies could return)",
     "ddp_bucket_mb": "DDP gradient bucket size in MiB: each bucket's all-reduce overlaps the rest of the backward "
                      "(under --compile the graph is split at each bucket; larger buckets, fewer splits)",
     "log_every": "log every N optimizer steps",

@@ -84,6 +84,8 @@ class TrainConfig:
     compile: bool = False
     gradient_checkpointing: bool = False
     no_recompute_last: int = 0  # with checkpointing: the last N decoder layers keep their activations
+    offload_activations: bool = False  # with checkpointing: what recomputed layers save goes to pinned host memory
+    offload_skip_last: int = 4  # ... except in the last N recomputed layers (their backward comes first)
     ddp_bucket_mb: int = 100  # DDP gradient buckets: each one's all-reduce overlaps the rest of the backward
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
@@ -99,6 +101,11 @@ class TrainConfig:
         if self.no_recompute_last < 0 or (self.no_recompute_last and not self.gradient_checkpointing):
             raise ValueError(f"no_recompute_last={self.no_recompute_last}: a count of layers >= 0, and only with "
                              f"gradient checkpointing on (--gradient-checkpointing)")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("offload_activations moves what checkpointed layers save: it needs gradient "
+                             "checkpointing on (--gradient-checkpointing)")
+        if self.offload_skip_last < 0:
+            raise ValueError(f"offload_skip_last={self.offload_skip_last}: a count of layers >= 0")
         if self.ddp_bucket_mb <= 0:
             raise ValueError(f"ddp_bucket_mb={self.ddp_bucket_mb}: a bucket size in MiB > 0")
 
@@ -281,12 +288,18 @@ class Trainer:
             weights_io.load(model, self.resume_from)
         self.trainable = model.num_parameters(trainable_only=True)
 
+        if self.sharded and cfg.offload_activations:
+            raise ValueError("offload_activations is for one process or DDP: under FSDP the gathered weights that a "
+                             "layer saves could not be told from its activations")
         model.gradient_checkpointing, model.no_recompute_last = cfg.gradient_checkpointing, cfg.no_recompute_last
+        model.offload_activations, model.offload_skip_last = cfg.offload_activations, cfg.offload_skip_last
         model.train()
         optimizer = build_optimizer(model, cfg, self.accelerator.device)
         self.prepared, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.model = self.prepared
-        if cfg.compile:  # after the DDP wrap, so dynamo sees the gradient buckets and overlaps their all-reduce
+        if cfg.compile and cfg.offload_activations:  # a graph per block, so each hands its saved tensors over as it ends
+            model.compile_blocks()
+        elif cfg.compile:  # after the DDP wrap, so dynamo sees the gradient buckets and overlaps their all-reduce
             self.model = torch.compile(self.prepared)
         steps_per_epoch = max(1, train_loader.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))

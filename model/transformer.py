@@ -7,14 +7,16 @@ load unchanged and LoRA target names match PEFT's.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from .config import ModelConfig
 from .loss import CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY, linear_cross_entropy
+from .offload import Offloader, save_mlp_projections
 
 
 class RMSNorm(nn.Module):
@@ -180,6 +182,15 @@ class Backbone(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
 
 
+def run_block(layer: DecoderLayer, x, cos, sin, mask, cache) -> torch.Tensor:
+    return layer(x, cos, sin, mask, cache)
+
+
+def run_checkpointed_block(layer: DecoderLayer, x, cos, sin, mask, cache, context_fn) -> torch.Tensor:
+    """The block, recomputed in the backward; `context_fn` may choose tensors to save instead (model/offload.py)."""
+    return checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False, context_fn=context_fn)
+
+
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     """Positions that restart at 0 wherever the segment id changes (packed rows)."""
     B, T = segment_ids.shape
@@ -219,6 +230,12 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         self.no_recompute_last = 0  # with checkpointing, the last N layers keep their activations (speed for memory)
+        # with checkpointing: what the recomputed layers save goes to host memory (compiled blocks also save their MLP
+        # projections), except in the last `offload_skip_last` of them, whose backward comes before copies could return
+        self.offload_activations, self.offload_skip_last = False, 4
+        self._offloader = Offloader()
+        self._save_mlp = save_mlp_projections(config.hidden_size, config.intermediate_size)
+        self._compiled_blocks: tuple | None = None  # compile_blocks()
         if self.model.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -276,17 +293,29 @@ class Transformer(nn.Module):
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(position_ids, x.dtype)
-        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        training = self.training and torch.is_grad_enabled()
+        recompute = self.gradient_checkpointing and training
+        compiled = training and self._compiled_blocks is not None
+        block, checkpointed_block, norm_loss = (self._compiled_blocks if compiled else
+                                                (run_block, run_checkpointed_block, self.norm_loss))
         kept_from = len(self.model.layers) - self.no_recompute_last
+        offload = recompute and self.offload_activations
+        offload_to = kept_from - self.offload_skip_last if offload else 0
+        hooks = self._offloader.hooks(self) if offload_to > 0 else nullcontext()
+        # Saved MLP projections only in compiled blocks: there they are graph outputs that autograd saves through the
+        # hooks; eager selective checkpointing caches them outside the hooks, on the device, so eager offloading
+        # moves the block inputs alone.
+        context_fn = self._save_mlp if offload and compiled else noop_context_fn
         for i, layer in enumerate(self.model.layers):
             if recompute and i < kept_from:
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                with hooks if i < offload_to else nullcontext():
+                    x = checkpointed_block(layer, x, cos, sin, mask, cache, context_fn)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = block(layer, x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         if labels is not None:
-            return self.loss(self.model.norm(x), labels)
+            return norm_loss(x, labels)
         return self.lm_head(self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
 
     def _static_step(self, input_ids: torch.Tensor, cache: KVCache, cache_position: torch.Tensor,
@@ -305,6 +334,18 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, cache_position)
         return self.lm_head(self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile each decoder block call and the final norm + loss on their own, instead of the whole model
+        as one graph: a compiled graph hands autograd its saved tensors when it ends, so only a graph per block lets
+        `offload_activations` move them to the host while the next blocks run. Blocks share their compiled code.
+        Training forwards only: evaluation and generation stay eager (generation compiles its own decode step)."""
+        self._compiled_blocks = (torch.compile(run_block, **compile_kwargs),
+                                 torch.compile(run_checkpointed_block, **compile_kwargs),
+                                 torch.compile(self.norm_loss, **compile_kwargs))
+
+    def norm_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.model.norm(x), labels)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy in fp32 over labelled positions (0 when none is labelled; no host sync), fused

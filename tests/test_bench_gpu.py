@@ -34,3 +34,4 @@ def test_energy_per_token_is_power_over_throughput():
     notes = Measured(tokens_per_s=14_000.0, peak_gib=14.512, sm_mhz=1545.4, watts=693.0).notes("ours")
     assert notes == {"ours_peak_gib": 14.512, "ours_sm_mhz": 1545, "ours_watts": 693, "ours_mj_per_token": 49.5}
     assert Measured(10.0, 1.0).notes("ref") == {"ref_peak_gib": 1.0}
+    assert Measured(10.0, 1.0, host_gib=5.584).notes("ours") == {"ours_peak_gib": 1.0, "ours_host_gib": 5.58}

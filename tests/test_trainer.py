@@ -2,6 +2,7 @@
 NaN stop, SIGTERM save, and loss going down on a real corpus."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -289,6 +290,41 @@ def test_no_recompute_last_is_a_layer_count_that_needs_checkpointing():
         train_config(parser.parse_args(["--no-recompute-last", "4"]))
     with pytest.raises(ValueError, match=">= 0"):
         TrainConfig(gradient_checkpointing=True, no_recompute_last=-1)
+
+
+def test_offloaded_training_equals_checkpointed_training(corpus, tmp_path, monkeypatch):
+    """--offload-activations (every recomputed block's saved tensors to host memory, the floor lowered so that the tiny
+    model's move): the weights of a plain checkpointed run, bit for bit. With --compile the blocks are compiled one
+    by one (compile_blocks), not the whole model. It needs checkpointing."""
+    import model.offload as offload
+    from model import Transformer
+    from model.cli import add_train_arguments, train_config
+    from model.trainer import TrainConfig
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
+    moved = []
+    real_offload = offload.Offloader._offload
+    monkeypatch.setattr(offload.Offloader, "_offload", lambda self, t, n: (moved.append(n), real_offload(self, t, n))[1])
+    ckpt = ["--max-steps", "3", "--gradient-checkpointing"]
+    train.main(pretrain_args(corpus, tmp_path / "plain", *ckpt))
+    assert not moved
+    train.main(pretrain_args(corpus, tmp_path / "offloaded", *ckpt, "--offload-activations", "--offload-skip-last", "0"))
+    assert moved
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "offloaded")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    compiled = []
+    monkeypatch.setattr(Transformer, "compile_blocks", lambda self: compiled.append(self))
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("the whole model was compiled"))
+    train.main(pretrain_args(corpus, tmp_path / "compiled", "--max-steps", "1", "--gradient-checkpointing",
+                             "--offload-activations", "--compile"))
+    assert len(compiled) == 1
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    with pytest.raises(ValueError, match="--gradient-checkpointing"):
+        train_config(parser.parse_args(["--offload-activations"]))
+    with pytest.raises(ValueError, match=">= 0"):
+        TrainConfig(gradient_checkpointing=True, offload_activations=True, offload_skip_last=-1)
 
 
 def test_ddp_bucket_size_and_bucket_views_reach_the_ddp_wrapper(tmp_path):

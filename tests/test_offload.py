@@ -1,0 +1,139 @@
+"""Activation offloading (model/offload.py): what checkpointed blocks save, where it goes, and that the gradients do not
+change. On the CPU the offloader copies into separate host tensors with the same bookkeeping as on a GPU."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model import ModelConfig, Transformer
+from model.lora import apply_lora
+from model.offload import Offloader
+
+CONFIG = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=160, max_position_embeddings=64)
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.mm = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.mm += func is torch.ops.aten.mm.default
+        return func(*args, **(kwargs or {}))
+
+
+def lora_model(offload: bool, skip_last: int = 1, kept: int = 0, min_bytes: int = 0,
+               dropout: float = 0.1) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**CONFIG))
+    apply_lora(model, r=4, alpha=8, dropout=dropout, targets=["q_proj", "v_proj"])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a fresh B is zero: make every adapter's gradient depend on the saved activations
+            torch.nn.init.normal_(p, std=0.1)
+    model.gradient_checkpointing, model.no_recompute_last = True, kept
+    model.offload_activations, model.offload_skip_last = offload, skip_last
+    model._offloader = Offloader(min_bytes=min_bytes, prefetch_bytes=1 << 20)
+    return model.train()
+
+
+def step(model: Transformer, ids: torch.Tensor, count: bool = True) -> tuple[list[torch.Tensor], int]:
+    """LoRA gradients of one step (dropout seeded), and the matmuls its backward ran (eager models only: a compiled
+    backward runs higher-order ops that the counter cannot see through)."""
+    torch.manual_seed(1)
+    loss = model(ids, ids)
+    counter = CountMatmuls()
+    with counter if count else nullcontext():
+        loss.backward()
+    return [p.grad for p in model.parameters() if p.requires_grad], counter.mm
+
+
+def test_offloaded_blocks_give_the_same_gradients():
+    """3 of 4 blocks checkpointed, 2 of them offloaded (the last checkpointed one keeps its saved tensors on the
+    device): the same LoRA gradients, bit for bit, as plain checkpointing, dropout included. Eager blocks recompute
+    their MLP projections (the same matmuls as plain checkpointing): only compiled blocks save them."""
+    ids = torch.randint(0, 97, (2, 24))
+    plain = lora_model(offload=False, kept=1)
+    offloaded = lora_model(offload=True, skip_last=1, kept=1)
+    grads, mm = step(plain, ids)
+    grads_off, mm_off = step(offloaded, ids)
+    assert mm == mm_off
+    assert offloaded._offloader.offloaded_bytes > 0
+    for a, b in zip(grads, grads_off, strict=True):
+        assert torch.equal(a, b)
+
+
+def offloaded_shapes(model: Transformer, ids: torch.Tensor) -> list[tuple[int, ...]]:
+    """Shapes of the tensors one step offloads; none of them may be a parameter."""
+    params = {p.data_ptr() for p in model.parameters()}
+    seen = []
+    real_offload = model._offloader._offload
+    model._offloader._offload = lambda t, nbytes: (seen.append(t), real_offload(t, nbytes))[1]
+    step(model, ids, count=False)
+    assert not any(t.data_ptr() in params for t in seen)
+    return [tuple(t.shape) for t in seen]
+
+
+def test_eager_offloading_moves_the_block_inputs_above_the_floor():
+    """With the 8 MiB default floor nothing of a tiny model moves; with none, each block's input (and the small rotary
+    tables), never a parameter."""
+    ids = torch.randint(0, 97, (2, 24))
+    floor = lora_model(offload=True, skip_last=0, min_bytes=8 << 20)
+    step(floor, ids)
+    assert floor._offloader.offloaded_bytes == 0
+    shapes = offloaded_shapes(lora_model(offload=True, skip_last=0), ids)
+    assert shapes.count((2, 24, CONFIG["hidden_size"])) == CONFIG["num_hidden_layers"]
+    assert all(shape[-1] != CONFIG["intermediate_size"] for shape in shapes)
+
+
+def test_unpacking_reloads_ahead_within_the_prefetch_budget():
+    """The backward asks for saved tensors newest first: taking one starts the reloads of those saved before it, up to
+    prefetch_bytes, and frees its host copy."""
+    offloader = Offloader(min_bytes=0, prefetch_bytes=2 * 4096)
+    hooks = offloader.hooks(torch.nn.Linear(1, 1))
+    tensors = [torch.full((1024,), float(i)) for i in range(5)]  # 4 KiB each
+    packed = [hooks.pack_hook(t) for t in tensors]
+    step_, _ = packed[0]
+    assert offloader.offloaded_bytes == 5 * 4096
+    back = hooks.unpack_hook(packed[4])
+    assert torch.equal(back, tensors[4]) and back.data_ptr() != tensors[4].data_ptr()
+    reloaded = [s.gpu is not None for s in step_.saved]
+    assert reloaded == [False, False, True, True, False]  # 3 and 2 in flight; 4 handed over
+    assert step_.saved[4].host is None
+    for i in (3, 2, 1, 0):
+        assert torch.equal(hooks.unpack_hook(packed[i]), tensors[i])
+    assert all(s.host is None and s.gpu is None for s in step_.saved)
+
+
+def test_no_offloading_without_checkpointing_or_when_every_checkpointed_block_is_skipped():
+    ids = torch.randint(0, 97, (2, 24))
+    model = lora_model(offload=True, skip_last=3, kept=1)  # 3 checkpointed blocks, all skipped
+    step(model, ids)
+    assert model._offloader.offloaded_bytes == 0
+    model = lora_model(offload=True)
+    model.gradient_checkpointing = False
+    model._offloader.offloaded_bytes = -1
+    step(model, ids)
+    assert model._offloader.offloaded_bytes == -1  # hooks never made
+
+
+@pytest.mark.timeout(600)
+def test_compiled_blocks_save_and_offload_the_mlp_projections():
+    """compile_blocks (one graph per block, what offloading needs): each offloaded block also moves its gate and up
+    outputs (saved instead of recomputed); the LoRA gradients are the eager model's to compiler rounding (no dropout:
+    compiled dropout draws other masks), and evaluation stays eager."""
+    ids = torch.randint(0, 97, (2, 24))
+    eager = lora_model(offload=True, skip_last=1, dropout=0.0)
+    compiled = lora_model(offload=True, skip_last=1, dropout=0.0)
+    compiled.compile_blocks()
+    grads, _ = step(eager, ids)
+    shapes = offloaded_shapes(compiled, ids)
+    assert shapes.count((ids.numel(), CONFIG["intermediate_size"])) == 2 * (CONFIG["num_hidden_layers"] - 1)
+    grads_c = [p.grad for p in compiled.parameters() if p.requires_grad]
+    for a, b in zip(grads, grads_c, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(ids), eager.eval()(ids), rtol=0, atol=0)
