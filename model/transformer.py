@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint, noop_context_fn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .loss import CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY, linear_cross_entropy
@@ -186,8 +186,11 @@ def run_block(layer: DecoderLayer, x, cos, sin, mask, cache) -> torch.Tensor:
     return layer(x, cos, sin, mask, cache)
 
 
-def run_checkpointed_block(layer: DecoderLayer, x, cos, sin, mask, cache, context_fn) -> torch.Tensor:
-    """The block, recomputed in the backward; `context_fn` may choose tensors to save instead (model/offload.py)."""
+def run_checkpointed_block(layer: DecoderLayer, x, cos, sin, mask, cache, context_fn=None) -> torch.Tensor:
+    """The block, recomputed in the backward; `context_fn` may choose tensors to save instead (model/offload.py).
+    None, not torch's no-op context_fn, when there is none: inside a whole-model graph dynamo cannot trace that one."""
+    if context_fn is None:
+        return checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
     return checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False, context_fn=context_fn)
 
 
@@ -305,7 +308,7 @@ class Transformer(nn.Module):
         # Saved MLP projections only in compiled blocks: there they are graph outputs that autograd saves through the
         # hooks; eager selective checkpointing caches them outside the hooks, on the device, so eager offloading
         # moves the block inputs alone.
-        context_fn = self._save_mlp if offload and compiled else noop_context_fn
+        context_fn = self._save_mlp if offload and compiled else None
         for i, layer in enumerate(self.model.layers):
             if recompute and i < kept_from:
                 with hooks if i < offload_to else nullcontext():

@@ -296,3 +296,20 @@ def test_logits_to_keep_gives_the_last_positions_only():
     full = model(ids)
     torch.testing.assert_close(model(ids, logits_to_keep=1), full[:, -1:], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(model(ids, logits_to_keep=3), full[:, -3:], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_whole_model_compiled_with_checkpointing_matches_eager():
+    """torch.compile of the whole model (the trainer's --compile without offloading) traces the checkpointed blocks:
+    eager's loss and gradients to compiler rounding."""
+    ids = torch.randint(0, 97, (2, 12))
+    eager, compiled = tiny_model().train(), tiny_model().train()
+    for model in (eager, compiled):
+        model.gradient_checkpointing, model.no_recompute_last = True, 1
+    loss = eager(ids, ids)
+    loss.backward()
+    loss_c = torch.compile(compiled)(ids, ids)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
