@@ -68,7 +68,8 @@ class _Step:
 
 
 class Offloader:
-    """Makes the `saved_tensors_hooks` of one forward pass: `with offloader.hooks(model): ...`."""
+    """Makes the `saved_tensors_hooks` of one forward pass: `with offloader.hooks(model): ...`. Moves contiguous
+    tensors of at least `min_bytes` that are not the model's parameters or buffers."""
 
     def __init__(self, min_bytes: int | None = None, prefetch_bytes: int = PREFETCH_BYTES):
         self.min_bytes = MIN_OFFLOAD_BYTES if min_bytes is None else min_bytes
@@ -76,17 +77,17 @@ class Offloader:
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self.offloaded_bytes = 0  # by the last forward pass: the host memory it holds until its backward
 
-    def hooks(self, model: nn.Module) -> torch.autograd.graph.saved_tensors_hooks:
-        """Hooks for one forward pass of `model`; its parameters and buffers are never copied (they stay alive on
-        the GPU anyway)."""
-        resident = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+    def hooks(self, model: nn.Module, *shared: torch.Tensor | None) -> torch.autograd.graph.saved_tensors_hooks:
+        """Hooks for one forward pass of `model`. Its parameters and buffers, and the `shared` tensors that every
+        block reads (the attention mask), are never copied: they stay alive on the GPU anyway."""
+        resident = {t.data_ptr() for t in (*model.parameters(), *model.buffers(), *shared) if t is not None}
         step = _Step()
         self.offloaded_bytes = 0
 
         def pack(t: torch.Tensor):
             nbytes = t.numel() * t.element_size()
-            if nbytes < self.min_bytes or t.data_ptr() in resident:
-                return t
+            if nbytes < self.min_bytes or t.data_ptr() in resident or not t.is_contiguous():
+                return t  # a strided view would come back contiguous, against a compiled backward's strides
             step.saved.append(self._offload(t, nbytes))
             self.offloaded_bytes += nbytes
             return step, len(step.saved) - 1

@@ -183,6 +183,7 @@ class Backbone(nn.Module):
 
 
 def run_block(layer: DecoderLayer, x, cos, sin, mask, cache) -> torch.Tensor:
+    """One decoder block, as a function of the layer: one compiled graph serves every block (compile_blocks)."""
     return layer(x, cos, sin, mask, cache)
 
 
@@ -304,7 +305,7 @@ class Transformer(nn.Module):
         kept_from = len(self.model.layers) - self.no_recompute_last
         offload = recompute and self.offload_activations
         offload_to = kept_from - self.offload_skip_last if offload else 0
-        hooks = self._offloader.hooks(self) if offload_to > 0 else nullcontext()
+        hooks = self._offloader.hooks(self, mask, cos, sin) if offload_to > 0 else nullcontext()
         # Saved MLP projections only in compiled blocks: there they are graph outputs that autograd saves through the
         # hooks; eager selective checkpointing caches them outside the hooks, on the device, so eager offloading
         # moves the block inputs alone.

@@ -40,11 +40,11 @@ def lora_model(offload: bool, skip_last: int = 1, kept: int = 0, min_bytes: int 
     return model.train()
 
 
-def step(model: Transformer, ids: torch.Tensor, count: bool = True) -> tuple[list[torch.Tensor], int]:
+def step(model: Transformer, ids: torch.Tensor, count: bool = True, **inputs) -> tuple[list[torch.Tensor], int]:
     """LoRA gradients of one step (dropout seeded), and the matmuls its backward ran (eager models only: a compiled
     backward runs higher-order ops that the counter cannot see through)."""
     torch.manual_seed(1)
-    loss = model(ids, ids)
+    loss = model(ids, ids, **inputs)
     counter = CountMatmuls()
     with counter if count else nullcontext():
         loss.backward()
@@ -66,27 +66,28 @@ def test_offloaded_blocks_give_the_same_gradients():
         assert torch.equal(a, b)
 
 
-def offloaded_shapes(model: Transformer, ids: torch.Tensor) -> list[tuple[int, ...]]:
+def offloaded_shapes(model: Transformer, ids: torch.Tensor, **inputs) -> list[tuple[int, ...]]:
     """Shapes of the tensors one step offloads; none of them may be a parameter."""
     params = {p.data_ptr() for p in model.parameters()}
     seen = []
     real_offload = model._offloader._offload
     model._offloader._offload = lambda t, nbytes: (seen.append(t), real_offload(t, nbytes))[1]
-    step(model, ids, count=False)
+    step(model, ids, count=False, **inputs)
     assert not any(t.data_ptr() in params for t in seen)
     return [tuple(t.shape) for t in seen]
 
 
 def test_eager_offloading_moves_the_block_inputs_above_the_floor():
-    """With the 8 MiB default floor nothing of a tiny model moves; with none, each block's input (and the small rotary
-    tables), never a parameter."""
+    """With the 8 MiB default floor nothing of a tiny model moves; with none, each block's input, never a parameter
+    or what every block shares (rotary tables, attention mask)."""
     ids = torch.randint(0, 97, (2, 24))
     floor = lora_model(offload=True, skip_last=0, min_bytes=8 << 20)
     step(floor, ids)
     assert floor._offloader.offloaded_bytes == 0
     shapes = offloaded_shapes(lora_model(offload=True, skip_last=0), ids)
-    assert shapes.count((2, 24, CONFIG["hidden_size"])) == CONFIG["num_hidden_layers"]
-    assert all(shape[-1] != CONFIG["intermediate_size"] for shape in shapes)
+    assert shapes == [(2, 24, CONFIG["hidden_size"])] * CONFIG["num_hidden_layers"]
+    segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])  # packed rows: a mask that every block reads
+    assert offloaded_shapes(lora_model(offload=True, skip_last=0), ids, segment_ids=segments) == shapes
 
 
 def test_unpacking_reloads_ahead_within_the_prefetch_budget():
@@ -106,6 +107,8 @@ def test_unpacking_reloads_ahead_within_the_prefetch_budget():
     for i in (3, 2, 1, 0):
         assert torch.equal(hooks.unpack_hook(packed[i]), tensors[i])
     assert all(s.host is None and s.gpu is None for s in step_.saved)
+    strided = torch.zeros(64, 32).t()
+    assert hooks.pack_hook(strided) is strided  # would come back with other strides: stays where it is
 
 
 def test_no_offloading_without_checkpointing_or_when_every_checkpointed_block_is_skipped():
