@@ -15,7 +15,9 @@ to host memory while the forward runs on, and comes back just before the block's
 The copies must hide behind compute: a 7B block's forward takes ~2.5 ms on an H200, in which 55 GB/s move ~140 MB;
 what a block saves (204 MiB) is more, so the copies of the last blocks are still running when the backward begins.
 The model therefore keeps the last `offload_skip_last` checkpointed blocks' saved tensors on the GPU
-(`Transformer.offload_skip_last`); their backward comes first. Measured in bench/RESULTS.md (run 31).
+(`Transformer.offload_skip_last`); their backward comes first. Measured in bench/RESULTS.md (run 31). A block's
+compute grows with width squared and its saved tensors with width, so narrow models lose: the 768-wide `small`
+preset trained at 0.58x with offloading on an H100 (run 34); hence `PAYS_FROM_WIDTH`.
 
 Stream order, per saved tensor t:
   forward:  the copy stream waits for the compute stream; t -> pinned host buffer; t.record_stream(copy stream), so
@@ -33,6 +35,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+PAYS_FROM_WIDTH = 4096  # narrower blocks compute for less time than their saved tensors take to copy (below)
 MIN_OFFLOAD_BYTES = 8 << 20  # smaller saved tensors (rotary tables, norms' statistics, RNG states) stay put
 PREFETCH_BYTES = 256 << 20  # reloads kept in flight ahead of the backward: ~1 block of a 7B model at 4 x 1024
 

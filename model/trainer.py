@@ -47,6 +47,7 @@ from utils.io import atomic_dir, write_json
 
 from .loss import IGNORE_INDEX
 from .nf4 import NF4Linear
+from .offload import PAYS_FROM_WIDTH
 from .transformer import Transformer
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; an unknown device reports no MFU.
@@ -448,6 +449,11 @@ class Trainer:
         batches = iter(self.train_loader)
         self.log(f"training {self.trainable:,} trainable parameters for "
                  f"{self.total_steps} steps on {acc.num_processes} x {acc.device} ({self.mixed_precision})")
+        width = self.raw_model.config.hidden_size
+        if cfg.offload_activations and width < PAYS_FROM_WIDTH:
+            self.log(f"warning: --offload-activations on a {width}-wide model: its blocks compute for less time than "
+                     f"their saved tensors take to copy, so steps get slower (the 768-wide `small` preset: 0.58x on an "
+                     f"H100); it pays from {PAYS_FROM_WIDTH}-wide (7B-class) models")
         self._metrics: dict[str, float] = {}
         self._window = (0, time.perf_counter())  # tokens read since the last log line, and when it was written
         # Each step's [loss, stop votes] is copied to the host asynchronously and read one step later, so the host

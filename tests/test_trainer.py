@@ -294,8 +294,9 @@ def test_no_recompute_last_is_a_layer_count_that_needs_checkpointing():
 
 def test_offloaded_training_equals_checkpointed_training(corpus, tmp_path, monkeypatch):
     """--offload-activations (every recomputed block's saved tensors to host memory, the floor lowered so that the tiny
-    model's move): the weights of a plain checkpointed run, bit for bit. With --compile the blocks are compiled one
-    by one (compile_blocks), not the whole model. It needs checkpointing."""
+    model's move): the weights of a plain checkpointed run, bit for bit, and a warning that so narrow a model gets
+    slower. With --compile the blocks are compiled one by one (compile_blocks), not the whole model. It needs
+    checkpointing."""
     import model.offload as offload
     from model import Transformer
     from model.cli import add_train_arguments, train_config
@@ -309,6 +310,7 @@ def test_offloaded_training_equals_checkpointed_training(corpus, tmp_path, monke
     assert not moved
     train.main(pretrain_args(corpus, tmp_path / "offloaded", *ckpt, "--offload-activations", "--offload-skip-last", "0"))
     assert moved
+    assert "warning: --offload-activations on a 128-wide model" in (tmp_path / "offloaded" / "train.log").read_text()
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "offloaded")
     for k in a:
         assert torch.equal(a[k], b[k]), k
