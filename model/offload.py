@@ -29,7 +29,7 @@ On the CPU a saved tensor is copied into a separate host tensor, synchronously: 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -64,12 +64,6 @@ class _Saved:
     reloaded: torch.cuda.Event | None = None
 
 
-@dataclass
-class _Step:
-    """The tensors one forward pass offloaded, in the order it saved them (the backward asks in reverse)."""
-    saved: list[_Saved] = field(default_factory=list)
-
-
 class Offloader:
     """Makes the `saved_tensors_hooks` of one forward pass: `with offloader.hooks(model): ...`. Moves contiguous
     tensors of at least `min_bytes` that are not the model's parameters or buffers."""
@@ -84,16 +78,16 @@ class Offloader:
         """Hooks for one forward pass of `model`. Its parameters and buffers, and the `shared` tensors that every
         block reads (the attention mask), are never copied: they stay alive on the GPU anyway."""
         resident = {t.data_ptr() for t in (*model.parameters(), *model.buffers(), *shared) if t is not None}
-        step = _Step()
+        step: list[_Saved] = []  # this pass's tensors in the order saved (the backward asks for them in reverse)
         self.offloaded_bytes = 0
 
         def pack(t: torch.Tensor):
             nbytes = t.numel() * t.element_size()
             if nbytes < self.min_bytes or t.data_ptr() in resident or not t.is_contiguous():
                 return t  # a strided view would come back contiguous, against a compiled backward's strides
-            step.saved.append(self._offload(t, nbytes))
+            step.append(self._offload(t, nbytes))
             self.offloaded_bytes += nbytes
-            return step, len(step.saved) - 1
+            return step, len(step) - 1
 
         def unpack(packed):
             if isinstance(packed, torch.Tensor):
@@ -133,15 +127,15 @@ class Offloader:
             s.reloaded = torch.cuda.Event()
             s.reloaded.record(h2d)
 
-    def _take(self, step: _Step, index: int) -> torch.Tensor:
+    def _take(self, step: list[_Saved], index: int) -> torch.Tensor:
         """The saved tensor `index` back on its device; reloads of the ones saved before it (next in the backward)
         start now, up to `prefetch_bytes`."""
-        s = step.saved[index]
+        s = step[index]
         self._reload(s)
         budget, j = self.prefetch_bytes, index - 1
         while j >= 0 and budget > 0:
-            self._reload(step.saved[j])
-            budget -= step.saved[j].nbytes
+            self._reload(step[j])
+            budget -= step[j].nbytes
             j -= 1
         t, s.gpu, s.host = s.gpu, None, None
         if s.reloaded is not None:

@@ -97,16 +97,16 @@ def test_unpacking_reloads_ahead_within_the_prefetch_budget():
     hooks = offloader.hooks(torch.nn.Linear(1, 1))
     tensors = [torch.full((1024,), float(i)) for i in range(5)]  # 4 KiB each
     packed = [hooks.pack_hook(t) for t in tensors]
-    step_, _ = packed[0]
+    saved, _ = packed[0]
     assert offloader.offloaded_bytes == 5 * 4096
     back = hooks.unpack_hook(packed[4])
     assert torch.equal(back, tensors[4]) and back.data_ptr() != tensors[4].data_ptr()
-    reloaded = [s.gpu is not None for s in step_.saved]
+    reloaded = [s.gpu is not None for s in saved]
     assert reloaded == [False, False, True, True, False]  # 3 and 2 in flight; 4 handed over
-    assert step_.saved[4].host is None
+    assert saved[4].host is None
     for i in (3, 2, 1, 0):
         assert torch.equal(hooks.unpack_hook(packed[i]), tensors[i])
-    assert all(s.host is None and s.gpu is None for s in step_.saved)
+    assert all(s.host is None and s.gpu is None for s in saved)
     strided = torch.zeros(64, 32).t()
     assert hooks.pack_hook(strided) is strided  # would come back with other strides: stays where it is
 
