@@ -123,6 +123,13 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def compiles_per_block(model: nn.Module, cfg: TrainConfig) -> bool:
+    """--compile as a graph per decoder block (Transformer.compile_blocks) rather than one for the whole model: when
+    offloading (each block hands its saved tensors over as it ends) and for NF4 weights (a whole compiled QLoRA model
+    kept every dequantized weight: 26.2 GiB at 7B instead of 5.7, bench/RESULTS.md run 35)."""
+    return cfg.offload_activations or any(isinstance(m, NF4Linear) for m in model.modules())
+
+
 def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warmup to cfg.lr, then cosine to lr * min_lr_ratio at `total` (or constant)."""
     if step < cfg.warmup_steps:
@@ -298,7 +305,7 @@ class Trainer:
         optimizer = build_optimizer(model, cfg, self.accelerator.device)
         self.prepared, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.model = self.prepared
-        if cfg.compile and cfg.offload_activations:  # a graph per block, so each hands its saved tensors over as it ends
+        if cfg.compile and compiles_per_block(model, cfg):
             model.compile_blocks()
         elif cfg.compile:  # after the DDP wrap, so dynamo sees the gradient buckets and overlaps their all-reduce
             self.model = torch.compile(self.prepared)

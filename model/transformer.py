@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .loss import CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY, linear_cross_entropy
-from .offload import Offloader, save_mlp_projections
+from .offload import Offloader, recompute_all, save_mlp_projections
 
 
 class RMSNorm(nn.Module):
@@ -308,8 +308,8 @@ class Transformer(nn.Module):
         hooks = self._offloader.hooks(self, mask, cos, sin) if offload_to > 0 else nullcontext()
         # Saved MLP projections only in compiled blocks: there they are graph outputs that autograd saves through the
         # hooks; eager selective checkpointing caches them outside the hooks, on the device, so eager offloading
-        # moves the block inputs alone.
-        context_fn = self._save_mlp if offload and compiled else None
+        # moves the block inputs alone. Compiled blocks always get a policy (model/offload.py, recompute_all).
+        context_fn = (self._save_mlp if offload else recompute_all) if compiled else None
         for i, layer in enumerate(self.model.layers):
             if recompute and i < kept_from:
                 with hooks if i < offload_to else nullcontext():
@@ -342,7 +342,8 @@ class Transformer(nn.Module):
     def compile_blocks(self, **compile_kwargs) -> None:
         """torch.compile each decoder block call and the final norm + loss on their own, instead of the whole model
         as one graph: a compiled graph hands autograd its saved tensors when it ends, so only a graph per block lets
-        `offload_activations` move them to the host while the next blocks run. Blocks share their compiled code.
+        `offload_activations` move them to the host while the next blocks run, and only an explicit checkpoint
+        policy per block keeps QLoRA's dequantized weights from being kept. Blocks share their compiled code.
         Training forwards only: evaluation and generation stay eager (generation compiles its own decode step)."""
         self._compiled_blocks = (torch.compile(run_block, **compile_kwargs),
                                  torch.compile(run_checkpointed_block, **compile_kwargs),

@@ -166,11 +166,12 @@ def test_nf4_hook_carries_a_bias_read_after_its_weight():
         nf4_hook(["lm_head"])
 
 
+@pytest.mark.timeout(600)
 def test_qlora_trains_adapters_on_the_4_bit_base_with_gradient_checkpointing(hf_dir):
     _, path = hf_dir
     labels = torch.roll(IDS, -1, 1)
     grads = []
-    for ckpt in (False, True):
+    for ckpt, compiled in ((False, False), (True, False), (True, True)):  # compiled: the trainer's --qlora --compile
         model = load_model(path, tensor_hook=nf4_hook()).train()
         torch.manual_seed(2)
         apply_lora(model, r=4, alpha=8, targets="all-linear")
@@ -179,11 +180,14 @@ def test_qlora_trains_adapters_on_the_4_bit_base_with_gradient_checkpointing(hf_
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
         model.gradient_checkpointing = ckpt
+        if compiled:
+            model.compile_blocks()
         model(IDS, labels).backward()
         grads.append({k: p.grad for k, p in model.named_parameters() if p.requires_grad})
     assert len(grads[0]) == 2 * 7 * 2 and all(g is not None and g.abs().sum() > 0 for g in grads[0].values())
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k])
+        torch.testing.assert_close(grads[2][k], grads[0][k], rtol=1e-4, atol=1e-5)
     layer = model.model.layers[0].mlp.up_proj
     assert isinstance(layer, LoRALinear) and isinstance(layer.base_layer, NF4Linear)
     with pytest.raises(ValueError, match="4-bit base"):

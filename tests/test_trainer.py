@@ -356,3 +356,17 @@ def test_a_base_loads_to_the_cpu_under_fsdp():
     assert weights_device(SimpleNamespace(distributed_type=DistributedType.FSDP, device=gpu), quantized=True) == gpu
     assert weights_device(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, device=gpu)) == gpu
     assert weights_device(SimpleNamespace(distributed_type=DistributedType.NO, device=gpu)) == gpu
+
+
+def test_compile_goes_per_block_when_offloading_or_for_nf4_weights():
+    """--compile compiles a graph per block for offloading and for QLoRA (a whole compiled QLoRA model kept its
+    dequantized weights), one graph for the whole model otherwise."""
+    from model import ModelConfig, Transformer
+    from model.nf4 import NF4Linear
+    from model.trainer import TrainConfig, compiles_per_block
+    model = Transformer(ModelConfig.preset("tiny"))
+    assert not compiles_per_block(model, TrainConfig(compile=True))
+    assert compiles_per_block(model, TrainConfig(compile=True, gradient_checkpointing=True, offload_activations=True))
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj = NF4Linear.from_linear(mlp.up_proj)
+    assert compiles_per_block(model, TrainConfig(compile=True))
