@@ -237,7 +237,8 @@ def quantize_blocks(model: Transformer) -> None:
 def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, qlora: bool = False,
               compiled: bool = False, keep: int = 0, offload: int | None = None) -> Measured:
     """A LoRA step measured; `keep` = our last layers exempt from checkpointing (no recompute); `offload` = ours with
-    activation offloading, the last `offload` recomputed layers not offloaded (compiled: a graph per block)."""
+    activation offloading, the last `offload` recomputed layers not offloaded. Ours compiles a graph per block when
+    offloading and for QLoRA, as the trainer does."""
     free()
     model = build(kind, LLAMA_7B, torch.bfloat16)
     if kind == "ours":
@@ -257,9 +258,10 @@ def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, q
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     torch.cuda.reset_peak_memory_stats()
-    if compiled and offload is not None:
+    per_block = compiled and (offload is not None or qlora)  # as the trainer compiles (compiles_per_block)
+    if per_block:
         model.compile_blocks()
-    forward = torch.compile(model) if compiled and offload is None else model
+    forward = torch.compile(model) if compiled and not per_block else model
     measured = measure(report, train_step_fn(forward, kind, batch, params), batch.shape[0] * (batch.shape[1] - 1),
                        warmup=3 if compiled else 2, iters=5)
     if offload is not None:
