@@ -31,7 +31,7 @@ TRAIN_HELP = {
     "beta2": "AdamW beta2",
     "grad_clip": "max gradient norm (0 disables clipping)",
     "mixed_precision": "auto = bf16 on a GPU that supports it, else no",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile the model (a graph per decoder block with --offload-activations or a 4-bit base)",
     "gradient_checkpointing": "recompute each decoder block in backward (less memory, ~30%% more compute)",
     "no_recompute_last": "with --gradient-checkpointing, the last N blocks keep their activations instead of "
                          "recomputing them (faster; more memory per block kept)",
