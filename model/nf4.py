@@ -157,6 +157,15 @@ def _pair_table(device: torch.device) -> torch.Tensor:
     return _PAIR_TABLES[device]
 
 
+def build_tables(model: nn.Module) -> None:
+    """Make the decoding tables of every NF4 device in `model` now: built inside a compiled checkpointed block, the
+    cache's first write is a side effect that breaks the block's graph."""
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            _dynamic_table(module.weight_packed.device)
+            _pair_table(module.weight_packed.device)
+
+
 def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, pair_table: torch.Tensor, shape: torch.Size,
                 dtype: torch.dtype) -> torch.Tensor:
     w = pair_table[packed.int()].view(-1, BLOCK_SIZE) * absmax[:, None]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -41,25 +40,27 @@ MIN_OFFLOAD_BYTES = 8 << 20  # smaller saved tensors (rotary tables, norms' stat
 PREFETCH_BYTES = 256 << 20  # reloads kept in flight ahead of the backward: ~1 block of a 7B model at 4 x 1024
 
 
-def checkpoint_policy(save: Callable[..., bool]):
-    """A `context_fn` for `torch.utils.checkpoint`: keep the outputs of the ops for which `save(op, *args)` holds,
-    recompute everything else."""
+def save_mlp_projections(hidden_size: int, intermediate_size: int):
+    """A `context_fn` for `torch.utils.checkpoint`: save the outputs of the matmuls from the hidden width to the
+    intermediate width (the MLP's gate and up projections; a LoRA B product has rank width in, so it is not one of
+    them), recompute everything else."""
+    mm = torch.ops.aten.mm.default
+
     def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-        return CheckpointPolicy.MUST_SAVE if save(op, *args) else CheckpointPolicy.PREFER_RECOMPUTE
+        if op is mm and args[0].shape[-1] == hidden_size and args[1].shape[-1] == intermediate_size:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
-def save_mlp_projections(hidden_size: int, intermediate_size: int):
-    """Save the outputs of the matmuls from the hidden width to the intermediate width (the MLP's gate and up
-    projections; a LoRA B product has rank width in, so it is not one of them)."""
-    mm = torch.ops.aten.mm.default
-    return checkpoint_policy(lambda op, *args: op is mm and args[0].shape[-1] == hidden_size
-                             and args[1].shape[-1] == intermediate_size)
+def _recompute(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 # Plain checkpointing said op by op. A compiled block needs it said: left to its own choice, inductor kept every
 # block's dequantized NF4 weights alive (QLoRA on the 7B shape: a 25.7 GiB peak instead of 5.7; bench/RESULTS.md run 35).
-recompute_all = checkpoint_policy(lambda op, *args: False)
+# Its own function, not a save_mlp_projections that saves nothing: dynamo keys compiled code by the policy's code.
+recompute_all = functools.partial(create_selective_checkpoint_contexts, _recompute)
 
 
 @dataclass

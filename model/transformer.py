@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .loss import CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY, linear_cross_entropy
+from .nf4 import build_tables
 from .offload import Offloader, recompute_all, save_mlp_projections
 
 
@@ -138,8 +139,10 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)
-        # No mask: plain causal over the T new tokens (training), or a single new token seeing the whole cache.
-        is_causal = mask is None and T > 1
+        # No mask: plain causal over the T new tokens (training, a prefill), or a single new token seeing the whole
+        # cache. Without a cache it is causal whatever T is (one token alone is both), which keeps it a Python bool when
+        # T is symbolic (dynamic shapes): SDPA refuses a SymBool, and a checkpointed block's graph would break there.
+        is_causal = mask is None and (cache is None or T > 1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -345,6 +348,7 @@ class Transformer(nn.Module):
         `offload_activations` move them to the host while the next blocks run, and only an explicit checkpoint
         policy per block keeps QLoRA's dequantized weights from being kept. Blocks share their compiled code.
         Training forwards only: evaluation and generation stay eager (generation compiles its own decode step)."""
+        build_tables(self)
         self._compiled_blocks = (torch.compile(run_block, **compile_kwargs),
                                  torch.compile(run_checkpointed_block, **compile_kwargs),
                                  torch.compile(self.norm_loss, **compile_kwargs))

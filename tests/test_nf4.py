@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import model.nf4 as nf4
 from model import load_model
 from model.lora import LoRALinear, apply_lora, merge_lora
 from model.nf4 import (BLOCK_LINEARS, DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4Weight, nf4_hook, pack_nibbles,
@@ -181,8 +183,13 @@ def test_qlora_trains_adapters_on_the_4_bit_base_with_gradient_checkpointing(hf_
                     p.normal_(0, 0.1)
         model.gradient_checkpointing = ckpt
         if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            nf4._PAIR_TABLES.clear()  # as in a fresh process: the decoding tables are made by compile_blocks
+            nf4._DYNAMIC_TABLES.clear()
             model.compile_blocks()
         model(IDS, labels).backward()
+        assert not counters["graph_break"]  # a break would run a checkpointed block eagerly
         grads.append({k: p.grad for k, p in model.named_parameters() if p.requires_grad})
     assert len(grads[0]) == 2 * 7 * 2 and all(g is not None and g.abs().sum() > 0 for g in grads[0].values())
     for k in grads[0]:

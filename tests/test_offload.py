@@ -6,6 +6,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import ModelConfig, Transformer
@@ -126,14 +127,19 @@ def test_no_offloading_without_checkpointing_or_when_every_checkpointed_block_is
 @pytest.mark.timeout(600)
 def test_compiled_blocks_save_and_offload_the_mlp_projections():
     """compile_blocks (one graph per block, what offloading needs): each offloaded block also moves its gate and up
-    outputs (saved instead of recomputed); the LoRA gradients are the eager model's to compiler rounding (no dropout:
-    compiled dropout draws other masks), and evaluation stays eager."""
+    outputs (saved instead of recomputed), also once the sequence length is symbolic; the LoRA gradients are the eager
+    model's to compiler rounding (no dropout: compiled dropout draws other masks), and evaluation stays eager."""
     ids = torch.randint(0, 97, (2, 24))
     eager = lora_model(offload=True, skip_last=1, dropout=0.0)
     compiled = lora_model(offload=True, skip_last=1, dropout=0.0)
     compiled.compile_blocks()
     grads, _ = step(eager, ids)
+    torch._dynamo.reset()
+    counters.clear()
+    step(compiled, ids[:, :10], count=False)  # a second length makes the sequence dimension symbolic
+    compiled.zero_grad(set_to_none=True)
     shapes = offloaded_shapes(compiled, ids)
+    assert not counters["graph_break"]  # a break would run the checkpointed blocks eagerly, saving nothing
     assert shapes.count((ids.numel(), CONFIG["intermediate_size"])) == 2 * (CONFIG["num_hidden_layers"] - 1)
     grads_c = [p.grad for p in compiled.parameters() if p.requires_grad]
     for a, b in zip(grads, grads_c, strict=True):
