@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import ModelConfig, Transformer  # noqa: E402
-from model.trainer import PEAK_BF16_FLOPS, TrainConfig, flops_per_token  # noqa: E402
+from model.trainer import PEAK_BF16_FLOPS, TrainConfig, compiles_per_block, flops_per_token  # noqa: E402
 
 VOCAB, GiB = 32000, 2**30
 SMALL = ModelConfig.preset("small", vocab_size=VOCAB, max_position_embeddings=1024)
@@ -258,8 +258,9 @@ def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, q
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     torch.cuda.reset_peak_memory_stats()
-    per_block = compiled and (offload is not None or qlora)  # as the trainer compiles (compiles_per_block)
-    if per_block:
+    per_block = compiled and compiles_per_block(model, TrainConfig(gradient_checkpointing=True,
+                                                                   offload_activations=offload is not None))
+    if per_block:  # as the trainer compiles
         model.compile_blocks()
     forward = torch.compile(model) if compiled and not per_block else model
     measured = measure(report, train_step_fn(forward, kind, batch, params), batch.shape[0] * (batch.shape[1] - 1),
