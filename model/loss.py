@@ -8,15 +8,19 @@ For hidden states h [N, d], the head W [V, d] and targets y (IGNORE_INDEX rows s
 
 With gradients wanted, the forward pass computes dh and dW chunk by chunk (each chunk's logits are freed before the
 next is formed) and backward only scales them by the incoming gradient: the same matmuls as autograd would run, and
-a peak of one chunk's logits instead of N x V in fp32 (4 GiB for a 32x1024 batch over a 32k vocabulary). Under
-torch.compile the softmax, the one-hot, the 1/n and the cast to the compute dtype are one fused pass per chunk: the
-one-hot is written over the target column afterwards, since a scatter into the fp32 probabilities made inductor
+a peak of one chunk's logits instead of N x V in fp32 (4 GiB for a 32x1024 batch over a 32k vocabulary).
+
+A chunk's softmax, loss and gradient: on a GPU with Triton, one kernel that writes the gradient over the logits
+(model/loss_kernel.py; eager or compiled). Elsewhere, PyTorch ops that torch.compile fuses into one pass per chunk:
+the one-hot is written over the target column afterwards, since a scatter into the fp32 probabilities made inductor
 write them out and read them back (the compiled `small` step: +2.4% and 15.9 -> 12.6 GiB; bench/RESULTS.md run 21).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import loss_kernel
 
 IGNORE_INDEX = -100
 CHUNK_LOGITS = 2**27  # logits per chunk (512 MiB in fp32; 4096 rows of a 32k vocabulary): fastest measured
@@ -36,6 +40,47 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
+if loss_kernel.triton is not None and hasattr(torch.library, "triton_op"):
+    @torch.library.triton_op("chatlm::softmax_cross_entropy_", mutates_args={"logits"})
+    def _softmax_cross_entropy_cuda(logits: torch.Tensor, labels: torch.Tensor, n: torch.Tensor,
+                                    write_grad: bool) -> torch.Tensor:
+        """model/loss_kernel.py as an op torch.compile traces into its graph (and updates the logits in place)."""
+        loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        loss_kernel.launch(torch.library.wrap_triton(loss_kernel.softmax_cross_entropy_kernel), logits, labels, n,
+                           loss, write_grad)
+        return loss
+else:
+    _softmax_cross_entropy_cuda = None
+
+
+def uses_kernel(t: torch.Tensor) -> bool:
+    """Whether chunks of `t` go through the Triton kernel: CUDA tensors, when Triton is installed."""
+    return t.is_cuda and _softmax_cross_entropy_cuda is not None
+
+
+def _softmax_cross_entropy_torch(logits: torch.Tensor, labels: torch.Tensor, n: torch.Tensor, write_grad: bool):
+    """(summed loss, gradient of the mean over n in the logits' dtype or None) of one chunk, in PyTorch ops: the
+    path for CPUs, and for GPUs without Triton."""
+    dtype, acc = logits.dtype, torch.promote_types(logits.dtype, torch.float32)
+    # one kernel from the compute-dtype logits to fp32 log-probabilities: no fp32 copy of the logits and no
+    # logsumexp temporaries (eager logsumexp is several full-size passes)
+    logp = torch.log_softmax(logits, dim=-1, dtype=acc)
+    del logits  # the last reference (Python >= 3.11 moves call arguments into the callee): the chunk is freed here
+    labelled = labels != IGNORE_INDEX
+    target = labels.clamp(min=0)[:, None]
+    picked = logp.gather(1, target)
+    total = -(picked.squeeze(1) * labelled).sum()
+    if not write_grad:
+        return total, None
+    # p / n everywhere, then the target column overwritten with (p - 1) / n: the same values as subtracting the
+    # one-hot in fp32, with the full-size pass left as one fused kernel under torch.compile (see above)
+    scale = (labelled.to(acc) / n)[:, None]
+    grad = logp.exp_().mul_(scale).to(dtype)
+    del logp  # the fp32 chunk goes before the caller's matmuls (unless it is the same tensor as grad)
+    grad.scatter_(1, target, (picked.exp() - 1).mul_(scale).to(dtype))
+    return total, grad
+
+
 def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, n: torch.Tensor,
                     chunk_logits: int, want_hidden: bool, want_weight: bool):
     """(summed loss, dloss/dhidden or None, dloss/dweight in fp32 or wider or None): gradients of the mean over n."""
@@ -46,30 +91,21 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
     rows = chunk_rows(weight.shape[0], chunk_logits)
     total = hidden.new_zeros((), dtype=acc)
+    want_grad = want_hidden or want_weight
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start:start + rows].to(dtype), labels[start:start + rows]
-            # one kernel from the compute-dtype logits to fp32 log-probabilities: no fp32 copy of the logits and no
-            # logsumexp temporaries (eager logsumexp is several full-size passes)
-            logp = torch.log_softmax(F.linear(h, weight_c), dim=-1, dtype=acc)
-            labelled = y != IGNORE_INDEX
-            target = y.clamp(min=0)[:, None]
-            picked = logp.gather(1, target)
-            total = total - (picked.squeeze(1) * labelled).sum()
-            if not (want_hidden or want_weight):
-                del logp  # eager frees a chunk only here: else it would live on beside the next chunk's logits
-                continue
-            # p / n everywhere, then the target column overwritten with (p - 1) / n: the same values as subtracting
-            # the one-hot in fp32, with the full-size pass left as one fused kernel under torch.compile (see above)
-            scale = (labelled.to(acc) / n)[:, None]
-            grad = logp.exp_().mul_(scale).to(dtype)
-            del logp  # the fp32 chunk goes before the matmuls (unless it is the same tensor as grad)
-            grad.scatter_(1, target, (picked.exp() - 1).mul_(scale).to(dtype))
+            if uses_kernel(hidden):
+                grad = F.linear(h, weight_c)  # the kernel writes the gradient over the logits
+                total = total + _softmax_cross_entropy_cuda(grad, y, n, want_grad).sum()
+            else:  # the logits go in as a temporary, so the function can free them once it has their softmax
+                chunk_loss, grad = _softmax_cross_entropy_torch(F.linear(h, weight_c), y, n, want_grad)
+                total = total + chunk_loss
             if want_hidden:
                 grad_hidden[start:start + rows] = grad @ weight_c
             if want_weight:
                 grad_weight += (grad.T @ h).to(acc)
-            del grad
+            del grad  # eager frees a chunk only when no name holds it: else it would live on beside the next one
     return total, grad_hidden, grad_weight
 
 

@@ -2,10 +2,16 @@
 reason when that folder is absent (the repository never copies them)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (model/loss_kernel.py) then run in Triton's interpreter, on CPU tensors. It is read when
+    # @triton.jit runs, so it is set before anything imports triton (torch alone does not).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CORPORA = REPO.parent / "shared" / "corpora"

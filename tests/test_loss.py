@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model.loss
+import model.loss_kernel
 import model.transformer
 from model import ModelConfig, Transformer
 from model.loss import CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY, IGNORE_INDEX, linear_cross_entropy
@@ -130,6 +132,108 @@ def test_gradient_checkpointing_asks_for_smaller_chunks(monkeypatch):
         net.gradient_checkpointing = checkpointing
         net(ids, ids).backward()
     assert asked == [CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY] and CHUNK_LOGITS_LOW_MEMORY < CHUNK_LOGITS
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """model/loss_kernel.py, whose GPU kernel runs on CPU tensors in Triton's interpreter (conftest.py turns it on
+    on machines without CUDA)."""
+    pytest.importorskip("triton", reason="Triton (requirements-dev.txt) runs the loss kernel's CPU tests")
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(model.loss_kernel.softmax_cross_entropy_kernel, InterpretedFunction):
+        pytest.skip("Triton's interpreter is off (a CUDA machine): test_cuda_kernel_equals_the_torch_path runs instead")
+    return model.loss_kernel
+
+
+def run_kernel(module, logits, labels, n, write_grad=True):
+    """The kernel's (per-row losses, logits afterwards) for a copy of `logits`."""
+    logits, loss = logits.clone(), torch.empty(len(logits))
+    module.launch(module.softmax_cross_entropy_kernel, logits, labels, n, loss, write_grad)
+    return loss, logits
+
+
+def chunk(rows, vocab, dtype=torch.float32, scale=4.0):
+    torch.manual_seed(rows + vocab)
+    logits = (torch.randn(rows, vocab) * scale).to(dtype)
+    logits[1] += 1e4  # a large offset: the running max keeps exp() in range
+    labels = torch.randint(0, vocab, (rows,))
+    labels[2::5] = IGNORE_INDEX
+    return logits, labels, (labels != IGNORE_INDEX).sum()
+
+
+@pytest.mark.parametrize("vocab,block", [(53, 4096), (1000, 4096), (1000, 64), (300, 256)])
+def test_kernel_equals_the_torch_path(interpreted, monkeypatch, vocab, block):
+    """One block per row, several blocks with a partial last one (1000 = 15 x 64 + 40), a row shorter than the
+    block; rows with no label get 0 loss and 0 gradient."""
+    monkeypatch.setattr(interpreted, "BLOCK", block)
+    logits, labels, n = chunk(12, vocab)
+    loss, grad = run_kernel(interpreted, logits, labels, n)
+    ref_total, ref_grad = model.loss._softmax_cross_entropy_torch(logits.clone(), labels, n, True)
+    torch.testing.assert_close(loss.sum(), ref_total, rtol=1e-6, atol=2e-3)  # fp32 spacing at row 1's 1e4: 1e-3
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8)
+    assert loss[2::5].abs().max() == 0 and grad[2::5].abs().max() == 0
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert grad.sum(-1).abs().max() < 1e-6  # softmax minus one-hot: each row's gradient sums to 0
+
+
+def test_kernel_without_gradient_leaves_the_logits(interpreted):
+    logits, labels, n = chunk(8, 700)
+    loss, after = run_kernel(interpreted, logits, labels, n, write_grad=False)
+    assert torch.equal(after, logits)
+    torch.testing.assert_close(loss.sum(), model.loss._softmax_cross_entropy_torch(logits, labels, n, False)[0])
+
+
+def test_kernel_in_bf16_matches_to_bf16_rounding(interpreted):
+    """The gradient is stored in the logits' dtype. (The interpreter truncates to bf16 where a GPU rounds to
+    nearest, hence one bf16 step of tolerance.)"""
+    logits, labels, n = chunk(8, 3000, torch.bfloat16)
+    loss, grad = run_kernel(interpreted, logits, labels, n)
+    ref_total, ref_grad = model.loss._softmax_cross_entropy_torch(logits.clone(), labels, n, True)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.sum(), ref_total, rtol=1e-6, atol=2e-3)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2**-7, atol=1e-9)
+
+
+def test_linear_cross_entropy_through_the_kernel_equals_autograd(interpreted, monkeypatch, data):
+    """The chunk loop with the kernel's op (as CUDA tensors take it, here interpreted on the CPU): the gradient
+    written over each chunk's logits feeds dh and dW; without gradients only the loss is formed."""
+    launches, launch = [], interpreted.launch
+    monkeypatch.setattr(model.loss, "uses_kernel", lambda t: True)
+    monkeypatch.setattr(interpreted, "launch", lambda *args: launches.append(args[-1]) or launch(*args))
+    hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in data)
+    ours = grads_of(partial(linear_cross_entropy, chunk_logits=10 * 53), hidden, weight, labels, upstream=2.5)
+    assert launches == [True] * 12  # 111 rows in chunks of 10
+    ref = grads_of(reference, hidden, weight, labels, upstream=2.5)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), ref[0], rtol=1e-5, atol=1e-6)
+    assert launches[12:] == [False]  # one chunk, loss only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or model.loss._softmax_cross_entropy_cuda is None,
+                    reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_kernel_equals_the_torch_path(monkeypatch, compiled):
+    """On a GPU, eager and compiled (dynamic shapes, as SFT batches vary): the loss, dh and dW in bf16 autocast
+    agree with the PyTorch ops to bf16 rounding."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 700, 256, device="cuda")
+    weight = torch.randn(32000, 256, device="cuda") * 0.05
+    labels = torch.randint(0, 32000, (2, 700), device="cuda")
+    labels[:, :100] = IGNORE_INDEX
+    fn = partial(linear_cross_entropy, chunk_logits=256 * 32000)
+    if compiled:
+        fn = torch.compile(fn, dynamic=True, fullgraph=True)
+    results = []
+    for kernel in (True, False):
+        monkeypatch.setattr(model.loss, "uses_kernel", lambda t, k=kernel: k)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            results.append(grads_of(fn, hidden, weight, labels))
+        torch._dynamo.reset()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-6)
+        assert ((a - b).norm() / b.norm()).item() < 1e-3
 
 
 FSDP_SCRIPT = '''
