@@ -238,6 +238,7 @@ def test_cuda_kernel_equals_the_torch_path(monkeypatch, compiled):
 
 FSDP_SCRIPT = '''
 import copy, sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from model import ModelConfig, Transformer
 from model.lora import apply_lora
@@ -261,9 +262,10 @@ sharded = copy.deepcopy(whole)
 sharded.gradient_checkpointing = lora  # the sharded model recomputes its layers
 ids = torch.randint(0, cfg.vocab_size, (4, 33))
 whole(ids[:, :-1], ids[:, 1:]).backward()
+mesh = init_device_mesh("cpu", (2,))  # by default a machine with a GPU would shard onto cuda:rank
 for layer in sharded.model.layers:
-    fully_shard(layer)
-fully_shard(sharded)  # the root holds the tied embedding / lm_head, read directly by the fused loss
+    fully_shard(layer, mesh=mesh)
+fully_shard(sharded, mesh=mesh)  # the root holds the tied embedding / lm_head, read directly by the fused loss
 rows = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
 sharded(ids[rows, :-1], ids[rows, 1:]).backward()
 pairs = [(p, q) for p, q in zip(sharded.parameters(), whole.parameters()) if q.requires_grad]
