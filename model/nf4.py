@@ -106,21 +106,20 @@ class NF4Weight:
 
     def block_absmax(self) -> torch.Tensor:
         """fp32 [blocks]: D[s_b] * c_g + offset."""
-        n = self.scales.numel()
-        code = _dynamic_table(self.scales.device)[self.scales.int()]
-        groups = F.pad(code, (0, -n % SCALE_BLOCK_SIZE)).view(-1, SCALE_BLOCK_SIZE)
-        return (groups * self.scale_absmax[:, None]).view(-1)[:n] + self.offset
+        return _block_absmax(self.scales, self.scale_absmax, self.offset, _dynamic_table(self.scales.device))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W ~= NF4[q] * absmax_b, computed in fp32 (as bnb) and cast to `dtype` (default: the original dtype).
 
-        One gather on a 256-entry table of byte -> (high-nibble code, low-nibble code) pairs, one multiply; on CUDA
-        the gather, multiply and cast are one kernel through torch.compile (bit-identical to eager).
+        One gather on a 256-entry table of byte -> (high-nibble code, low-nibble code) pairs, one multiply. Called
+        eagerly on CUDA, the scales' decoding, the gather, the multiply and the cast are one compiled call (below).
         """
-        args = (self.packed, self.block_absmax(), _pair_table(self.packed.device), self.shape, dtype or self.dtype)
+        device = self.packed.device
+        args = (*self.tensors(), _dynamic_table(device), _pair_table(device), self.shape, dtype or self.dtype)
         if self.packed.is_cuda and not torch.compiler.is_compiling():
-            return _dequantize_compiled(*args)
-        return _dequantize(*args)
+            with torch.no_grad(), torch.autocast("cuda", enabled=False):  # one guard state: a graph per shape, dtype
+                return _dequantize_compiled(*args)
+        return _decode_and_dequantize(*args)
 
     @property
     def device(self) -> torch.device:
@@ -166,15 +165,28 @@ def build_tables(model: nn.Module) -> None:
             _pair_table(module.weight_packed.device)
 
 
-def _dequantize(packed: torch.Tensor, absmax: torch.Tensor, pair_table: torch.Tensor, shape: torch.Size,
-                dtype: torch.dtype) -> torch.Tensor:
+def _block_absmax(scales: torch.Tensor, scale_absmax: torch.Tensor, offset: torch.Tensor,
+                  dynamic_table: torch.Tensor) -> torch.Tensor:
+    n = scales.numel()
+    groups = F.pad(dynamic_table[scales.int()], (0, -n % SCALE_BLOCK_SIZE)).view(-1, SCALE_BLOCK_SIZE)
+    return (groups * scale_absmax[:, None]).view(-1)[:n] + offset
+
+
+def _decode_and_dequantize(packed: torch.Tensor, scales: torch.Tensor, scale_absmax: torch.Tensor,
+                           offset: torch.Tensor, dynamic_table: torch.Tensor, pair_table: torch.Tensor,
+                           shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    absmax = _block_absmax(scales, scale_absmax, offset, dynamic_table)
     w = pair_table[packed.int()].view(-1, BLOCK_SIZE) * absmax[:, None]
     return w.view(-1)[: shape.numel()].view(shape).to(dtype)
 
 
-# One fused kernel per weight shape (a 7B model has three). The scales are decoded eagerly so that no fused
-# multiply-add changes their rounding: the compiled result stays bit-identical to eager and to bnb.
-_dequantize_compiled = torch.compile(_dequantize, dynamic=False)
+# Eager QLoRA dequantizes every base weight three times a step (forward, recomputation, backward), so the host's
+# launches count: as ~6 eager kernels and a compiled one, a 7B weight took 124-187 us of host time, which left an
+# H200 waiting (7.7-8.1k tokens/s at ~610 W); as one compiled call, 47-51 us and 9.2k tokens/s (bench/RESULTS.md,
+# run 37). Without multiply-add contraction (emulate_precision_casts) the scales round as in eager and in bnb: the
+# result is bit-identical. One graph per weight shape and dtype (a 7B model has three shapes).
+_dequantize_compiled = torch.compile(_decode_and_dequantize, dynamic=False, options={
+    k: True for k in ("emulate_precision_casts",) if hasattr(torch._inductor.config, k)})  # torch >= 2.6
 
 
 class _NF4Matmul(torch.autograd.Function):
