@@ -4,36 +4,22 @@ compiled by inductor, in one process.
     python bench/bench_loss_kernel.py
 
 For each vocabulary (Llama's 32000, Qwen's 151936) a chunk of the rows model/loss.py forms at once, bf16 logits
-(random, never zero), a seventh of the rows unlabelled: the median of 50 CUDA-event timings after 5 warm-up runs, the
+(random, never zero), a seventh of the rows unlabelled: the median of 50 CUDA-event timings after 3 warm-up runs, the
 bytes a minimal pass moves (read the logits, write the gradient) over that time, and how far each side's bf16
 gradient lies from a float64 one.
 """
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nf4_check import timed  # noqa: E402
 from model.loss import CHUNK_LOGITS, IGNORE_INDEX, _softmax_cross_entropy_cuda, _softmax_cross_entropy_torch, chunk_rows  # noqa: E402,E501
-
-
-def median_ms(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(vocab: int, compiled) -> None:
@@ -66,7 +52,7 @@ def measure(vocab: int, compiled) -> None:
     gbytes = 2 * logits.numel() * logits.element_size() / 1e9
     eager_ms = None
     for side, (run, gradient) in sides.items():
-        ms = median_ms(run)
+        ms = timed(run, 50)
         eager_ms = eager_ms or ms
         error = ((gradient().double() - truth).norm() / truth.norm()).item()
         print(f"| {vocab} | {rows} | {side} | {ms:.3f} | {gbytes / ms:.2f} | {eager_ms / ms:.2f}x | {error:.2e} |")
