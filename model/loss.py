@@ -47,7 +47,7 @@ if loss_kernel.triton is not None and hasattr(torch.library, "triton_op"):
         """model/loss_kernel.py as an op torch.compile traces into its graph (and updates the logits in place)."""
         loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         loss_kernel.launch(torch.library.wrap_triton(loss_kernel.softmax_cross_entropy_kernel), logits, labels, n,
-                           loss, write_grad)
+                           loss, IGNORE_INDEX, write_grad)
         return loss
 else:
     _softmax_cross_entropy_cuda = None
@@ -91,11 +91,11 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
     rows = chunk_rows(weight.shape[0], chunk_logits)
     total = hidden.new_zeros((), dtype=acc)
-    want_grad = want_hidden or want_weight
+    want_grad, kernel = want_hidden or want_weight, uses_kernel(hidden)
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start:start + rows].to(dtype), labels[start:start + rows]
-            if uses_kernel(hidden):
+            if kernel:
                 grad = F.linear(h, weight_c)  # the kernel writes the gradient over the logits
                 total = total + _softmax_cross_entropy_cuda(grad, y, n, want_grad).sum()
             else:  # the logits go in as a temporary, so the function can free them once it has their softmax

@@ -27,14 +27,14 @@ NUM_WARPS = 16
 
 if triton is not None:
     @triton.jit
-    def softmax_cross_entropy_kernel(logits_ptr, labels_ptr, n_ptr, loss_ptr, stride,
-                                     V: tl.constexpr, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    def softmax_cross_entropy_kernel(logits_ptr, labels_ptr, n_ptr, loss_ptr, stride, V: tl.constexpr,
+                                     BLOCK: tl.constexpr, IGNORE_INDEX: tl.constexpr, WRITE_GRAD: tl.constexpr):
         """V is a compile-time constant: one kernel per vocabulary size, and loop bounds Triton's interpreter
         (the CPU tests) can run."""
         row = tl.program_id(0).to(tl.int64)
         logits_ptr += row * stride
         label = tl.load(labels_ptr + row)
-        labelled = label != -100  # IGNORE_INDEX
+        labelled = label != IGNORE_INDEX
         target = tl.maximum(label, 0)
         cols = tl.arange(0, BLOCK)
         n_blocks: tl.constexpr = (V + BLOCK - 1) // BLOCK
@@ -62,11 +62,11 @@ if triton is not None:
 
 
 def launch(kernel, logits: torch.Tensor, labels: torch.Tensor, n: torch.Tensor, loss: torch.Tensor,
-           write_grad: bool) -> None:
+           ignore_index: int, write_grad: bool) -> None:
     """Run `kernel` (softmax_cross_entropy_kernel, or it wrapped for torch.compile) over the rows of `logits`
-    [rows, V] (last dim contiguous): per-row losses into `loss` [rows] fp32, and with `write_grad` the gradient of
-    the mean over n (a 0-dim tensor) over the logits."""
+    [rows, V] (last dim contiguous): per-row losses into `loss` [rows] fp32 (0 where the label is `ignore_index`),
+    and with `write_grad` the gradient of the mean over n (a 0-dim tensor) over the logits."""
     rows, vocab = logits.shape
     block = min(BLOCK, triton.next_power_of_2(vocab))
-    kernel[(rows,)](logits, labels, n, loss, logits.stride(0), V=vocab, BLOCK=block, WRITE_GRAD=write_grad,
-                    num_warps=max(1, min(NUM_WARPS, block // 256)))
+    kernel[(rows,)](logits, labels, n, loss, logits.stride(0), V=vocab, BLOCK=block, IGNORE_INDEX=ignore_index,
+                    WRITE_GRAD=write_grad, num_warps=max(1, min(NUM_WARPS, block // 256)))

@@ -185,8 +185,10 @@ def _decode_and_dequantize(packed: torch.Tensor, scales: torch.Tensor, scale_abs
 # H200 waiting (7.7-8.1k tokens/s at ~610 W); as one compiled call, 47-51 us and 9.2k tokens/s (bench/RESULTS.md,
 # run 37). Without multiply-add contraction (emulate_precision_casts) the scales round as in eager and in bnb: the
 # result is bit-identical. One graph per weight shape and dtype (a 7B model has three shapes).
-_dequantize_compiled = torch.compile(_decode_and_dequantize, dynamic=False, options={
-    k: True for k in ("emulate_precision_casts",) if hasattr(torch._inductor.config, k)})  # torch >= 2.6
+_NO_CONTRACTION = {"emulate_precision_casts": True}
+if not hasattr(torch._inductor.config, "emulate_precision_casts"):  # older torch: no such option
+    _NO_CONTRACTION = {}
+_dequantize_compiled = torch.compile(_decode_and_dequantize, dynamic=False, options=_NO_CONTRACTION)
 
 
 class _NF4Matmul(torch.autograd.Function):

@@ -148,7 +148,7 @@ def interpreted():
 def run_kernel(module, logits, labels, n, write_grad=True):
     """The kernel's (per-row losses, logits afterwards) for a copy of `logits`."""
     logits, loss = logits.clone(), torch.empty(len(logits))
-    module.launch(module.softmax_cross_entropy_kernel, logits, labels, n, loss, write_grad)
+    module.launch(module.softmax_cross_entropy_kernel, logits, labels, n, loss, IGNORE_INDEX, write_grad)
     return loss, logits
 
 
