@@ -3,6 +3,7 @@
 
     python bench/ddp.py --gpus 2 [--steps 100] [--out DIR]                # `small` preset, compiled, DDP
     python bench/ddp.py --gpus 2 --model lora7b --steps 12 [--out DIR]    # LoRA r=8 q,v on the Llama-7B shape, FSDP2
+    python bench/ddp.py --gpus 2 --model lora7b-offload --steps 12        # the same under DDP, compiled, offloading
 
 DDP variants: --bucket-mb N (gradient bucket size), --copy-gradients (gradients copied out of the buckets instead
 of being views of them, DDP's default), --dynamo-ddp MODE
@@ -11,6 +12,8 @@ the backward, no_optimization keeps one graph, python_reducer traces the all-red
 
 small: seq 1024, bf16, compiled, fused AdamW, 16 rows per GPU. lora7b: bf16 base, gradient checkpointing, 4 x 1024
 per GPU; the N-process run shards it with accelerate_fsdp.yaml (the 1-process run is the plain model).
+lora7b-offload: the same LoRA under DDP (each GPU holds the whole base) with --compile --offload-activations, which
+FSDP does not take.
 """
 from __future__ import annotations
 
@@ -62,10 +65,11 @@ class NoWeights:
 def worker(args) -> None:
     from model import ModelConfig, Transformer
     from model.trainer import Trainer, make_accelerator, set_seed_everywhere, weights_device
-    lora = args.model == "lora7b"
+    lora, offload = args.model.startswith("lora7b"), args.model == "lora7b-offload"
     cfg = TrainConfig(out_dir=args.run, max_steps=args.steps, batch_size=args.batch_size, warmup_steps=5,
-                      mixed_precision="bf16", compile=not lora, gradient_checkpointing=lora, log_every=4 if lora else 10,
-                      save_total_limit=1, ddp_bucket_mb=args.bucket_mb)
+                      mixed_precision="bf16", compile=not lora or offload, gradient_checkpointing=lora,
+                      offload_activations=offload, log_every=4 if lora else 10, save_total_limit=1,
+                      ddp_bucket_mb=args.bucket_mb)
     torch._dynamo.config.optimize_ddp = args.dynamo_ddp
     torch._dynamo.config.compiled_autograd = args.dynamo_ddp == "python_reducer"  # which needs it
     acc = make_accelerator(cfg)
@@ -101,7 +105,7 @@ def tokens_per_s(run: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=2)
-    parser.add_argument("--model", default="small", choices=["small", "lora7b"])
+    parser.add_argument("--model", default="small", choices=["small", "lora7b", "lora7b-offload"])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="rows per GPU (default 16 small, 4 lora7b)")
     parser.add_argument("--bucket-mb", type=int, default=TrainConfig.ddp_bucket_mb,
@@ -113,7 +117,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # set for the launched workers
     args = parser.parse_args()
-    args.batch_size = args.batch_size or (4 if args.model == "lora7b" else 16)
+    args.batch_size = args.batch_size or (4 if args.model.startswith("lora7b") else 16)
     if args.run:
         return worker(args)
     speeds, peaks = {}, {}
@@ -134,7 +138,7 @@ def main() -> None:
         speeds[n] = tokens_per_s(run)
         per_rank = [[float(v) for v in f.read_text().split()] for f in run.glob("peak-gib-rank*.txt")]
         peaks[n] = {"train": max(r[0] for r in per_rank), "setup": max(r[1] for r in per_rank)}
-    name = "ddp_scaling" if args.model == "small" else "fsdp_lora_7b"
+    name = {"small": "ddp_scaling", "lora7b": "fsdp_lora_7b", "lora7b-offload": "ddp_lora_7b_offload"}[args.model]
     result = {"name": name, "ours": speeds[args.gpus], "reference": speeds[1],
               "ratio": round(speeds[args.gpus] / speeds[1], 3), "unit": "tokens/s (global)",
               "device": f"{args.gpus} x {torch.cuda.get_device_name()}", "batch_per_gpu": f"{args.batch_size}x1024",

@@ -176,30 +176,61 @@ def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path, monkeypatch):
     assert os.readlink(run / "latest") == "checkpoint-2"
 
 
-def test_two_processes_equal_one_process_with_double_accumulation(corpus, tmp_path):
-    """Two CPU processes under torchrun (accelerate picks MULTI_CPU, gloo DDP) vs one process with --grad-accum 2:
-    the same rows per optimizer step, so the same weights after 3 steps. A 2-process run stopped at step 2 and
-    resumed (rank 0 reads the optimizer state and broadcasts it) ends bitwise equal to the straight one.
-    (`accelerate launch --cpu --num_processes 2` starts a single process, so the test uses torchrun.)"""
+def torchrun(corpus, out: Path, *extra: str, script: Path = REPO / "train.py") -> None:
+    """`train.py pretrain` in two CPU processes under torchrun (accelerate picks MULTI_CPU, gloo DDP), 2 rows each.
+    (`accelerate launch --cpu --num_processes 2` starts a single process, hence torchrun.)"""
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+              str(script), *pretrain_args(corpus, out, "--batch-size", "2", *extra)]
+    result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
-    def torchrun(run: str, *extra: str) -> None:
-        args = pretrain_args(corpus, tmp_path / run, "--batch-size", "2", *extra)
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                  str(REPO / "train.py"), *args]
-        result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
 
-    torchrun("ddp", "--max-steps", "3")
+def assert_ddp_equals_double_accumulation(corpus, tmp_path, *extra: str,
+                                          script: Path = REPO / "train.py") -> dict[str, torch.Tensor]:
+    """Two processes vs one with --grad-accum 2: the same rows per optimizer step, so the same weights after 3."""
+    torchrun(corpus, tmp_path / "ddp", "--max-steps", "3", *extra, script=script)
     assert "on 2 x cpu" in (tmp_path / "ddp" / "train.log").read_text()
     train.main(pretrain_args(corpus, tmp_path / "one", "--max-steps", "3", "--batch-size", "2",
-                             "--grad-accum", "2"))
+                             "--grad-accum", "2", *extra))
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # Adam updates are ~3e-3
-    torchrun("resumed", "--max-steps", "2")
-    torchrun("resumed", "--max-steps", "3", "--resume")
-    assert all(torch.equal(v, weights(tmp_path / "resumed")[k]) for k, v in a.items())
+    return a
+
+
+def test_two_processes_equal_one_process_with_double_accumulation(corpus, tmp_path):
+    """DDP over two processes equals one process with twice the accumulation. A 2-process run stopped at step 2 and
+    resumed (rank 0 reads the optimizer state and broadcasts it) ends bitwise equal to the straight one."""
+    straight = assert_ddp_equals_double_accumulation(corpus, tmp_path)
+    torchrun(corpus, tmp_path / "resumed", "--max-steps", "2")
+    torchrun(corpus, tmp_path / "resumed", "--max-steps", "3", "--resume")
+    assert all(torch.equal(v, weights(tmp_path / "resumed")[k]) for k, v in straight.items())
+
+
+OFFLOADING_TRAIN = """
+import sys
+import model.offload as offload
+offload.MIN_OFFLOAD_BYTES = 0  # the tiny model's block inputs lie far below the 8 MiB floor
+moved = []
+real = offload.Offloader._offload
+offload.Offloader._offload = lambda self, t, nbytes: (moved.append(nbytes), real(self, t, nbytes))[1]
+import train
+train.main(sys.argv[1:])
+assert moved, "no saved tensor was offloaded"
+"""
+
+
+def test_offloaded_activations_under_ddp_equal_one_process(corpus, tmp_path, monkeypatch):
+    """--offload-activations under DDP: the saved-tensor hooks that move blocks' inputs out and back (3 of the tiny
+    preset's 4 blocks, the size floor lowered) run while DDP's gradient hooks reduce the buckets; the weights still
+    equal one process's."""
+    import model.offload as offload
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
+    script = tmp_path / "offloading_train.py"
+    script.write_text(OFFLOADING_TRAIN)
+    assert_ddp_equals_double_accumulation(corpus, tmp_path, "--gradient-checkpointing", "--offload-activations",
+                                          "--offload-skip-last", "1", script=script)
 
 
 def test_loss_goes_down_on_a_real_corpus(shared_corpora, tmp_path):
@@ -370,3 +401,19 @@ def test_compile_goes_per_block_when_offloading_or_for_nf4_weights():
     mlp = model.model.layers[0].mlp
     mlp.up_proj = NF4Linear.from_linear(mlp.up_proj)
     assert compiles_per_block(model, TrainConfig(compile=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_throughput_windows_are_timed_on_the_gpu():
+    """A log line's tokens/s divides by the GPU's time between the window's start and the step's end: the host
+    reading the step late (as it does one step behind, and not at all after the last step) does not shorten or
+    lengthen the window."""
+    import time
+    from model.trainer import seconds_between, to_host, window_start
+    start = window_start(torch.device("cuda"))
+    torch.cuda._sleep(10**8)  # ~50-70 ms of GPU work at 1.4-2 GHz
+    _, end = to_host(torch.zeros(2, device="cuda"))
+    time.sleep(0.5)  # the host comes to read it late
+    end.synchronize()
+    gpu_seconds = seconds_between(start, end)
+    assert 0.02 < gpu_seconds < 0.3
