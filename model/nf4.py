@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import nf4_kernel
+
 BLOCK_SIZE = 64  # values per absmax scale
 SCALE_BLOCK_SIZE = 256  # scales per double-quantization group
 
@@ -106,20 +108,19 @@ class NF4Weight:
 
     def block_absmax(self) -> torch.Tensor:
         """fp32 [blocks]: D[s_b] * c_g + offset."""
-        return _block_absmax(self.scales, self.scale_absmax, self.offset, _dynamic_table(self.scales.device))
+        return _block_absmax(self.scales, self.scale_absmax, self.offset, decoding_tables(self.scales.device)[0])
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W ~= NF4[q] * absmax_b, computed in fp32 (as bnb) and cast to `dtype` (default: the original dtype).
 
-        One gather on a 256-entry table of byte -> (high-nibble code, low-nibble code) pairs, one multiply. Called
-        eagerly on CUDA, the scales' decoding, the gather, the multiply and the cast are one compiled call (below).
+        Eagerly on CUDA one Triton kernel (model/nf4_kernel.py); elsewhere, and traced by torch.compile, one gather on
+        a 256-entry table of byte -> (high-nibble code, low-nibble code) pairs and one multiply.
         """
-        device = self.packed.device
-        args = (*self.tensors(), _dynamic_table(device), _pair_table(device), self.shape, dtype or self.dtype)
-        if self.packed.is_cuda and not torch.compiler.is_compiling():
-            with torch.no_grad(), torch.autocast("cuda", enabled=False):  # one guard state: a graph per shape, dtype
-                return _dequantize_compiled(*args)
-        return _decode_and_dequantize(*args)
+        dynamic, code, pairs = decoding_tables(self.packed.device)
+        if self.packed.is_cuda and nf4_kernel.triton is not None and not torch.compiler.is_compiling():
+            return nf4_kernel.dequantize(*self.tensors(), dynamic, code, self.shape, dtype or self.dtype,
+                                         BLOCK_SIZE, SCALE_BLOCK_SIZE)
+        return _decode_and_dequantize(*self.tensors(), dynamic, pairs, self.shape, dtype or self.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -136,24 +137,17 @@ class NF4Weight:
         return NF4Weight(*(t.to(device) for t in self.tensors()), self.shape, self.dtype)
 
 
-_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-_DYNAMIC_TABLES: dict[torch.device, torch.Tensor] = {}
-
-
-def _dynamic_table(device: torch.device) -> torch.Tensor:
-    """DYNAMIC_CODE on `device`, copied once: a CPU->GPU copy in every forward / backward would sync the host."""
-    if device not in _DYNAMIC_TABLES:
-        _DYNAMIC_TABLES[device] = DYNAMIC_CODE.to(device)
-    return _DYNAMIC_TABLES[device]
-
-
-def _pair_table(device: torch.device) -> torch.Tensor:
-    if device not in _PAIR_TABLES:
-        hi, lo = torch.meshgrid(NF4_CODE, NF4_CODE, indexing="ij")
-        _PAIR_TABLES[device] = torch.stack((hi, lo), dim=-1).view(256, 2).to(device)
-    return _PAIR_TABLES[device]
+def decoding_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DYNAMIC_CODE, NF4_CODE and the byte -> (high, low) code pairs on `device`, copied once: a CPU->GPU copy in
+    every forward / backward would sync the host."""
+    if device not in _TABLES:
+        high, low = torch.meshgrid(NF4_CODE, NF4_CODE, indexing="ij")
+        pairs = torch.stack((high, low), dim=-1).view(256, 2)
+        _TABLES[device] = (DYNAMIC_CODE.to(device), NF4_CODE.to(device), pairs.to(device))
+    return _TABLES[device]
 
 
 def build_tables(model: nn.Module) -> None:
@@ -161,8 +155,7 @@ def build_tables(model: nn.Module) -> None:
     cache's first write is a side effect that breaks the block's graph."""
     for module in model.modules():
         if isinstance(module, NF4Linear):
-            _dynamic_table(module.weight_packed.device)
-            _pair_table(module.weight_packed.device)
+            decoding_tables(module.weight_packed.device)
 
 
 def _block_absmax(scales: torch.Tensor, scale_absmax: torch.Tensor, offset: torch.Tensor,
@@ -180,17 +173,6 @@ def _decode_and_dequantize(packed: torch.Tensor, scales: torch.Tensor, scale_abs
     return w.view(-1)[: shape.numel()].view(shape).to(dtype)
 
 
-# Eager QLoRA dequantizes every base weight three times a step (forward, recomputation, backward), so the host's
-# launches count: as ~6 eager kernels and a compiled one, a 7B weight took 124-187 us of host time, which left an
-# H200 waiting (7.7-8.1k tokens/s at ~610 W); as one compiled call, 47-51 us and 9.2k tokens/s (bench/RESULTS.md,
-# run 37). Without multiply-add contraction (emulate_precision_casts) the scales round as in eager and in bnb: the
-# result is bit-identical. One graph per weight shape and dtype (a 7B model has three shapes).
-_NO_CONTRACTION = {"emulate_precision_casts": True}
-if not hasattr(torch._inductor.config, "emulate_precision_casts"):  # older torch: no such option
-    _NO_CONTRACTION = {}
-_dequantize_compiled = torch.compile(_decode_and_dequantize, dynamic=False, options=_NO_CONTRACTION)
-
-
 class _NF4Matmul(torch.autograd.Function):
     """y = x W^T with W dequantized in forward and again in backward; only the 4-bit tensors are saved."""
 
@@ -198,7 +180,7 @@ class _NF4Matmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: NF4Weight, *packed: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(*packed)
         ctx.shape, ctx.x_dtype = weight.shape, x.dtype
-        return x @ weight.dequantize(x.dtype).t()
+        return F.linear(x, weight.dequantize(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
