@@ -19,6 +19,14 @@ SAMPLES = REPO / "data" / "samples"
 
 
 @pytest.fixture(scope="session")
+def triton_interpreter() -> None:
+    """Skips unless Triton kernels run on CPU tensors here, in Triton's interpreter (turned on above)."""
+    pytest.importorskip("triton", reason="Triton (requirements-dev.txt) runs the GPU kernels' CPU tests")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (a CUDA machine): the kernels' CUDA tests run instead")
+
+
+@pytest.fixture(scope="session")
 def shared_corpora() -> Path:
     if not SHARED_CORPORA.is_dir():
         pytest.skip(f"real corpora samples not found at {SHARED_CORPORA} (../shared/corpora beside the checkout)")

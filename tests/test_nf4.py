@@ -56,16 +56,13 @@ def test_quantize_picks_the_nearest_code_and_dequantize_inverts_it():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_triton_dequantization_equals_eager_bit_for_bit(device):
+def test_triton_dequantization_equals_eager_bit_for_bit(device, request):
     """Eager CUDA code dequantizes with one Triton kernel: exactly the PyTorch ops' result, with no multiply-add
     contraction in the scales (on CUDA it changed 46 of a 7B MLP weight's 45M values). On the CPU the kernel runs in
     Triton's interpreter, whose fp32 -> bf16 cast truncates where the GPU's rounds to nearest even: there bf16 is
     left to the GPU run."""
     if device == "cpu":
-        pytest.importorskip("triton", reason="Triton (requirements-dev.txt) runs the kernel's CPU test")
-        from triton.runtime.interpreter import InterpretedFunction
-        if not isinstance(nf4_kernel.nf4_dequantize_kernel, InterpretedFunction):
-            pytest.skip("Triton's interpreter is off (a CUDA machine): the cuda case runs instead")
+        request.getfixturevalue("triton_interpreter")
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
     for shape in [(5, 13), (96, 200)] + ([(11008, 4096)] if device == "cuda" else []):  # 65 values: a partial block
         weight = NF4Weight.quantize(gaussian(shape)).to(device)
