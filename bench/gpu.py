@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import json
 import shutil
 import statistics
@@ -43,7 +44,8 @@ class Report:
     def __init__(self, out: Path, commit: str):
         self.out, self.rows = out, []
         self.device = torch.cuda.get_device_name()
-        self.common = {"device": self.device, "commit": commit, "date": datetime.date.today().isoformat()}
+        self.common = {"device": self.device, "commit": commit, "date": datetime.date.today().isoformat(),
+                       "versions": library_versions()}
         self.monitor = GpuMonitor()
         out.mkdir(parents=True, exist_ok=True)
 
@@ -57,9 +59,22 @@ class Report:
         lines = ["| figure | ours | reference | ratio | unit | notes |", "|---|---|---|---|---|---|"]
         for r in self.rows:
             notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in (
-                "name", "ours", "reference", "ratio", "unit", "device", "commit", "date"))
+                "name", "ours", "reference", "ratio", "unit", "device", "commit", "date", "versions"))
             lines.append(f"| {r['name']} | {r['ours']} | {r['reference']} | {r['ratio']} | {r['unit']} | {notes} |")
-        (self.out / "results.md").write_text("\n".join(lines) + "\n")
+        versions = ", ".join(f"{k} {v}" for k, v in self.common["versions"].items())
+        (self.out / "results.md").write_text(f"{self.device}, {versions}\n\n" + "\n".join(lines) + "\n")
+
+
+def library_versions() -> dict[str, str]:
+    """The versions both sides ran with: the reference's speed moves with them (transformers 5.17 under
+    torch.compile materializes the causal mask, bench/RESULTS.md run 42), so every row records them."""
+    found = {}
+    for name in ("torch", "transformers", "peft", "triton"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
 
 
 def median_seconds(step, warmup: int, iters: int) -> tuple[float, float, float]:

@@ -1,13 +1,16 @@
 """bench/gpu.py's reading of nvidia-smi samples (pure Python: checked here on synthetic lines)."""
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from gpu import Measured, clock_and_power  # noqa: E402
+import gpu  # noqa: E402
+from gpu import Measured, Report, clock_and_power  # noqa: E402
 
 
 def stamp(epoch: float) -> str:
@@ -35,3 +38,18 @@ def test_energy_per_token_is_power_over_throughput():
     assert notes == {"ours_peak_gib": 14.512, "ours_sm_mhz": 1545, "ours_watts": 693, "ours_mj_per_token": 49.5}
     assert Measured(10.0, 1.0).notes("ref") == {"ref_peak_gib": 1.0}
     assert Measured(10.0, 1.0, host_gib=5.584).notes("ours") == {"ours_peak_gib": 1.0, "ours_host_gib": 5.58}
+
+
+def test_every_row_records_the_library_versions_both_sides_ran_with(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu.torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(gpu.shutil, "which", lambda name: None)  # no nvidia-smi: the monitor samples nothing
+    report = Report(tmp_path, "abc1234")
+    report.add("pretrain_small_compiled", 537_175.0, 421_895.0, "tokens/s", ours_peak_gib=20.1)
+    row = json.loads((tmp_path / "results.json").read_text())[0]
+    torch_version = importlib.metadata.version("torch")
+    assert row["versions"]["torch"] == torch_version and set(row["versions"]) == {"torch", "transformers", "peft",
+                                                                                  "triton"}
+    assert row["ratio"] == 1.273 and row["commit"] == "abc1234"
+    header, _, table = (tmp_path / "results.md").read_text().partition("\n\n")
+    assert header.startswith("NVIDIA H100 80GB HBM3, torch " + torch_version)
+    assert "versions" not in table and "ours_peak_gib=20.1" in table
