@@ -175,25 +175,40 @@ def free() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def hf_llama(cfg: ModelConfig):
+def causal_sdpa() -> str:
+    """Register (once) and name a transformers attention that never builds a mask: SDPA with `is_causal=True`.
+
+    transformers <= 5.17 builds the full causal mask under `torch.compile` and calls SDPA with `is_causal=False`, which
+    runs the masked kernel over the whole square (RESULTS.md, run 42); later versions skip the mask when they can. A
+    mask function that returns None gives the reference that path on any version, through transformers' public
+    attention registries; transformers' own SDPA forward then sets `is_causal` itself."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    AttentionInterface.register("sdpa_causal", sdpa_attention_forward)
+    AttentionMaskInterface.register("sdpa_causal", lambda *args, **kwargs: None)
+    return "sdpa_causal"
+
+
+def hf_llama(cfg: ModelConfig, causal: bool = False):
+    """transformers' Llama of the shape with SDPA attention; `causal`: with the mask never built (`causal_sdpa`)."""
     import transformers
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
-        attn_implementation="sdpa")
+        attn_implementation=causal_sdpa() if causal else "sdpa")
     return transformers.LlamaForCausalLM(hf_cfg)
 
 
 def build(kind: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cuda"):
-    """A random-init model of the shape, built directly on `device` in `dtype` (no copy)."""
+    """A random-init model of the shape (`kind`: ours, hf or hf_causal), built directly on `device` in `dtype`."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return Transformer(cfg) if kind == "ours" else hf_llama(cfg)
+            return Transformer(cfg) if kind == "ours" else hf_llama(cfg, causal=kind == "hf_causal")
     finally:
         torch.set_default_dtype(default)
 
@@ -221,21 +236,24 @@ def pretrain_small(report: Report, batch_size: int = 32, seq: int = 1024) -> Non
     with torch.device("meta"):
         fpt = flops_per_token(Transformer(SMALL), seq)
     batch = torch.randint(0, VOCAB, (batch_size, seq + 1), device="cuda")
-    results = {}
-    for compiled in (False, True):
-        for kind in ("ours", "hf"):
+    # eager, transformers already passes is_causal=True; compiled, it is measured as shipped and without its mask
+    for compiled, refs in ((False, {"hf": "eager"}), (True, {"hf": "compiled", "hf_causal": "compiled_causal_ref"})):
+        results = {}
+        for kind in ("ours", *refs):
             free()
             model = build(kind, SMALL, torch.float32).train()
             fwd = torch.compile(model) if compiled else model
             step = train_step_fn(fwd, kind, batch, list(model.parameters()))
             results[kind] = measure(report, step, batch_size * seq, warmup=3, iters=10)
             del model, fwd, step
-        ours, ref = results["ours"], results["hf"]
-        report.add(f"pretrain_small_{'compiled' if compiled else 'eager'}", ours.tokens_per_s, ref.tokens_per_s,
-                   "tokens/s", batch=f"{batch_size}x{seq}",
-                   ours_mfu=None if peak is None else round(ours.tokens_per_s * fpt / peak, 3),
-                   ref_mfu=None if peak is None else round(ref.tokens_per_s * fpt / peak, 3),
-                   **ours.notes("ours"), **ref.notes("ref"))
+        ours = results["ours"]
+        for kind, label in refs.items():
+            ref = results[kind]
+            report.add(f"pretrain_small_{label}", ours.tokens_per_s, ref.tokens_per_s, "tokens/s",
+                       batch=f"{batch_size}x{seq}",
+                       ours_mfu=None if peak is None else round(ours.tokens_per_s * fpt / peak, 3),
+                       ref_mfu=None if peak is None else round(ref.tokens_per_s * fpt / peak, 3),
+                       **ours.notes("ours"), **ref.notes("ref"))
 
 
 # ---- 2./3. LoRA and QLoRA on a 7B shape ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""bench/gpu.py's reading of nvidia-smi samples (pure Python: checked here on synthetic lines)."""
+"""bench/gpu.py on the CPU: its reading of nvidia-smi samples (synthetic lines), its report, its reference models."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -6,6 +6,9 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -53,3 +56,24 @@ def test_every_row_records_the_library_versions_both_sides_ran_with(tmp_path, mo
     header, _, table = (tmp_path / "results.md").read_text().partition("\n\n")
     assert header.startswith("NVIDIA H100 80GB HBM3, torch " + torch_version)
     assert "versions" not in table and "ours_peak_gib=20.1" in table
+
+
+def test_the_unmasked_reference_calls_sdpa_causal_under_compile_with_the_same_loss(monkeypatch):
+    """transformers <= 5.17 builds the causal mask while compiling (run 42); `hf_causal` must never pass one."""
+    pytest.importorskip("transformers")
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    cfg = gpu.ModelConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=160, max_position_embeddings=64)
+    batch = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    masked = gpu.build("hf", cfg, torch.float32, device="cpu")(input_ids=batch, labels=batch).loss
+    calls.clear()
+    unmasked = torch.compile(gpu.build("hf_causal", cfg, torch.float32, device="cpu"), backend="aot_eager")
+    loss = unmasked(input_ids=batch, labels=batch).loss
+    assert calls == [(True, True)] * cfg.num_hidden_layers
+    torch.testing.assert_close(loss, masked, rtol=1e-5, atol=1e-6)
