@@ -176,7 +176,8 @@ def free() -> None:
 
 
 def causal_sdpa() -> str:
-    """Register (once) and name a transformers attention that never builds a mask: SDPA with `is_causal=True`.
+    """Register and name a transformers attention that never builds a mask: SDPA with `is_causal=True` (each call
+    registers again; the registries are dicts, so that is harmless).
 
     transformers <= 5.17 builds the full causal mask under `torch.compile` and calls SDPA with `is_causal=False`, which
     runs the masked kernel over the whole square (RESULTS.md, run 42); later versions skip the mask when they can. A
