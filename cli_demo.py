@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
 from rich.console import Console
 
-from model import Transformer
-from model.generation import (SamplingConfig, TextStream, chat_prompt, context_budget, default_stop_ids,
-                              resolve_template, stream)
-from utils.templates import TEMPLATES, ChatTemplate
-from utils.tokenizer import Tokenizer
+from model.chat import DTYPES, Chat, load_chat_model
+from utils.templates import TEMPLATES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMMANDS_HELP = "/clear resets the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer"
 # C0 controls (and DEL) from a model are shown as their Unicode control pictures, never sent to the terminal raw
 _CONTROL_PICTURES = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {127: 0x2421}
@@ -58,74 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "chat") -> Non
     parser.add_argument("--batch-size", type=int, default=8, help="batch mode: prompts generated together")
 
 
-# ---- loading -------------------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device.type == "mps" else torch.float32
-
-
-def load_chat_model(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) from the command line: the one place that knows how a chat model is assembled."""
-    from model.lora import load_adapter
-    from model.lora_cli import load_base
-    path = Path(args.model)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model = load_base(str(path), dtype, device, args.qlora)
-    if args.lora:
-        load_adapter(model, args.lora, dtype=dtype)  # adapters are created on the base weights' device
-    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
-        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, vocab.json + merges.txt or "
-                                "tokenizer.model); save the model with its tokenizer")
-    return model, Tokenizer.load(path)
-
-
-# ---- the conversation ----------------------------------------------------------------------------------------------
-@dataclass
-class Chat:
-    """History as chat messages; every question is asked with the whole (trimmed) history in the prompt."""
-
-    model: Transformer
-    tokenizer: Tokenizer
-    template: ChatTemplate
-    config: SamplingConfig
-    system: str | None = None
-    compile: bool = False
-    turns: list[dict] = field(default_factory=list)
-
-    def reply(self, question: str) -> TextStream:
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
-        messages.append({"role": "user", "content": question})
-        ids = chat_prompt(self.tokenizer, messages, self.template, context_budget(self.model, self.config))
-        return stream(self.model, ids, self.config, self.tokenizer, self.template.stop_strings, self.compile)
-
-    def record(self, question: str, answer: str) -> None:
-        self.turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-
-    def clear(self) -> None:
-        self.turns.clear()
-
-
-def build_chat(args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer) -> Chat:
-    template = resolve_template(args.template, tokenizer)
-    config = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                            stop_ids=default_stop_ids(tokenizer, template), seed=args.seed)
-    context_budget(model, config)  # fail now, not at the first question
-    return Chat(model, tokenizer, template, config, args.system, args.compile)
+def build_chat(args: argparse.Namespace) -> Chat:
+    model, tokenizer = load_chat_model(args.model, args.lora, args.qlora, args.device, args.dtype)
+    return Chat.start(model, tokenizer, args.template, args.system, args.compile, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
 def answer(chat: Chat, question: str, out: Console, err: Console, verbose: bool) -> None:
@@ -210,8 +140,7 @@ def run(chat: Chat, lines, out: Console, err: Console, verbose: bool, interactiv
 def main(args: argparse.Namespace) -> None:
     out, err = Console(highlight=False), Console(stderr=True, highlight=False)
     try:
-        model, tokenizer = load_chat_model(args)
-        chat = build_chat(args, model, tokenizer)
+        chat = build_chat(args)
     except (OSError, ValueError, KeyError) as e:
         err.print(f"[red]error:[/] {e}")
         raise SystemExit(2) from None
@@ -222,7 +151,7 @@ def main(args: argparse.Namespace) -> None:
         if not (args.data and args.predictions):
             err.print("[red]error:[/] batch mode needs both --data and --predictions")
             raise SystemExit(2)
-        from model.lora_cli import read_records
+        from utils.corpora import read_records
         n, skipped = predict(chat, read_records(args.format, args.data), args.predictions, args.batch_size)
         err.print(f"wrote {n} predictions to {args.predictions}" + (f" ({skipped} too long for the context window: "
                                                                       "prediction null)" if skipped else ""))
@@ -233,7 +162,7 @@ def main(args: argparse.Namespace) -> None:
             import readline  # noqa: F401  line editing and history for input()
         except ImportError:
             pass
-        p = next(model.parameters())
+        p = next(chat.model.parameters())
         out.print(f"[bold]Chat-LM-small[/] · {args.model} · template {chat.template.name} · {p.device} "
                   f"{str(p.dtype).removeprefix('torch.')}\n[dim]{COMMANDS_HELP}[/]")
         lines = lambda: input("User: ")  # noqa: E731  a plain prompt, so readline knows its width

@@ -40,8 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cli_demo import DTYPES, HelpFormatter, load_chat_model
 from model import Transformer
+from model.chat import DTYPES, load_chat_model
 from model.generation import SamplingConfig, TextStream, chat_prompt, default_stop_ids, resolve_template, stream
 from utils.templates import TEMPLATES, ChatTemplate
 from utils.tokenizer import Tokenizer
@@ -343,10 +343,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 # ---- loading -------------------------------------------------------------------------------------------------------
 def load_served_model(model_dir: str | Path, lora: str | Path | None = None, device: str = "auto",
                       dtype: str = "auto", qlora: bool = False) -> tuple[Transformer, Tokenizer]:
-    """The model to serve (cli_demo.load_chat_model assembles it); a LoRA adapter on a full-precision base is merged
-    in, so serving it costs nothing per token (on an NF4 base it stays a side path)."""
-    model, tokenizer = load_chat_model(argparse.Namespace(model=str(model_dir), device=device, dtype=dtype,
-                                                          lora=None if lora is None else str(lora), qlora=qlora))
+    """The model to serve; a LoRA adapter on a full-precision base is merged in, so serving it costs nothing per
+    token (on an NF4 base it stays a side path)."""
+    model, tokenizer = load_chat_model(model_dir, lora, qlora, device, dtype)
     if lora is not None and not qlora:
         from model.lora import merge_and_unload
         model = merge_and_unload(model)
@@ -397,6 +396,10 @@ def main(args: argparse.Namespace) -> None:
     print(f"serving {name!r} ({model.num_parameters():,} parameters, {template.name} template, context "
           f"{engine.context}) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(create_app(engine, api_key), host=args.host, port=args.port, log_level=args.log_level)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the usage examples' line breaks and shows every default."""
 
 
 def build_parser() -> argparse.ArgumentParser:

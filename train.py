@@ -3,26 +3,29 @@
     python train.py {prepare,tokenizer,pretrain,sft,lora,merge,eval,synth,demo} --help
 
 Each subcommand lives in the module that does the work; the module exposes
-`add_arguments(parser)` and `main(args)`. Modules are imported only when their
-subcommand runs, so `--help` and light commands start fast.
+`add_arguments(parser, command)` and `main(args)` (the training stages through
+trainer/args.py, which builds their options from the dataclass configs). Modules
+are imported only when their subcommand runs, so `--help` and light commands
+start fast.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from typing import Any
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("utils.prepare", "raw corpora -> cleaned, deduplicated, split parquet shards"),
     "tokenizer": ("utils.tokenizer", "train a byte-level BPE tokenizer on prepared data"),
-    "pretrain": ("model.cli", "pretrain a decoder on packed documents"),
-    "sft": ("model.cli", "supervised fine-tuning with the prompt masked out of the loss"),
-    "lora": ("model.cli", "train a LoRA / QLoRA adapter on a base model"),
-    "merge": ("model.cli", "merge a LoRA adapter into its base model"),
+    "pretrain": ("trainer.args", "pretrain a decoder on packed documents"),
+    "sft": ("trainer.args", "supervised fine-tuning with the prompt masked out of the loss"),
+    "lora": ("trainer.args", "train a LoRA / QLoRA adapter on a base model"),
+    "merge": ("trainer.args", "merge a LoRA adapter into its base model"),
     "eval": ("utils.metrics", "loss, perplexity, bits per character, BLEU-4 / ROUGE-L on a split"),
     "synth": ("utils.synth", "build instruction data through an OpenAI-compatible API (topics, dialogues, style)"),
-    "demo": ("model.demo", "the whole pipeline on the bundled samples with the tiny preset"),
+    "demo": ("trainer.args", "the whole pipeline on the bundled samples with the tiny preset"),
 }
 
 
@@ -39,11 +42,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Any:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    module.main(args)
+    return module.main(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Multi-GPU scaling of the real training loop (model.trainer.Trainer under `accelerate launch`, random tokens), run with
+"""Multi-GPU scaling of the real training loop (trainer.loop.Trainer under `accelerate launch`, random tokens), run with
 1 and then N processes; prints and writes the global tokens/s of each and the peak GPU memory per process.
 
     python bench/ddp.py --gpus 2 [--steps 100] [--out DIR]                # `small` preset, compiled, DDP
@@ -30,7 +30,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from model.trainer import TrainConfig  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.loop import DDP_BUCKET_MB  # noqa: E402
 
 
 class RandomRows:
@@ -64,15 +65,14 @@ class NoWeights:
 
 def worker(args) -> None:
     from model import ModelConfig, Transformer
-    from model.trainer import Trainer, make_accelerator, set_seed_everywhere, weights_device
+    from trainer.loop import Trainer, make_accelerator, set_seed_everywhere, weights_device
     lora, offload = args.model.startswith("lora7b"), args.model == "lora7b-offload"
     cfg = TrainConfig(out_dir=args.run, max_steps=args.steps, batch_size=args.batch_size, warmup_steps=5,
                       mixed_precision="bf16", compile=not lora or offload, gradient_checkpointing=lora,
-                      offload_activations=offload, log_every=4 if lora else 10, save_total_limit=1,
-                      ddp_bucket_mb=args.bucket_mb)
+                      offload_activations=offload, log_every=4 if lora else 10, save_total_limit=1)
     torch._dynamo.config.optimize_ddp = args.dynamo_ddp
     torch._dynamo.config.compiled_autograd = args.dynamo_ddp == "python_reducer"  # which needs it
-    acc = make_accelerator(cfg)
+    acc = make_accelerator(cfg, bucket_mb=args.bucket_mb)
     if args.copy_gradients:
         acc.ddp_handler.gradient_as_bucket_view = False
     set_seed_everywhere(0)
@@ -108,8 +108,8 @@ def main() -> None:
     parser.add_argument("--model", default="small", choices=["small", "lora7b", "lora7b-offload"])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=None, help="rows per GPU (default 16 small, 4 lora7b)")
-    parser.add_argument("--bucket-mb", type=int, default=TrainConfig.ddp_bucket_mb,
-                        help="DDP gradient bucket size (TrainConfig.ddp_bucket_mb)")
+    parser.add_argument("--bucket-mb", type=int, default=DDP_BUCKET_MB,
+                        help="DDP gradient bucket size (the trainer's DDP_BUCKET_MB)")
     parser.add_argument("--copy-gradients", action="store_true",
                         help="DDP gradient_as_bucket_view=False (the trainer uses True)")
     parser.add_argument("--dynamo-ddp", default="ddp_optimizer",

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import ModelConfig, Transformer  # noqa: E402
-from model.trainer import PEAK_BF16_FLOPS, TrainConfig, compiles_per_block, flops_per_token  # noqa: E402
+from trainer.activations import OFFLOAD_SKIP_LAST, ActivationPolicy, apply_activation_policy, compiles_per_block  # noqa: E402,E501
+from trainer.loop import PEAK_BF16_FLOPS, flops_per_token  # noqa: E402
 
 VOCAB, GiB = 32000, 2**30
 SMALL = ModelConfig.preset("small", vocab_size=VOCAB, max_position_embeddings=1024)
@@ -281,9 +282,6 @@ def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, q
             quantize_blocks(model)
             free()
         apply_lora(model, r=r, alpha=2 * r, dropout=0.05, targets=targets)
-        model.gradient_checkpointing, model.no_recompute_last = True, keep
-        if offload is not None:
-            model.offload_activations, model.offload_skip_last = True, offload
     else:
         import peft
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -292,15 +290,17 @@ def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, q
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     torch.cuda.reset_peak_memory_stats()
-    per_block = compiled and compiles_per_block(model, TrainConfig(gradient_checkpointing=True,
-                                                                   offload_activations=offload is not None))
-    if per_block:  # as the trainer compiles
-        model.compile_blocks()
+    per_block = compiled and compiles_per_block(model, offload is not None)
+    offloader = None
+    if kind == "ours":  # as the trainer applies it
+        offloader = apply_activation_policy(model, ActivationPolicy(
+            checkpointing=True, offload=offload is not None, compile_blocks=per_block, keep_last=keep,
+            offload_skip_last=offload))
     forward = torch.compile(model) if compiled and not per_block else model
     measured = measure(report, train_step_fn(forward, kind, batch, params), batch.shape[0] * (batch.shape[1] - 1),
                        warmup=3 if compiled else 2, iters=5)
     if offload is not None:
-        measured.host_gib = model._offloader.offloaded_bytes / GiB
+        measured.host_gib = offloader.offloaded_bytes / GiB
     del model, params, forward
     return measured
 
@@ -327,10 +327,10 @@ def lora_7b(report: Report, keep: int = 2) -> None:
                checkpointing=f"all but the last {keep} layers", **ours_k.notes("ours"), **ref.notes("ref"),
                reference_is="transformers+peft (eager)",
                ours_vs_reference_compiled=round(ours_k.tokens_per_s / ref_c.tokens_per_s, 3))
-    ours_o = lora_step(report, "ours", r, targets, batch, compiled=True, offload=TrainConfig.offload_skip_last)
+    ours_o = lora_step(report, "ours", r, targets, batch, compiled=True, offload=OFFLOAD_SKIP_LAST)
     report.add(f"{name}_compiled_offload", ours_o.tokens_per_s, ref.tokens_per_s, "tokens/s", batch="4x1024",
                checkpointing="recomputed layers save gate/up and offload to host memory, the last "
-                             f"{TrainConfig.offload_skip_last} on the GPU", **ours_o.notes("ours"), **ref.notes("ref"),
+                             f"{OFFLOAD_SKIP_LAST} on the GPU", **ours_o.notes("ours"), **ref.notes("ref"),
                reference_is="transformers+peft (eager)",
                ours_vs_reference_compiled=round(ours_o.tokens_per_s / ref_c.tokens_per_s, 3))
 

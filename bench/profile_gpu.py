@@ -215,9 +215,10 @@ def pretrain_small(out: Path) -> None:
 def lora_7b(out: Path) -> None:
     """Our LoRA r=8 on q_proj, v_proj of the 7B shape, compiled, checkpointing, 4x1024 (bench/gpu.py's settings)."""
     from model.lora import apply_lora
+    from trainer.activations import ActivationPolicy, apply_activation_policy
     model = build("ours", LLAMA_7B, torch.bfloat16)
     apply_lora(model, r=8, alpha=16, dropout=0.05, targets=["q_proj", "v_proj"])
-    model.gradient_checkpointing = True
+    apply_activation_policy(model, ActivationPolicy(checkpointing=True))
     model.train()
     batch = torch.randint(0, VOCAB, (4, 1025), device="cuda")
     step = train_step_fn(torch.compile(model), "ours", batch, [p for p in model.parameters() if p.requires_grad])

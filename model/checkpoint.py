@@ -205,3 +205,11 @@ def load_weights_into(model: Transformer, path: str | Path) -> None:
     missing = set(params) - seen - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
     if missing:
         raise CheckpointError(f"{path}: missing keys {', '.join(sorted(missing)[:5])}")
+
+
+def load_base(path: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu",
+              qlora: bool = False) -> Transformer:
+    """A base model for adapters; with `qlora` the block linears become NF4 one tensor at a time while loading, so the
+    full-precision weights are never all in memory."""
+    from .nf4 import nf4_hook
+    return load_model(path, dtype=dtype, device=device, tensor_hook=nf4_hook() if qlora else None)

@@ -16,9 +16,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from utils.datasets import encode_segments, ends_turn_with_token
 from utils.progress import progress_bar
-from utils.templates import ChatTemplate, get_template
+from utils.templates import ChatTemplate, encode_segments, ends_turn_with_token, get_template
 
 from .transformer import KVCache, Transformer
 
@@ -394,7 +393,7 @@ def default_stop_ids(tokenizer, template: str | ChatTemplate | None = None) -> t
 
 def encode_chat(tokenizer, template: ChatTemplate, messages: list[dict]) -> list[int]:
     """Token ids of a conversation plus the generation prompt, through the same `encode_segments` as SFT data
-    (`utils.datasets.tokenize_sft`), so the model continues from the token boundary it was trained on."""
+    (`utils.templates.tokenize_sft`), so the model continues from the token boundary it was trained on."""
     segments = template.segments(messages, add_generation_prompt=True)
     return encode_segments(tokenizer, [segments], not ends_turn_with_token(template, tokenizer))[0][0]
 

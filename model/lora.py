@@ -19,8 +19,9 @@ prefix) and q/k/v become `LoRASlice`s that share its A and take row slices of it
     u = s * B A dropout(x)   [.., 3d]
     q = W_q x + u[..., 0:d],   k = W_k x + u[..., d:2d],   v = W_v x + u[..., 2d:3d]
 
-which is exactly PEFT-on-Baichuan, in training too: `Attention` gets q, k, v from one `W_pack.project` call, so the
-three share one dropout mask and one A x, as the fused layer does in PEFT (calling each slice alone would draw its own).
+which is exactly PEFT-on-Baichuan, in training too: the attention module becomes a `PackedAttention`, whose
+`project_qkv` gets q, k, v from one `W_pack.project` call, so the three share one dropout mask and one A x, as the
+fused layer does in PEFT (calling each slice alone would draw its own).
 
 Adapter directories hold `adapter_config.json` and `adapter_model.safetensors` with PEFT's keys:
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`.
@@ -43,6 +44,7 @@ from utils.io import atomic_dir, read_json, write_json
 
 from .config import BAICHUAN
 from .nf4 import NF4Linear
+from .transformer import Attention
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -50,7 +52,7 @@ ALL_LINEAR = "all-linear"
 
 
 @dataclass
-class LoraConfig:
+class AdapterConfig:
     """What `adapter_config.json` records (PEFT field names in `to_peft_dict`)."""
 
     r: int = 8
@@ -174,6 +176,13 @@ class LoRASlice(nn.Module):
 LoRAWrapped = LoRALinear | LoRASlice
 
 
+class PackedAttention(Attention):
+    """Attention whose q/k/v updates are row slices of one fused adapter at `W_pack` (Baichuan)."""
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.W_pack.project(x, (self.q_proj, self.k_proj, self.v_proj)))
+
+
 def _lora_forward(layer: LoRAWrapped, x: torch.Tensor) -> torch.Tensor:
     result = layer.base_layer(x)
     if layer.merged:
@@ -211,7 +220,7 @@ def _is_target(name: str, targets: list[str] | str) -> bool:
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                targets: Sequence[str] | str = ("q_proj", "v_proj"), *, use_rslora: bool = False,
                rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
-               dtype: torch.dtype | None = torch.float32, base_model_name_or_path: str | None = None) -> LoraConfig:
+               dtype: torch.dtype | None = torch.float32, base_model_name_or_path: str | None = None) -> AdapterConfig:
     """Wrap the targeted linears in LoRA layers (fresh A, zero B) and freeze everything else.
 
     targets: module names (`q_proj`, `v_proj`, ..., Baichuan's `W_pack`), a full-match regex over module paths, or
@@ -221,7 +230,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     """
     if isinstance(targets, (list, tuple)) and [t.lower() for t in targets] == [ALL_LINEAR]:
         targets = ALL_LINEAR
-    config = LoraConfig(r=r, alpha=alpha, dropout=dropout,
+    config = AdapterConfig(r=r, alpha=alpha, dropout=dropout,
                         targets=targets if isinstance(targets, str) else list(targets), use_rslora=use_rslora,
                         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
                         base_model_name_or_path=base_model_name_or_path)
@@ -242,6 +251,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         fused = LoRAAdapter(bases[0].in_features, sum(b.out_features for b in bases), rank, a, dropout, use_rslora,
                             device=_base_device(bases[0]), dtype=wdtype)
         _replace(model, peft_name, fused)
+        model.get_submodule(peft_name.rpartition(".")[0]).__class__ = PackedAttention
         start = 0
         for n, base in zip(ours, bases):
             _replace(model, n, LoRASlice(base, fused, slice(start, start + base.out_features)))
@@ -329,7 +339,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if type(module) is LoRAAdapter:  # the shared W_pack adapters
             parent, _, child = name.rpartition(".")
-            delattr(model.get_submodule(parent), child)
+            attention = model.get_submodule(parent)
+            delattr(attention, child)
+            attention.__class__ = Attention
     model.lora_config = None
     for p in model.parameters():
         p.requires_grad_(True)
@@ -341,7 +353,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
                  state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT keys, metadata format=pt) atomically.
     `state` (e.g. gathered from FSDP shards) replaces the model's own tensors; its adapter keys are the ones kept."""
-    config: LoraConfig | None = getattr(model, "lora_config", None)
+    config: AdapterConfig | None = getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("model has no LoRA layers (apply_lora or load_adapter first)")
     if base_model_name_or_path is not None:
@@ -355,7 +367,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     return path
 
 
-def read_adapter_config(path: str | Path) -> LoraConfig:
+def read_adapter_config(path: str | Path) -> AdapterConfig:
     """Parse a PEFT `adapter_config.json` (ours or PEFT's); unsupported settings raise naming the file and key."""
     file = Path(path) / ADAPTER_CONFIG
     d = read_json(file, "not found (not an adapter directory)")
@@ -367,7 +379,7 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
     if "target_modules" not in d:
         raise ValueError(f"{file}: missing key 'target_modules'")
     targets = d["target_modules"]
-    return LoraConfig(r=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout") or 0),
+    return AdapterConfig(r=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout") or 0),
                       targets=targets if isinstance(targets, str) else sorted(targets),
                       use_rslora=bool(d.get("use_rslora", False)), rank_pattern=d.get("rank_pattern") or {},
                       alpha_pattern=d.get("alpha_pattern") or {}, base_model_name_or_path=d.get("base_model_name_or_path"))
@@ -386,7 +398,7 @@ def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(model: nn.Module, path: str | Path, dtype: torch.dtype | None = torch.float32,
-                 trainable: bool = False) -> LoraConfig:
+                 trainable: bool = False) -> AdapterConfig:
     """Apply the adapter in a PEFT directory (written by us or by PEFT) to `model` and load its weights.
 
     Honours r, lora_alpha, use_rslora, rank_pattern, alpha_pattern and target_modules; a Baichuan `W_pack` adapter

@@ -8,7 +8,7 @@ One program per row reads the row twice (an online max and sum of exponentials, 
 gradient over the logits in their dtype: no fp32 copy and no second buffer. The second pass starts from the last
 block, the likeliest still in L2 (on an H100 either order measured within noise). A 4096 x 32000 bf16 chunk on an
 H100 takes 0.28 ms, against 0.35 ms for the PyTorch ops compiled by inductor and 2.16 ms eager
-(bench/bench_loss_kernel.py, bench/RESULTS.md run 36).
+(bench/loss_kernel.py, bench/RESULTS.md run 36).
 
 Import-safe without Triton (`triton` stays None); model/loss.py calls it only for CUDA tensors.
 """

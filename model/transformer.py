@@ -7,17 +7,13 @@ load unchanged and LoRA target names match PEFT's.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .loss import CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY, linear_cross_entropy
-from .nf4 import build_tables
-from .offload import Offloader, recompute_all, save_mlp_projections
+from .loss import CHUNK_LOGITS, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -128,11 +124,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, cache_position: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        packed = self._modules.get("W_pack")  # a LoRA adapter shared by q/k/v (Baichuan, model/lora.py): one update
-        if packed is not None:  # for all 3 (a dict lookup: hasattr would raise and catch inside nn.Module per call)
-            q, k, v = packed.project(x, (self.q_proj, self.k_proj, self.v_proj))
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -146,6 +138,10 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The query, key and value projections of x (a subclass may compute them jointly)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 class MLP(nn.Module):
@@ -185,19 +181,6 @@ class Backbone(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
 
 
-def run_block(layer: DecoderLayer, x, cos, sin, mask, cache) -> torch.Tensor:
-    """One decoder block, as a function of the layer: one compiled graph serves every block (compile_blocks)."""
-    return layer(x, cos, sin, mask, cache)
-
-
-def run_checkpointed_block(layer: DecoderLayer, x, cos, sin, mask, cache, context_fn=None) -> torch.Tensor:
-    """The block, recomputed in the backward; `context_fn` may choose tensors to save instead (model/offload.py).
-    None, not torch's no-op context_fn, when there is none: inside a whole-model graph dynamo cannot trace that one."""
-    if context_fn is None:
-        return checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-    return checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False, context_fn=context_fn)
-
-
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     """Positions that restart at 0 wherever the segment id changes (packed rows)."""
     B, T = segment_ids.shape
@@ -235,14 +218,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = False
-        self.no_recompute_last = 0  # with checkpointing, the last N layers keep their activations (speed for memory)
-        # with checkpointing: what the recomputed layers save goes to host memory (compiled blocks also save their MLP
-        # projections), except in the last `offload_skip_last` of them, whose backward comes before copies could return
-        self.offload_activations, self.offload_skip_last = False, 4
-        self._offloader = Offloader()
-        self._save_mlp = save_mlp_projections(config.hidden_size, config.intermediate_size)
-        self._compiled_blocks: tuple | None = None  # compile_blocks()
+        self.loss_chunk_logits = CHUNK_LOGITS  # logits materialized at a time by the fused loss (model/loss.py)
         if self.model.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -285,8 +261,24 @@ class Transformer(nn.Module):
         """
         if cache_position is not None:
             return self._static_step(input_ids, cache, cache_position, attention_mask, logits_to_keep)
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         past = cache.length if cache is not None else 0
+        position_ids, mask = self._positions_and_mask(input_ids, past, attention_mask, position_ids, segment_ids)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary(position_ids, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        if labels is not None:
+            return self.norm_loss(x, labels)  # the final norm, then the head fused with the loss
+        return self.lm_head(self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
+
+    def _positions_and_mask(self, input_ids: torch.Tensor, past: int, attention_mask: torch.Tensor | None,
+                            position_ids: torch.Tensor | None, segment_ids: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each new token's position, and the attention mask (None when plain causal attention is exact)."""
+        B, T = input_ids.shape
         if position_ids is None:
             if segment_ids is not None:
                 position_ids = segment_positions(segment_ids)
@@ -297,33 +289,7 @@ class Transformer(nn.Module):
         self.model.rotary.extend(past + T)
         needs_mask = attention_mask is not None or segment_ids is not None or (past > 0 and T > 1)
         mask = build_mask(T, past, attention_mask, segment_ids, input_ids.device) if needs_mask else None
-
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary(position_ids, x.dtype)
-        training = self.training and torch.is_grad_enabled()
-        recompute = self.gradient_checkpointing and training
-        compiled = training and self._compiled_blocks is not None
-        block, checkpointed_block, norm_loss = (self._compiled_blocks if compiled else
-                                                (run_block, run_checkpointed_block, self.norm_loss))
-        kept_from = len(self.model.layers) - self.no_recompute_last
-        offload = recompute and self.offload_activations
-        offload_to = kept_from - self.offload_skip_last if offload else 0
-        hooks = self._offloader.hooks(self, mask, cos, sin) if offload_to > 0 else nullcontext()
-        # Saved MLP projections only in compiled blocks: there they are graph outputs that autograd saves through the
-        # hooks; eager selective checkpointing caches them outside the hooks, on the device, so eager offloading
-        # moves the block inputs alone. Compiled blocks always get a policy (model/offload.py, recompute_all).
-        context_fn = (self._save_mlp if offload else recompute_all) if compiled else None
-        for i, layer in enumerate(self.model.layers):
-            if recompute and i < kept_from:
-                with hooks if i < offload_to else nullcontext():
-                    x = checkpointed_block(layer, x, cos, sin, mask, cache, context_fn)
-            else:
-                x = block(layer, x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.length += T
-        if labels is not None:
-            return norm_loss(x, labels)
-        return self.lm_head(self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
+        return position_ids, mask
 
     def _static_step(self, input_ids: torch.Tensor, cache: KVCache, cache_position: torch.Tensor,
                      attention_mask: torch.Tensor | None, logits_to_keep: int = 0) -> torch.Tensor:
@@ -342,26 +308,13 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache, cache_position)
         return self.lm_head(self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x))
 
-    def compile_blocks(self, **compile_kwargs) -> None:
-        """torch.compile each decoder block call and the final norm + loss on their own, instead of the whole model
-        as one graph: a compiled graph hands autograd its saved tensors when it ends, so only a graph per block lets
-        `offload_activations` move them to the host while the next blocks run, and only an explicit checkpoint
-        policy per block keeps QLoRA's dequantized weights from being kept. Blocks share their compiled code.
-        Training forwards only: evaluation and generation stay eager (generation compiles its own decode step)."""
-        build_tables(self)
-        self._compiled_blocks = (torch.compile(run_block, **compile_kwargs),
-                                 torch.compile(run_checkpointed_block, **compile_kwargs),
-                                 torch.compile(self.norm_loss, **compile_kwargs))
-
     def norm_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss(self.model.norm(x), labels)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy in fp32 over labelled positions (0 when none is labelled; no host sync), fused
-        with the lm_head a chunk of tokens at a time (model/loss.py): the full logits are never materialized. Smaller
-        chunks under gradient checkpointing, which is asked for to save memory."""
-        chunk = CHUNK_LOGITS_LOW_MEMORY if self.gradient_checkpointing else CHUNK_LOGITS
-        return linear_cross_entropy(hidden, self.lm_head.weight, labels, chunk)
+        with the lm_head a chunk of tokens at a time (model/loss.py): the full logits are never materialized."""
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels, self.loss_chunk_logits)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

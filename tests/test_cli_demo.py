@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import cli_demo
+from model import chat as chat_module
 from model import ModelConfig, Transformer, save_model
 from model.generation import SamplingConfig, default_stop_ids
 from utils.templates import get_template
@@ -147,11 +148,11 @@ def test_history_is_fed_back_and_the_oldest_turns_are_dropped(tmp_path, monkeypa
     path = build_chat_model_dir(tmp_path, max_position_embeddings=120)
     args = cli_demo.build_parser().parse_args(["--model", str(path), "--max-new-tokens", "8", "--seed", "0",
                                                "--system", "你是助手"])
-    model, tok = cli_demo.load_chat_model(args)
-    chat = cli_demo.build_chat(args, model, tok)
+    chat = cli_demo.build_chat(args)
+    tok = chat.tokenizer
     prompts: list[list[int]] = []
-    real_stream = cli_demo.stream
-    monkeypatch.setattr(cli_demo, "stream", lambda m, ids, *a: prompts.append(ids) or real_stream(m, ids, *a))
+    real_stream = chat_module.stream
+    monkeypatch.setattr(chat_module, "stream", lambda m, ids, *a: prompts.append(ids) or real_stream(m, ids, *a))
     for i in range(8):
         reply = chat.reply(f"问题{i}")
         assert "".join(reply) == reply.text and len(reply.token_ids) == 8
@@ -172,8 +173,8 @@ def test_sampling_flags_reach_the_config(model_dir):
     args = cli_demo.build_parser().parse_args(["--model", str(model_dir), "--temperature", "0", "--top-k", "5",
                                                "--top-p", "0.5", "--repetition-penalty", "1.3",
                                                "--max-new-tokens", "7", "--template", "wenda"])
-    model, tok = cli_demo.load_chat_model(args)
-    chat = cli_demo.build_chat(args, model, tok)
+    chat = cli_demo.build_chat(args)
+    tok = chat.tokenizer
     assert chat.template.name == "wenda"
     assert chat.config == SamplingConfig(temperature=0.0, top_k=5, top_p=0.5, repetition_penalty=1.3,
                                          max_new_tokens=7, stop_ids=default_stop_ids(tok, "wenda"), seed=None)

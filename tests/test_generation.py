@@ -271,7 +271,7 @@ def test_chat_prompt_renders_history_and_drops_oldest_turns(tokenizer):
 @pytest.mark.parametrize("name", ["chatml", "qwen", "wenda", "human_assistant", "llama2", "raw"])
 def test_chat_prompt_is_a_prefix_of_the_sft_training_tokens(tokenizer, name):
     """Inference continues from exactly the tokens SFT trained on (history answers closed as in training)."""
-    from utils.datasets import tokenize_sft
+    from utils.templates import tokenize_sft
     messages = conversation(2) + [{"role": "assistant", "content": "最后的回答。"}]
     train = tokenize_sft([messages], tokenizer, get_template(name), max_seq_len=10_000).tokens.tolist()
     prompt = chat_prompt(tokenizer, messages[:-1], name)

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from model import load_model, save_model
 from model.lora import (LoRALinear, LoRASlice, apply_lora, load_adapter, lora_state_dict, mark_only_lora_trainable,
                         merge_and_unload, merge_lora, save_adapter, set_lora_state_dict, unmerge_lora)
+from trainer.activations import ActivationPolicy, apply_activation_policy
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -203,7 +204,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(hf_dir):
         model = load_model(path).train()
         apply_lora(model, r=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"], dropout=0.0)
         randomize_lora(model)
-        model.gradient_checkpointing = ckpt
+        apply_activation_policy(model, ActivationPolicy(checkpointing=ckpt))
         model(IDS, torch.roll(IDS, -1, 1)).backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 3 * 2
@@ -335,7 +336,7 @@ def test_baichuan_packed_qkv_share_one_dropout_mask_and_train_as_peft(tmp_path):
         torch.manual_seed(seed)
         expected = ref.W_pack(x).split(64, dim=-1)
         torch.manual_seed(seed)
-        got = attn.W_pack.project(x, projections)  # what Attention.forward calls
+        got = attn.project_qkv(x)  # what Attention.forward calls
         for y, e in zip(got, expected):
             torch.testing.assert_close(y, e, rtol=1e-5, atol=1e-6)
         torch.manual_seed(seed)  # calling the slices one by one draws three masks: k and v then differ from PEFT
@@ -360,7 +361,7 @@ def test_baichuan_attention_draws_one_mask_per_layer_and_trains_with_checkpointi
         model = load_model(tmp_path).train()
         apply_lora(model, r=4, alpha=8, targets=["W_pack"], dropout=0.5)
         randomize_lora(model)
-        model.gradient_checkpointing = ckpt
+        apply_activation_policy(model, ActivationPolicy(checkpointing=ckpt))
         draws = []
         for layer in model.model.layers:
             layer.self_attn.W_pack.lora_dropout.register_forward_hook(lambda *_: draws.append(1))

@@ -14,6 +14,7 @@ import model.loss_kernel
 import model.transformer
 from model import ModelConfig, Transformer
 from model.loss import CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY, IGNORE_INDEX, linear_cross_entropy
+from trainer.activations import ActivationPolicy, apply_activation_policy
 
 
 def reference(hidden, weight, labels):
@@ -129,7 +130,7 @@ def test_gradient_checkpointing_asks_for_smaller_chunks(monkeypatch):
     net = Transformer(ModelConfig.preset("tiny")).train()
     ids = torch.randint(0, net.config.vocab_size, (2, 9))
     for checkpointing in (False, True):
-        net.gradient_checkpointing = checkpointing
+        apply_activation_policy(net, ActivationPolicy(checkpointing=checkpointing))
         net(ids, ids).backward()
     assert asked == [CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY] and CHUNK_LOGITS_LOW_MEMORY < CHUNK_LOGITS
 
@@ -270,6 +271,7 @@ from torch.distributed.fsdp import fully_shard
 from model import ModelConfig, Transformer
 from model.lora import apply_lora
 from model.nf4 import NF4Linear
+from trainer.activations import ActivationPolicy, apply_activation_policy
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 lora = sys.argv[1] in ("lora", "qlora")
@@ -286,7 +288,7 @@ if lora:  # adapters with nonzero B on q, v
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
 sharded = copy.deepcopy(whole)
-sharded.gradient_checkpointing = lora  # the sharded model recomputes its layers
+apply_activation_policy(sharded, ActivationPolicy(checkpointing=lora))  # the sharded model recomputes its layers
 ids = torch.randint(0, cfg.vocab_size, (4, 33))
 whole(ids[:, :-1], ids[:, 1:]).backward()
 mesh = init_device_mesh("cpu", (2,))  # by default a machine with a GPU would shard onto cuda:rank

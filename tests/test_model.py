@@ -136,29 +136,6 @@ def test_tied_embeddings_share_storage_and_init_scales_residuals():
     assert abs(q_std - 0.02) < 0.003 and abs(o_std - 0.02 / 2) < 0.002  # 1/sqrt(2 * 2 layers)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
-    """Every layer recomputed, the last one kept (no_recompute_last=1), or none recomputed: the same gradients."""
-    import model.transformer as transformer
-    ids = torch.randint(0, 97, (2, 12))
-    checkpointed, real_checkpoint = [], transformer.checkpoint
-
-    def recording_checkpoint(layer, *args, **kwargs):
-        checkpointed.append(layer.self_attn.layer_idx)
-        return real_checkpoint(layer, *args, **kwargs)
-    monkeypatch.setattr(transformer, "checkpoint", recording_checkpoint)
-    grads = []
-    for ckpt, kept in ((False, 0), (True, 0), (True, 1)):
-        model = tiny_model().train()
-        model.gradient_checkpointing, model.no_recompute_last = ckpt, kept
-        checkpointed.clear()
-        model(ids, ids).backward()
-        assert checkpointed == ([0, 1][:2 - kept] if ckpt else [])
-        grads.append([p.grad for p in model.parameters()])
-    for other in grads[1:]:
-        for a, b in zip(grads[0], other):
-            torch.testing.assert_close(a, b)
-
-
 def test_rotary_tables_grow_past_max_position_embeddings():
     """A sequence or cache longer than max_position_embeddings extends the cos/sin tables: the same logits as a
     model configured long enough from the start, whole or decoded step by step through the cache."""
@@ -298,18 +275,3 @@ def test_logits_to_keep_gives_the_last_positions_only():
     torch.testing.assert_close(model(ids, logits_to_keep=3), full[:, -3:], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.timeout(600)
-def test_whole_model_compiled_with_checkpointing_matches_eager():
-    """torch.compile of the whole model (the trainer's --compile without offloading) traces the checkpointed blocks:
-    eager's loss and gradients to compiler rounding."""
-    ids = torch.randint(0, 97, (2, 12))
-    eager, compiled = tiny_model().train(), tiny_model().train()
-    for model in (eager, compiled):
-        model.gradient_checkpointing, model.no_recompute_last = True, 1
-    loss = eager(ids, ids)
-    loss.backward()
-    loss_c = torch.compile(compiled)(ids, ids)
-    loss_c.backward()
-    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-5)
-    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)

@@ -14,6 +14,7 @@ from model import load_model
 from model.lora import LoRALinear, apply_lora, merge_lora
 from model.nf4 import (BLOCK_LINEARS, DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4Weight, nf4_hook, pack_nibbles,
                        unpack_nibbles)
+from trainer.activations import ActivationPolicy, apply_activation_policy
 
 
 def test_nf4_table_is_bitsandbytes_normal_map():
@@ -203,12 +204,11 @@ def test_qlora_trains_adapters_on_the_4_bit_base_with_gradient_checkpointing(hf_
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
-        model.gradient_checkpointing = ckpt
         if compiled:
             torch._dynamo.reset()
             counters.clear()
-            nf4._TABLES.clear()  # as in a fresh process: the decoding tables are made by compile_blocks
-            model.compile_blocks()
+            nf4._TABLES.clear()  # as in a fresh process: the decoding tables are made when the blocks are compiled
+        apply_activation_policy(model, ActivationPolicy(checkpointing=ckpt, compile_blocks=compiled))
         model(IDS, labels).backward()
         assert not counters["graph_break"]  # a break would run a checkpointed block eagerly
         grads.append({k: p.grad for k, p in model.named_parameters() if p.requires_grad})

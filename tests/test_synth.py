@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from model import Transformer, save_model
-from model.cli import FullModelIO
-from model.trainer import TrainConfig, Trainer
+from trainer.config import TrainConfig
+from trainer.loop import Trainer
+from trainer.stages import FullModelIO
 from test_serve import Server, build_tokenizer, tiny_config
-from utils.datasets import sft_loader
+from trainer.data import sft_loader
 from utils.synth import (Appender, ChatClient, FatalAPIError, InvalidReply, Outcome, _run_pool, load_recipe,
                          parse_json_reply, read_jsonl, render, validate_record, validate_topics)
 

@@ -242,7 +242,7 @@ def test_template_pieces_encode_as_the_whole_text_does(shared_corpora, llama, te
     dummy prefix only on the first, the ids equal transformers' encoding of the whole rendered text, the format a
     LLaMA-family checkpoint was trained on (eos appended after answers aside, for templates without a marker)."""
     from model.generation import encode_chat
-    from utils.datasets import ends_turn_with_token, tokenize_sft
+    from utils.templates import ends_turn_with_token, tokenize_sft
     from utils.templates import get_template
     ours, hf = llama
     tpl = get_template(template)

@@ -2,7 +2,6 @@
 NaN stop, SIGTERM save, and loss going down on a real corpus."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -74,7 +73,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monk
     runs (one step behind the GPU), so the checkpoint is step 4's."""
     train.main(pretrain_args(corpus, tmp_path / "straight", "--max-steps", "6"))
 
-    import utils.datasets as datasets
+    import trainer.data as datasets
     original_iter = datasets.PackedLoader.__iter__
     fetched = {"n": 0}
 
@@ -102,7 +101,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monk
 def test_the_host_reads_each_step_one_step_behind(corpus, tmp_path, monkeypatch):
     """No device sync per step: step k's loss is read after step k+1 was queued, except at steps that save,
     evaluate or finish, which read everything at once (a checkpoint never holds a step whose loss was not checked)."""
-    from model.trainer import Trainer
+    from trainer.loop import Trainer
     original, seen = Trainer._read_step, []
 
     def spy(self, record):
@@ -170,7 +169,7 @@ def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path, monkeypatch):
         loss = original(self, hidden, labels)
         return loss * float("nan") if calls["n"] == 2 else loss
     monkeypatch.setattr(Transformer, "loss", nan_at_step_2)
-    from model.trainer import NonFiniteLoss
+    from trainer.loop import NonFiniteLoss
     with pytest.raises(NonFiniteLoss, match="at step 4"):
         train.main(pretrain_args(corpus, run, "--max-steps", "6", "--resume"))
     assert os.readlink(run / "latest") == "checkpoint-2"
@@ -210,8 +209,9 @@ def test_two_processes_equal_one_process_with_double_accumulation(corpus, tmp_pa
 
 OFFLOADING_TRAIN = """
 import sys
-import model.offload as offload
+import trainer.activations as offload
 offload.MIN_OFFLOAD_BYTES = 0  # the tiny model's block inputs lie far below the 8 MiB floor
+offload.OFFLOAD_SKIP_LAST = 1  # 3 of its 4 blocks offloaded
 moved = []
 real = offload.Offloader._offload
 offload.Offloader._offload = lambda self, t, nbytes: (moved.append(nbytes), real(self, t, nbytes))[1]
@@ -225,12 +225,13 @@ def test_offloaded_activations_under_ddp_equal_one_process(corpus, tmp_path, mon
     """--offload-activations under DDP: the saved-tensor hooks that move blocks' inputs out and back (3 of the tiny
     preset's 4 blocks, the size floor lowered) run while DDP's gradient hooks reduce the buckets; the weights still
     equal one process's."""
-    import model.offload as offload
+    import trainer.activations as offload
     monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
+    monkeypatch.setattr(offload, "OFFLOAD_SKIP_LAST", 1)
     script = tmp_path / "offloading_train.py"
     script.write_text(OFFLOADING_TRAIN)
     assert_ddp_equals_double_accumulation(corpus, tmp_path, "--gradient-checkpointing", "--offload-activations",
-                                          "--offload-skip-last", "1", script=script)
+                                          script=script)
 
 
 def test_loss_goes_down_on_a_real_corpus(shared_corpora, tmp_path):
@@ -280,7 +281,7 @@ def test_sft_accumulation_weights_tokens_not_micro_batches(corpus, tmp_path):
                     "--batch-size", batch, "--grad-accum", accum, "--max-steps", "2", "--warmup-steps", "1",
                     "--lr", "1e-2", "--cpu", "--mixed-precision", "no", "--eval-batches", "1", "--out",
                     str(runs[name])])
-    from utils.datasets import sft_loader
+    from trainer.data import sft_loader
     rows = next(iter(sft_loader(data, tok, "chatml", max_seq_len=48, batch_size=2, seed=42)))
     per_row = (rows["labels"] != -100).sum(1)
     assert per_row[0] != per_row[1]  # the comparison is meaningful: the two rows weigh differently
@@ -294,7 +295,7 @@ def test_sft_accumulation_weights_tokens_not_micro_batches(corpus, tmp_path):
 def test_fsdp_launch_computes_in_half_precision_but_reduces_in_fp32(monkeypatch):
     """Under `accelerate launch --config_file accelerate_fsdp.yaml` (which sets these variables) gradients are reduced
     and the loss returned in fp32; without an FSDP launch, or in full precision, accelerate's defaults stay."""
-    from model.trainer import fsdp_plugin
+    from trainer.loop import fsdp_plugin
     assert fsdp_plugin("bf16") is None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
@@ -308,38 +309,33 @@ def test_fsdp_launch_computes_in_half_precision_but_reduces_in_fp32(monkeypatch)
     assert fsdp_plugin("no") is None
 
 
-def test_no_recompute_last_is_a_layer_count_that_needs_checkpointing():
-    import argparse
-
-    from model.cli import add_train_arguments, train_config
-    from model.trainer import TrainConfig
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
-    cfg = train_config(parser.parse_args(["--gradient-checkpointing", "--no-recompute-last", "4"]))
-    assert cfg.gradient_checkpointing and cfg.no_recompute_last == 4
+def test_activation_settings_are_checked_before_any_work():
+    """Offloading needs checkpointing (as an option and as a policy); layer counts are >= 0."""
+    from trainer.activations import ActivationPolicy
+    with pytest.raises(ValueError, match="--gradient-checkpointing"):  # before the (missing) data is looked at
+        train.main(["pretrain", "--data", "missing", "--tokenizer", "missing", "--offload-activations"])
     with pytest.raises(ValueError, match="--gradient-checkpointing"):
-        train_config(parser.parse_args(["--no-recompute-last", "4"]))
+        ActivationPolicy(offload=True)
     with pytest.raises(ValueError, match=">= 0"):
-        TrainConfig(gradient_checkpointing=True, no_recompute_last=-1)
+        ActivationPolicy(checkpointing=True, keep_last=-1)
+    with pytest.raises(ValueError, match=">= 0"):
+        ActivationPolicy(checkpointing=True, offload=True, offload_skip_last=-1)
 
 
 def test_offloaded_training_equals_checkpointed_training(corpus, tmp_path, monkeypatch):
     """--offload-activations (every recomputed block's saved tensors to host memory, the floor lowered so that the tiny
     model's move): the weights of a plain checkpointed run, bit for bit, and a warning that so narrow a model gets
-    slower. With --compile the blocks are compiled one by one (compile_blocks), not the whole model. It needs
-    checkpointing."""
-    import model.offload as offload
-    from model import Transformer
-    from model.cli import add_train_arguments, train_config
-    from model.trainer import TrainConfig
+    slower. With --compile the blocks are compiled one by one, not the whole model."""
+    import trainer.activations as offload
     monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
+    monkeypatch.setattr(offload, "OFFLOAD_SKIP_LAST", 0)
     moved = []
     real_offload = offload.Offloader._offload
     monkeypatch.setattr(offload.Offloader, "_offload", lambda self, t, n: (moved.append(n), real_offload(self, t, n))[1])
     ckpt = ["--max-steps", "3", "--gradient-checkpointing"]
     train.main(pretrain_args(corpus, tmp_path / "plain", *ckpt))
     assert not moved
-    train.main(pretrain_args(corpus, tmp_path / "offloaded", *ckpt, "--offload-activations", "--offload-skip-last", "0"))
+    train.main(pretrain_args(corpus, tmp_path / "offloaded", *ckpt, "--offload-activations"))
     assert moved
     assert "warning: --offload-activations on a 128-wide model" in (tmp_path / "offloaded" / "train.log").read_text()
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "offloaded")
@@ -347,31 +343,25 @@ def test_offloaded_training_equals_checkpointed_training(corpus, tmp_path, monke
         assert torch.equal(a[k], b[k]), k
 
     compiled = []
-    monkeypatch.setattr(Transformer, "compile_blocks", lambda self: compiled.append(self))
-    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("the whole model was compiled"))
+
+    def compile_functions_only(fn, *args, **kwargs):  # records what would be compiled, runs it eager
+        if isinstance(fn, torch.nn.Module):
+            pytest.fail("the whole model was compiled")
+        compiled.append(fn)
+        return fn
+    monkeypatch.setattr(torch, "compile", compile_functions_only)
     train.main(pretrain_args(corpus, tmp_path / "compiled", "--max-steps", "1", "--gradient-checkpointing",
                              "--offload-activations", "--compile"))
-    assert len(compiled) == 1
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
-    with pytest.raises(ValueError, match="--gradient-checkpointing"):
-        train_config(parser.parse_args(["--offload-activations"]))
-    with pytest.raises(ValueError, match=">= 0"):
-        TrainConfig(gradient_checkpointing=True, offload_activations=True, offload_skip_last=-1)
+    assert offload.run_block in compiled and offload.run_checkpointed_block in compiled
 
 
 def test_ddp_bucket_size_and_bucket_views_reach_the_ddp_wrapper(tmp_path):
-    import argparse
-
-    from model.cli import add_train_arguments, train_config
-    from model.trainer import TrainConfig, make_accelerator
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
-    cfg = train_config(parser.parse_args(["--ddp-bucket-mb", "50", "--cpu", "--out", str(tmp_path)]))
+    from trainer.config import TrainConfig
+    from trainer.loop import DDP_BUCKET_MB, make_accelerator
+    cfg = TrainConfig(cpu=True, out_dir=str(tmp_path))
     handler = make_accelerator(cfg).ddp_handler
-    assert handler.bucket_cap_mb == 50 and handler.gradient_as_bucket_view
-    with pytest.raises(ValueError, match="ddp_bucket_mb=0"):
-        TrainConfig(ddp_bucket_mb=0)
+    assert handler.bucket_cap_mb == DDP_BUCKET_MB and handler.gradient_as_bucket_view
+    assert make_accelerator(cfg, bucket_mb=50).ddp_handler.bucket_cap_mb == 50
 
 
 def test_a_base_loads_to_the_cpu_under_fsdp():
@@ -381,7 +371,7 @@ def test_a_base_loads_to_the_cpu_under_fsdp():
 
     from accelerate import DistributedType
 
-    from model.trainer import weights_device
+    from trainer.loop import weights_device
     gpu = torch.device("cuda", 0)
     assert weights_device(SimpleNamespace(distributed_type=DistributedType.FSDP, device=gpu)) == torch.device("cpu")
     assert weights_device(SimpleNamespace(distributed_type=DistributedType.FSDP, device=gpu), quantized=True) == gpu
@@ -394,13 +384,13 @@ def test_compile_goes_per_block_when_offloading_or_for_nf4_weights():
     dequantized weights), one graph for the whole model otherwise."""
     from model import ModelConfig, Transformer
     from model.nf4 import NF4Linear
-    from model.trainer import TrainConfig, compiles_per_block
+    from trainer.activations import compiles_per_block
     model = Transformer(ModelConfig.preset("tiny"))
-    assert not compiles_per_block(model, TrainConfig(compile=True))
-    assert compiles_per_block(model, TrainConfig(compile=True, gradient_checkpointing=True, offload_activations=True))
+    assert not compiles_per_block(model, offload=False)
+    assert compiles_per_block(model, offload=True)
     mlp = model.model.layers[0].mlp
     mlp.up_proj = NF4Linear.from_linear(mlp.up_proj)
-    assert compiles_per_block(model, TrainConfig(compile=True))
+    assert compiles_per_block(model, offload=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -409,7 +399,7 @@ def test_cuda_throughput_windows_are_timed_on_the_gpu():
     reading the step late (as it does one step behind, and not at all after the last step) does not shorten or
     lengthen the window."""
     import time
-    from model.trainer import seconds_between, to_host, window_start
+    from trainer.loop import seconds_between, to_host, window_start
     start = window_start(torch.device("cuda"))
     torch.cuda._sleep(10**8)  # ~50-70 ms of GPU work at 1.4-2 GHz
     _, end = to_host(torch.zeros(2, device="cuda"))

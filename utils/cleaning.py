@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from utils.corpora import Record
+if TYPE_CHECKING:  # the readers' record type (utils.corpora imports this module)
+    from utils.corpora import Record
 
 CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _CJK_CHAR = f"[{CJK}]"

@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 
+from utils.cleaning import en_to_zh_punctuation, merge_title
+
 
 @dataclass(slots=True)
 class Record:
@@ -265,7 +267,6 @@ def read_webtext(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Reco
 @register("baike")
 def read_baike(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
     """baike_qa2019: title (+ desc unless Dice-similar) -> answer."""
-    from utils.cleaning import merge_title
     for where, obj in json_objects(path, opts, tally):
         if not _require(obj, ("title", "answer"), where, tally):
             continue
@@ -307,7 +308,6 @@ def read_medical(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Reco
     that opens a field and never closes on its line would swallow the rows below it into that field: when a row that
     spans lines holds a line that starts like a row of its own (a department already seen, and all the columns), its
     first line is read with the quote as a literal character and the lines after it are read again as rows."""
-    from utils.cleaning import merge_title
     lines = _Lines(text_lines(path, opts, tally))
     consumed = lines.consumed
     rows = csv.reader(lines)
@@ -605,7 +605,6 @@ def wiki_answer(title: str, text: str, max_chars: int) -> str:
 
 def clean_wiki_text(text: str) -> str:
     """The seed's wiki conversion: traditional -> simplified, corner quotes, bracket leftovers, en -> zh punctuation."""
-    from utils.cleaning import en_to_zh_punctuation
     text = to_simplified(text).translate(_WIKI_QUOTES)
     for pattern, repl in _WIKI_FIXES:
         text = pattern.sub(repl, text)
@@ -670,3 +669,14 @@ def read_corpus(name: str, path: str | Path, opts: ReaderOptions | None = None,
     """Every record of a corpus file or directory, in file order."""
     for f in list_files(name, path):
         yield from read_file(name, f, opts, tally)
+
+
+def read_records(fmt: str, path: str | Path) -> list[dict]:
+    """Instruction records of one file or directory as dicts (prompt, response, history, system), for SFT and
+    batch prediction; a file with none readable is an error that names it and the reasons."""
+    tally = Tally()
+    records = [{"prompt": r.prompt, "response": r.response, "history": list(r.history), "system": r.system}
+               for r in read_corpus(fmt, path, tally=tally)]
+    if not records:
+        raise ValueError(f"{path}: no readable {fmt} records ({tally})")
+    return records

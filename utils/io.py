@@ -1,4 +1,5 @@
-"""Atomic writes: a crash never leaves a file or directory that looks complete but is not."""
+"""Files in and out: atomic writes (a crash never leaves a file or directory that looks complete but is not) and
+the prepared parquet shards."""
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +7,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 @contextlib.contextmanager
@@ -53,3 +57,39 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def find_shards(data_dir: str | Path, split: str) -> list[Path]:
+    """The `{split}-NNNNN.parquet` shards of a prepared data directory, in order."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} does not exist")
+    files = sorted(data_dir.glob(f"{split}-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no {split}-NNNNN.parquet shards in {data_dir} (run `train.py prepare` first)")
+    return files
+
+
+def iter_parquet(files: Sequence[Path], columns: Sequence[str], batch_size: int = 4096
+                 ) -> Iterator[dict[str, list]]:
+    """Column batches of the given parquet files; unreadable files and missing columns are errors naming the file."""
+    for path in files:
+        try:
+            pf = pq.ParquetFile(path)
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; it has {pf.schema_arrow.names}")
+            for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
+                yield batch.to_pydict()
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: cannot read parquet file ({e})") from e
+
+
+def num_rows(files: Sequence[Path]) -> int:
+    total = 0
+    for path in files:
+        try:
+            total += pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: cannot read parquet file ({e})") from e
+    return total

@@ -6,7 +6,7 @@
 Definitions (what the numbers mean, exactly):
 
 - **loss**: the answer-only loss under the chat template, as SFT trains it: each record is rendered as one
-  user/assistant exchange by `utils.datasets.tokenize_sft`, and the labelled tokens are the answer plus its
+  user/assistant exchange by `utils.templates.tokenize_sft`, and the labelled tokens are the answer plus its
   end-of-turn token (`<|im_end|>` for ChatML, the appended eos for wenda / human_assistant / raw). loss = total nats
   over those tokens / their count (a token-weighted mean over the split, not a mean of per-example means);
   perplexity = exp(loss). Examples longer than the model's context window are left out and counted, and so are
@@ -45,10 +45,9 @@ from model.generation import (DECODE_SDPA_BACKENDS, SamplingConfig, context_budg
 from model.checkpoint import load_model
 from model.loss import IGNORE_INDEX
 from model.transformer import Transformer
-from utils.datasets import find_shards, iter_parquet, to_messages, tokenize_sft
-from utils.io import write_json
+from utils.io import find_shards, iter_parquet, write_json
 from utils.progress import progress_bar
-from utils.templates import TEMPLATES, ChatTemplate
+from utils.templates import TEMPLATES, ChatTemplate, to_messages, tokenize_sft
 from utils.tokenizer import Tokenizer
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+|\S")
@@ -245,7 +244,7 @@ def _short(text: str, limit: int = 200) -> str:
 
 # ---- CLI -----------------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser, command: str = "eval") -> None:
-    from cli_demo import DTYPES
+    from model.chat import DTYPES
 
     parser.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
     parser.add_argument("--data", nargs="+", default=["data/corpus"],
@@ -284,7 +283,7 @@ def default_out(model: str | Path, data: Sequence[str | Path], split: str) -> Pa
 def main(args: argparse.Namespace) -> None:
     import json
 
-    from cli_demo import resolve_device, resolve_dtype
+    from model.chat import resolve_device, resolve_dtype
 
     err = Console(stderr=True)
     try:

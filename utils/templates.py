@@ -20,7 +20,16 @@ Messages are an optional system message followed by alternating user/assistant m
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+
+from utils.progress import progress_bar
+
+ENCODE_BATCH = 4096  # conversations per encode_batch call (tokenizers threads inside each call)
 
 ROLES = ("system", "user", "assistant")
 
@@ -145,3 +154,133 @@ def get_template(name: str) -> ChatTemplate:
         return TEMPLATES[name]
     except KeyError:
         raise KeyError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}") from None
+
+
+# ---- chat encoding: conversations -> token ids with trainable flags ------------------------------------------------
+Record = dict[str, Any] | Sequence[str]
+
+
+def to_messages(record: Record, where: str = "record") -> list[dict[str, str]]:
+    """A record as chat messages. Accepted: {"messages": [{"role", "content"}, ...]};
+    {"prompt", "response", "history"?: [(q, a), ...], "system"?: str}; or a (prompt, response) pair."""
+    if isinstance(record, dict) and "messages" in record:
+        msgs = record["messages"]
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: bad message {m!r} (need role system|user|assistant and str content)")
+        return list(msgs)
+    if isinstance(record, dict):
+        missing = [k for k in ("prompt", "response") if not isinstance(record.get(k), str)]
+        if missing:
+            raise ValueError(f"{where}: missing or non-string key(s) {missing}")
+        prompt, response = record["prompt"], record["response"]
+        history, system = record.get("history") or [], record.get("system")
+    elif isinstance(record, (tuple, list)) and len(record) == 2:
+        (prompt, response), history, system = record, [], None
+    else:
+        raise ValueError(f"{where}: expected a dict or a (prompt, response) pair, got {type(record).__name__}")
+    msgs = [{"role": "system", "content": system}] if system else []
+    for turn in history:
+        if len(turn) != 2:
+            raise ValueError(f"{where}: history turns must be (question, answer) pairs, got {turn!r}")
+        msgs += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+    return msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def ends_turn_with_token(template: Any, tokenizer: Any) -> bool:
+    """Whether the template closes an answer with a special token (ChatML's <|im_end|>, Llama's </s> with a Llama
+    tokenizer). If not (wenda, human_assistant, raw, llama2 with our tokenizer), eos is appended after each answer."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\x00"}]
+    answer = next(text for text, trainable in template.segments(probe) if trainable)
+    marker = answer.split("\x00", 1)[1].strip()
+    tid = tokenizer.token_to_id(marker) if marker else None
+    return tid is not None and tokenizer.encode(marker) == [tid]
+
+
+@dataclass
+class SFTExamples:
+    """Tokenized conversations: example e is tokens[offsets[e]:offsets[e+1]] with a per-token `trainable` flag."""
+
+    tokens: np.ndarray  # int32
+    trainable: np.ndarray  # bool
+    offsets: np.ndarray  # int64 [n + 1]
+    stats: dict
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def example(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        s, t = self.offsets[e], self.offsets[e + 1]
+        return self.tokens[s:t], self.trainable[s:t]
+
+
+def tokenize_sft(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, template: Any, max_seq_len: int,
+                 skip_overlength: bool = False, train_on_prompt: bool = False) -> SFTExamples:
+    """Render each conversation segment by segment and tokenize it, marking the trainable tokens.
+
+    An example of n tokens trains n - 1 positions; one longer than max_seq_len positions is skipped
+    (`skip_overlength`) or cut to max_seq_len + 1 tokens. Examples left with nothing to learn are skipped.
+    """
+    append_eos = not ends_turn_with_token(template, tokenizer)
+    stats = {"conversations": len(conversations), "examples": 0, "truncated": 0, "skipped_overlength": 0,
+             "skipped_no_target": 0}
+    # chunk by chunk, each chunk's examples packed into numpy arrays at once: Python int lists (~36 bytes a token)
+    # only ever hold one chunk, the result 5 bytes a token
+    tokens, flags, lengths = [], [], []
+    with progress_bar() as progress:
+        task = progress.add_task("tokenizing SFT examples", total=len(conversations))
+        for start in range(0, len(conversations), ENCODE_BATCH):
+            chunk = conversations[start:start + ENCODE_BATCH]
+            toks: list[list[int]] = []
+            masks: list[list[bool]] = []
+            for x, m in encode_segments(tokenizer, [template.segments(msgs) for msgs in chunk], append_eos):
+                m = [True] * len(m) if train_on_prompt else m
+                outcome = _fit_example(x, m, max_seq_len, skip_overlength)
+                if outcome is not None:
+                    stats[outcome] += 1
+                if outcome in (None, "truncated"):
+                    toks.append(x[:max_seq_len + 1])
+                    masks.append(m[:max_seq_len + 1])
+            lens = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
+            tokens.append(np.fromiter(chain.from_iterable(toks), dtype=np.int32, count=int(lens.sum())))
+            flags.append(np.fromiter(chain.from_iterable(masks), dtype=bool, count=int(lens.sum())))
+            lengths.append(lens)
+            progress.advance(task, len(chunk))
+    lens = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    if not len(lens):
+        raise ValueError(f"no usable SFT examples out of {len(conversations)} conversations ({stats})")
+    stats["examples"] = len(lens)
+    return SFTExamples(np.concatenate(tokens), np.concatenate(flags),
+                       np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), stats)
+
+
+def encode_segments(tokenizer: Any, seg_lists: Sequence[list[tuple[str, bool]]],
+                    append_eos: bool) -> list[tuple[list[int], list[bool]]]:
+    """(ids, trainable flags) of each conversation's template pieces (ChatTemplate.segments), encoded in two batches.
+
+    Each piece is encoded on its own, so no token straddles a prompt and its answer; only a conversation's first
+    piece gets a SentencePiece dummy prefix, as in a whole-text encode; eos follows every trainable piece when
+    `append_eos` (templates without an end-of-turn token)."""
+    heads = iter(tokenizer.encode_batch([segs[0][0] for segs in seg_lists]))
+    rest = iter(tokenizer.encode_batch([text for segs in seg_lists for text, _ in segs[1:]], continuation=True))
+    encoded = []
+    for segs in seg_lists:
+        x: list[int] = []
+        m: list[bool] = []
+        for j, (_, trainable) in enumerate(segs):
+            ids = next(rest if j else heads) + ([tokenizer.eos_id] if trainable and append_eos else [])
+            x += ids
+            m += [trainable] * len(ids)
+        encoded.append((x, m))
+    return encoded
+
+
+def _fit_example(tokens: list[int], trainable: list[bool], max_seq_len: int, skip_overlength: bool) -> str | None:
+    """What happens to an example: None (kept whole), "truncated" (to max_seq_len + 1 tokens), "skipped_overlength",
+    or "skipped_no_target" (no trainable position left); the non-None ones are counted in the stats."""
+    if len(tokens) - 1 > max_seq_len and skip_overlength:
+        return "skipped_overlength"
+    if not any(trainable[1:max_seq_len + 1]):
+        return "skipped_no_target"
+    return "truncated" if len(tokens) - 1 > max_seq_len else None

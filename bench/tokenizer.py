@@ -1,7 +1,7 @@
 """Tokenizer benchmark: peak RSS and time of `train_tokenizer`, and characters per token on held-out Chinese Q&A
 beside Qwen2's.
 
-    python bench/tokenizer_bench.py [--corpora ../shared/corpora] [--synthetic-mb 1024] [--json out.json]
+    python bench/tokenizer.py [--corpora ../shared/corpora] [--synthetic-mb 1024] [--json out.json]
 
 Real data: every shared corpus except BELLE trains; BELLE's Q&A (eval set + dev1K, another source and style) is
 the held-out set, so chars/token is measured out of domain. Scale: the real samples are only ~12 MB, so a larger

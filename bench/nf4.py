@@ -1,7 +1,7 @@
 """NF4 on the GPU: ours vs bitsandbytes (codes, dequantization, speed) and the QLoRA load path's peak memory.
 
-    python bench/nf4_check.py                       # 7B layer shapes, bf16, CUDA
-    python bench/nf4_check.py --layers 4            # also load a synthetic 4-layer Llama-7B-shaped checkpoint
+    python bench/nf4.py                       # 7B layer shapes, bf16, CUDA
+    python bench/nf4.py --layers 4            # also load a synthetic 4-layer Llama-7B-shaped checkpoint
 
 Reports, per weight shape: identical 4-bit codes (fraction), 8-bit scale codes that differ (fraction; ours is the
 exact nearest code), max |our dequantize - bnb's|, bits per parameter, dequantize time and forward+backward time of
@@ -115,11 +115,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("nf4_check needs CUDA")
+        sys.exit("bench/nf4.py needs CUDA")
     try:
         import bitsandbytes as bnb
     except ImportError:
-        sys.exit("nf4_check needs bitsandbytes (pip install bitsandbytes)")
+        sys.exit("bench/nf4.py needs bitsandbytes (pip install bitsandbytes)")
     console = Console()
     rows = [check_shape(s, args.tokens, args.iters, bnb) for s in SHAPES_7B]
     table = Table(title=f"NF4 vs bitsandbytes {bnb.__version__} on {torch.cuda.get_device_name()}")

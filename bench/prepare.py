@@ -1,7 +1,7 @@
 """CPU benchmark of `prepare`: a synthetic webtext2019zh-format corpus (JSON lines, random common Chinese characters,
 5% exact and 5% near duplicates planted) through read -> clean -> exact + MinHash-LSH dedup -> shuffle -> shards.
 
-    python bench/prepare_bench.py --rows 1000000 250000
+    python bench/prepare.py --rows 1000000 250000
 
 Each size runs in a fresh child process; we report rows/s end to end and the child's peak RSS, then fit
 RSS = a + b * rows over the sizes to extrapolate to the seed's 10M rows.

@@ -1,6 +1,6 @@
 """Evaluation speed: batched left-padded greedy generation vs one prompt at a time, and the answer-loss pass.
 
-    python bench/bench_eval.py --records 64 --max-new-tokens 64 --batch-sizes 1 8 32 --preset tiny
+    python bench/eval_speed.py --records 64 --max-new-tokens 64 --batch-sizes 1 8 32 --preset tiny
 
 Real prompts and answers: the BELLE eval set in ../shared/corpora (question / std_answer). The tokenizer is trained
 on the BELLE dev file with the preset's vocabulary size; the model is the preset with random weights. A random model
@@ -22,7 +22,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli_demo import resolve_device, resolve_dtype  # noqa: E402
+from model.chat import resolve_device, resolve_dtype  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from model.generation import SamplingConfig  # noqa: E402
 from model.generation import generate_answers  # noqa: E402

@@ -1,4 +1,4 @@
-"""utils/datasets.py: token cache, best-fit packing, resumable sharded loaders, SFT masks and packing."""
+"""trainer/data.py: token cache, best-fit packing, resumable sharded loaders, SFT masks and packing."""
 from __future__ import annotations
 
 import json
@@ -15,9 +15,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from utils.datasets import (IGNORE_INDEX, PAD_SEGMENT, PackedLoader, best_fit_pack, build_token_cache, find_shards,
-                            pretrain_loader, sft_loader, to_messages, token_dtype)
-from utils.templates import get_template
+from model.loss import IGNORE_INDEX
+from trainer.data import PAD_SEGMENT, PackedLoader, best_fit_pack, build_token_cache, pretrain_loader, sft_loader, token_dtype
+from utils.io import find_shards
+from utils.templates import get_template, to_messages
 from utils.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = ["今天", "天气", "很好", "我们", "一起", "去", "公园", "散步", "医生", "建议", "多喝水", "注意休息", "什么是",

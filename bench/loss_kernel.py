@@ -1,7 +1,7 @@
 """One chunk of the fused loss on a GPU: model/loss_kernel.py against the same chunk in PyTorch ops, eager and
 compiled by inductor, in one process.
 
-    python bench/bench_loss_kernel.py
+    python bench/loss_kernel.py
 
 For each vocabulary (Llama's 32000, Qwen's 151936) a chunk of the rows model/loss.py forms at once, bf16 logits
 (random, never zero), a seventh of the rows unlabelled: the median of 50 CUDA-event timings after 3 warm-up runs, the
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nf4_check import timed  # noqa: E402
+from nf4 import timed  # noqa: E402
 from model.loss import CHUNK_LOGITS, IGNORE_INDEX, _softmax_cross_entropy_cuda, _softmax_cross_entropy_torch, chunk_rows  # noqa: E402,E501
 
 

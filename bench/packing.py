@@ -1,7 +1,7 @@
 """Data-stage throughput on real Chinese Q/A records (../shared/corpora): token-cache build, per-epoch packing plan,
 batch assembly, SFT tokenization, and the packing efficiency of each.
 
-    python bench/bench_datasets.py [--copies 4] [--seq-len 512]
+    python bench/packing.py [--copies 4] [--seq-len 512]
 
 The records are the shared samples (translational-style dialogues, BELLE, Toyhom medical dialogues), repeated
 `--copies` times (with a copy index in the prompt, so no two documents are equal) to get a measurable volume.
@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.datasets import best_fit_pack, pretrain_loader, sft_loader  # noqa: E402
+from trainer.data import best_fit_pack, pretrain_loader, sft_loader  # noqa: E402
 from utils.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"

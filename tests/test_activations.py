@@ -1,5 +1,6 @@
-"""Activation offloading (model/offload.py): what checkpointed blocks save, where it goes, and that the gradients do not
-change. On the CPU the offloader copies into separate host tensors with the same bookkeeping as on a GPU."""
+"""The activation policy (trainer/activations.py): checkpointing, offloading and compiled blocks change what a step
+keeps and where, never the gradients. On the CPU the offloader copies into separate host tensors with the same
+bookkeeping as on a GPU."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -11,10 +12,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import ModelConfig, Transformer
 from model.lora import apply_lora
-from model.offload import Offloader
+import trainer.activations as activations
+from trainer.activations import ActivationPolicy, Offloader, apply_activation_policy
 
 CONFIG = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=160, max_position_embeddings=64)
+
+
+def tiny_model() -> Transformer:
+    """Two layers, seeded."""
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**(CONFIG | {"num_hidden_layers": 2}))).eval()
 
 
 class CountMatmuls(TorchDispatchMode):
@@ -28,16 +36,17 @@ class CountMatmuls(TorchDispatchMode):
 
 
 def lora_model(offload: bool, skip_last: int = 1, kept: int = 0, min_bytes: int = 0,
-               dropout: float = 0.1) -> Transformer:
+               dropout: float = 0.1, compile_blocks: bool = False) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**CONFIG))
     apply_lora(model, r=4, alpha=8, dropout=dropout, targets=["q_proj", "v_proj"])
     for name, p in model.named_parameters():
         if "lora_B" in name:  # a fresh B is zero: make every adapter's gradient depend on the saved activations
             torch.nn.init.normal_(p, std=0.1)
-    model.gradient_checkpointing, model.no_recompute_last = True, kept
-    model.offload_activations, model.offload_skip_last = offload, skip_last
-    model._offloader = Offloader(min_bytes=min_bytes, prefetch_bytes=1 << 20)
+    model._offloader = Offloader(min_bytes=min_bytes, prefetch_bytes=1 << 20)  # the test's handle on it
+    apply_activation_policy(model, ActivationPolicy(checkpointing=True, offload=offload, keep_last=kept,
+                                                    offload_skip_last=skip_last, compile_blocks=compile_blocks),
+                            model._offloader)
     return model.train()
 
 
@@ -118,21 +127,21 @@ def test_no_offloading_without_checkpointing_or_when_every_checkpointed_block_is
     step(model, ids)
     assert model._offloader.offloaded_bytes == 0
     model = lora_model(offload=True)
-    model.gradient_checkpointing = False
+    apply_activation_policy(model, ActivationPolicy())  # replaces the policy: no checkpointing, so no offloading
     model._offloader.offloaded_bytes = -1
     step(model, ids)
     assert model._offloader.offloaded_bytes == -1  # hooks never made
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)  # each layer runs as written
 
 
 @pytest.mark.timeout(600)
 def test_compiled_blocks_save_and_offload_the_mlp_projections():
-    """compile_blocks (one graph per block, what offloading needs): each offloaded block also moves its gate and up
+    """Compiled blocks (one graph per block, what offloading needs): each offloaded block also moves its gate and up
     outputs (saved instead of recomputed), also once the sequence length is symbolic; the LoRA gradients are the eager
     model's to compiler rounding (no dropout: compiled dropout draws other masks), and evaluation stays eager."""
     ids = torch.randint(0, 97, (2, 24))
     eager = lora_model(offload=True, skip_last=1, dropout=0.0)
-    compiled = lora_model(offload=True, skip_last=1, dropout=0.0)
-    compiled.compile_blocks()
+    compiled = lora_model(offload=True, skip_last=1, dropout=0.0, compile_blocks=True)
     grads, _ = step(eager, ids)
     torch._dynamo.reset()
     counters.clear()
@@ -146,3 +155,46 @@ def test_compiled_blocks_save_and_offload_the_mlp_projections():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(ids), eager.eval()(ids), rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+    """Every layer recomputed, the last one kept (no_recompute_last=1), or none recomputed: the same gradients."""
+    ids = torch.randint(0, 97, (2, 12))
+    checkpointed, real_checkpoint = [], activations.checkpoint
+
+    def recording_checkpoint(fn, layer, *args, **kwargs):
+        checkpointed.append(layer.self_attn.layer_idx)
+        return real_checkpoint(fn, layer, *args, **kwargs)
+    monkeypatch.setattr(activations, "checkpoint", recording_checkpoint)
+    grads = []
+    for ckpt, kept in ((False, 0), (True, 0), (True, 1)):
+        model = tiny_model().train()
+        apply_activation_policy(model, ActivationPolicy(checkpointing=ckpt, keep_last=kept))
+        checkpointed.clear()
+        model(ids, ids).backward()
+        assert checkpointed == ([0, 1][:2 - kept] if ckpt else [])
+        grads.append([p.grad for p in model.parameters()])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b)
+    with torch.no_grad():  # evaluation runs each layer as written
+        checkpointed.clear()
+        model.eval()(ids)
+        assert not checkpointed
+
+
+@pytest.mark.timeout(600)
+def test_whole_model_compiled_with_checkpointing_matches_eager():
+    """torch.compile of the whole model (the trainer's --compile without offloading) traces the checkpointed blocks:
+    eager's loss and gradients to compiler rounding."""
+    ids = torch.randint(0, 97, (2, 12))
+    eager, compiled = tiny_model().train(), tiny_model().train()
+    for model in (eager, compiled):
+        apply_activation_policy(model, ActivationPolicy(checkpointing=True, keep_last=1))
+    loss = eager(ids, ids)
+    loss.backward()
+    loss_c = torch.compile(compiled)(ids, ids)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)

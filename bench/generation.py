@@ -1,6 +1,6 @@
 """Greedy decoding speed: our `generate` (preallocated KV cache) vs transformers `generate` on the same weights.
 
-    python bench/bench_generation.py --presets tiny small --new-tokens 128 --batch-sizes 1 8
+    python bench/generation.py --presets tiny small --new-tokens 128 --batch-sizes 1 8
 
 Random weights (speed does not depend on them); every run generates exactly --new-tokens tokens (no stop id can
 occur). Batches > 1 are left-padded (prompt lengths vary by up to half). Prints a rich table of tokens/s.

@@ -29,7 +29,7 @@ import re
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
@@ -45,70 +45,28 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from utils.io import atomic_dir, write_json
 
-from .loss import IGNORE_INDEX
-from .nf4 import NF4Linear
-from .offload import PAYS_FROM_WIDTH
-from .transformer import Transformer
+from model.loss import IGNORE_INDEX
+from model.nf4 import NF4Linear
+from model.transformer import Transformer
+
+from .activations import PAYS_FROM_WIDTH, ActivationPolicy, apply_activation_policy, compiles_per_block
+from .config import TrainConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; an unknown device reports no MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
                    "L4": 121e12, "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 STATE_DIR = "training_state"
+DDP_BUCKET_MB = 100  # each gradient bucket's all-reduce overlaps the rest of the backward; larger buckets, fewer splits
 
 
 class BatchLoader(Protocol):
-    """What the loop needs from a data loader (utils.datasets provides pretraining and SFT loaders)."""
+    """What the loop needs from a data loader (trainer/data.py provides pretraining and SFT loaders)."""
 
     batches_per_epoch: int
 
     def __iter__(self): ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-@dataclass
-class TrainConfig:
-    out_dir: str = "runs/train"
-    epochs: float = 1.0
-    max_steps: int = 0  # optimizer steps; 0 = derived from epochs
-    batch_size: int = 8  # rows per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | constant
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
-    compile: bool = False
-    gradient_checkpointing: bool = False
-    no_recompute_last: int = 0  # with checkpointing: the last N decoder layers keep their activations
-    offload_activations: bool = False  # with checkpointing: what recomputed layers save goes to pinned host memory
-    offload_skip_last: int = 4  # ... except in the last N recomputed layers (their backward comes first)
-    ddp_bucket_mb: int = 100  # DDP gradient buckets: each one's all-reduce overlaps the rest of the backward
-    log_every: int = 10
-    eval_every: int = 0  # 0 = only at the end
-    eval_batches: int = 50
-    save_every: int = 0  # 0 = only at the end
-    save_total_limit: int = 3
-    seed: int = 42
-    resume: str | None = None  # "auto" = the run's latest checkpoint, or a checkpoint path
-    sample_prompts: list[str] = field(default_factory=list)
-    cpu: bool = False
-
-    def __post_init__(self) -> None:
-        if self.no_recompute_last < 0 or (self.no_recompute_last and not self.gradient_checkpointing):
-            raise ValueError(f"no_recompute_last={self.no_recompute_last}: a count of layers >= 0, and only with "
-                             f"gradient checkpointing on (--gradient-checkpointing)")
-        if self.offload_activations and not self.gradient_checkpointing:
-            raise ValueError("offload_activations moves what checkpointed layers save: it needs gradient "
-                             "checkpointing on (--gradient-checkpointing)")
-        if self.offload_skip_last < 0:
-            raise ValueError(f"offload_skip_last={self.offload_skip_last}: a count of layers >= 0")
-        if self.ddp_bucket_mb <= 0:
-            raise ValueError(f"ddp_bucket_mb={self.ddp_bucket_mb}: a bucket size in MiB > 0")
 
 
 class WeightsIO(Protocol):
@@ -121,13 +79,6 @@ class WeightsIO(Protocol):
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def compiles_per_block(model: nn.Module, cfg: TrainConfig) -> bool:
-    """--compile as a graph per decoder block (Transformer.compile_blocks) rather than one for the whole model: when
-    offloading (each block hands its saved tensors over as it ends) and for NF4 weights (a whole compiled QLoRA model
-    kept every dequantized weight: 26.2 GiB at 7B instead of 5.7, bench/RESULTS.md run 35)."""
-    return cfg.offload_activations or any(isinstance(m, NF4Linear) for m in model.modules())
 
 
 def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
@@ -170,12 +121,11 @@ def resolve_mixed_precision(choice: str, cpu: bool) -> str:
     return "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, bucket_mb: int = DDP_BUCKET_MB) -> Accelerator:
     """Built before the data so loaders know their rank; the accelerate config / launcher decides the topology."""
     # Buffers (the rotary table, QLoRA's frozen 4-bit bases) are identical on every rank: no per-step broadcast.
-    # Gradients live in the all-reduce buckets (no copy in and out of them each step: +1.3% and -0.4 GiB per GPU on
-    # 2 H200s, bench/RESULTS.md run 22).
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, bucket_cap_mb=cfg.ddp_bucket_mb,
+    # Gradients live in the all-reduce buckets: no copy in and out of them each step.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, bucket_cap_mb=bucket_mb,
                                         gradient_as_bucket_view=True)
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cfg.cpu)
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu,
@@ -316,15 +266,14 @@ class Trainer:
         if self.sharded and cfg.offload_activations:
             raise ValueError("offload_activations is for one process or DDP: under FSDP the gathered weights that a "
                              "layer saves could not be told from its activations")
-        model.gradient_checkpointing, model.no_recompute_last = cfg.gradient_checkpointing, cfg.no_recompute_last
-        model.offload_activations, model.offload_skip_last = cfg.offload_activations, cfg.offload_skip_last
         model.train()
         optimizer = build_optimizer(model, cfg, self.accelerator.device)
         self.prepared, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.model = self.prepared
-        if cfg.compile and compiles_per_block(model, cfg):
-            model.compile_blocks()
-        elif cfg.compile:  # after the DDP wrap, so dynamo sees the gradient buckets and overlaps their all-reduce
+        per_block = cfg.compile and compiles_per_block(model, cfg.offload_activations)
+        apply_activation_policy(model, ActivationPolicy(checkpointing=cfg.gradient_checkpointing,
+                                                        offload=cfg.offload_activations, compile_blocks=per_block))
+        if cfg.compile and not per_block:  # after the DDP wrap: dynamo sees the buckets and overlaps their all-reduce
             self.model = torch.compile(self.prepared)
         steps_per_epoch = max(1, train_loader.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -476,8 +425,8 @@ class Trainer:
         width = self.raw_model.config.hidden_size
         if cfg.offload_activations and width < PAYS_FROM_WIDTH:
             self.log(f"warning: --offload-activations on a {width}-wide model: its blocks compute for less time than "
-                     f"their saved tensors take to copy, so steps get slower (the 768-wide `small` preset: 0.58x on an "
-                     f"H100); it pays from {PAYS_FROM_WIDTH}-wide (7B-class) models")
+                     f"their saved tensors take to copy, so steps get slower; it pays from {PAYS_FROM_WIDTH}-wide "
+                     f"(7B-class) models")
         self._metrics: dict[str, float] = {}
         self._window = (0, window_start(acc.device))  # tokens read since the last log line, and when that step ended
         # Each step's [loss, stop votes] is copied to the host asynchronously and read one step later, so the host

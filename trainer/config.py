@@ -1,0 +1,143 @@
+"""The stages' settings as dataclasses: the Python API takes them, and `train.py` builds its options from them
+(trainer/args.py). A field's `help` metadata makes it a command-line option; a stage changes a default by declaring
+the field again."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.config import PRESETS
+
+TEMPLATE_CHOICES = ["chatml", "qwen", "wenda", "human_assistant", "llama2", "raw"]
+RECORD_FORMATS = ["qa", "instruct", "alpaca", "sharegpt", "parquet"]
+
+
+def option(default: Any = None, help: str = "", **argparse_kwargs) -> Any:
+    """A dataclass field that is also a command-line option (`--name-with-dashes`); `required=True` for options
+    without a default, `flags` for other spellings, other keys go to `add_argument`."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop's settings, shared by every training stage."""
+
+    out_dir: str = option("runs/train", "run directory (checkpoints, logs, tensorboard)", flags=["--out", "--out-dir"])
+    epochs: float = option(1.0, "passes over the training data (ignored when --max-steps > 0)")
+    max_steps: int = option(0, "optimizer steps; 0 derives them from --epochs")
+    batch_size: int = option(8, "rows per micro-batch per process")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "cosine decays to lr x this")
+    warmup_steps: int = option(100, "linear warmup steps")
+    schedule: str = option("cosine", "learning-rate schedule after warmup", choices=["cosine", "constant"])
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "max gradient norm (0 disables clipping)")
+    mixed_precision: str = option("auto", "auto = bf16 on a GPU that supports it, else no",
+                                  choices=["auto", "no", "bf16", "fp16"])
+    compile: bool = option(False, "torch.compile the model (a graph per decoder block with --offload-activations "
+                                  "or a 4-bit base)")
+    gradient_checkpointing: bool = option(False, "recompute each decoder block in backward (less memory, ~30%% "
+                                                 "more compute)")
+    offload_activations: bool = option(False, "with --gradient-checkpointing, what recomputed blocks save goes to "
+                                              "pinned host memory during the forward and comes back for the "
+                                              "backward; with --compile each block also saves its MLP gate/up "
+                                              "projections instead of recomputing them (7B-class models on a GPU)")
+    log_every: int = option(10, "log every N optimizer steps")
+    eval_every: int = option(0, "evaluate every N steps (0 = only at the end)")
+    eval_batches: int = option(50, "batches per evaluation")
+    save_every: int = option(0, "checkpoint every N steps (0 = only at the end)")
+    save_total_limit: int = option(3, "keep the newest N checkpoints (0 keeps all)")
+    seed: int = option(42, "random seed (data order, init, dropout)")
+    resume: str | None = option(None, "resume from the run's latest checkpoint (flag alone) or from a checkpoint "
+                                      "path", nargs="?", const="auto")
+    cpu: bool = option(False, "train on the CPU even when a GPU is present")
+    sample_prompts: list[str] = field(default_factory=list)  # answered greedily at each evaluation
+
+    def __post_init__(self) -> None:
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("offload_activations moves what checkpointed layers save: it needs gradient "
+                             "checkpointing on (--gradient-checkpointing)")
+
+
+@dataclass(kw_only=True)
+class SFTDataConfig:
+    """How conversations become packed rows (sft, lora)."""
+
+    max_seq_length: int = option(512, "tokens per packed row")
+    skip_overlength: bool = option(False, "drop examples longer than --max-seq-length instead of truncating them")
+    train_on_prompt: bool = option(False, "learn the prompt tokens too (no masking)")
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(TrainConfig):
+    data: str = option(help="prepared data directory (train-*.parquet, valid-*)", required=True)
+    tokenizer: str = option(help="tokenizer directory", required=True)
+    preset: str = option("small", "model shape", choices=list(PRESETS))
+    init: str | None = option(None, "continue pretraining from this model directory")
+    seq_len: int = option(512, "tokens per packed row")
+    cache_dir: str | None = option(None, "token cache location; unset = DATA/.cache")
+    out_dir: str = "runs/pretrain"
+    lr: float = 6e-4
+    warmup_steps: int = 200
+
+
+@dataclass(kw_only=True)
+class SFTConfig(SFTDataConfig, TrainConfig):
+    init: str = option(help="model directory to fine-tune (e.g. runs/pretrain/latest)", required=True)
+    data: str = option(help="prepared data directory (its train/valid splits)", required=True)
+    tokenizer: str | None = option(None, "tokenizer directory; unset = the --init directory")
+    template: str | None = option(None, "chat template; unset = the tokenizer's own", choices=TEMPLATE_CHOICES)
+    out_dir: str = "runs/sft"
+    lr: float = 1e-4
+    warmup_steps: int = 50
+    epochs: float = 2.0
+
+
+@dataclass(kw_only=True)
+class LoraConfig(SFTDataConfig, TrainConfig):
+    base: str = option(help="base model directory (ours, Llama, Qwen2/Qwen1.5, Baichuan)", required=True)
+    data: str = option(help="instruction data file or directory", required=True)
+    format: str = option("alpaca", "record format of --data", choices=RECORD_FORMATS)
+    eval_data: str | None = option(None, "optional held-out file in the same format")
+    template: str = option("chatml", "chat template", choices=TEMPLATE_CHOICES)
+    tokenizer: str | None = option(None, "tokenizer directory; unset = --base")
+    r: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
+    dropout: float = option(0.05, "dropout on the LoRA input")
+    targets: str = option("q_proj,v_proj", "comma-separated module names (q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                                           "up_proj,down_proj; Baichuan's W_pack), a regex, or all-linear (never "
+                                           "lm_head)")
+    rslora: bool = option(False, "scale = alpha / sqrt(r) (rank-stabilized LoRA)")
+    qlora: bool = option(False, "quantize the base linears to NF4 (double quantization) while loading")
+    init_adapter: str | None = option(None, "start from this adapter instead of fresh LoRA layers")
+    dtype: str = option("auto", "base weights dtype; auto = bfloat16 on a GPU, float32 on the CPU",
+                        choices=["auto", "float32", "bfloat16"])
+    max_seq_length: int = 2048
+    out_dir: str = "runs/lora"
+    lr: float = 2e-4
+    warmup_steps: int = 20
+    epochs: float = 2.0
+    batch_size: int = 4
+    weight_decay: float = 0.0
+    save_every: int = 200
+    save_total_limit: int = 2
+
+
+@dataclass(kw_only=True)
+class MergeConfig:
+    base: str = option(help="base model directory", required=True)
+    adapter: str = option(help="adapter directory (ours or PEFT's)", required=True)
+    out: str = option(help="merged model directory to write", required=True)
+    dtype: str = option("bfloat16", "dtype of the merged weights", choices=["float32", "bfloat16", "float16"])
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    out: str = option("runs/demo", "output directory (data, tokenizer, runs)")
+    vocab_size: int = option(4000, "tokenizer vocabulary size")
+    pretrain_steps: int = option(300, "pretraining optimizer steps")
+    sft_steps: int = option(600, "SFT optimizer steps")
+    seed: int = option(42, "random seed")

@@ -1,0 +1,159 @@
+"""The training stages as functions of their config: build the model and the data, hand them to the one loop.
+
+    from trainer.stages import PretrainConfig, pretrain
+    pretrain(PretrainConfig(data="data/corpus", tokenizer="data/tokenizer", preset="tiny", max_steps=100))
+
+`pretrain` and `sft` train every weight and checkpoint whole model directories; `lora` trains LoRA / QLoRA adapters
+on a frozen base (ours or a 7B HF checkpoint) and checkpoints PEFT-format adapter directories; `merge` folds an
+adapter into its base.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import load_base, load_model, load_weights_into, save_model, write_model_files
+from model.config import ModelConfig
+from model.generation import SamplingConfig, default_stop_ids, generate_answers
+from model.lora import (apply_lora, load_adapter, merge_and_unload, read_adapter_weights, save_adapter,
+                        set_lora_state_dict)
+from model.transformer import Transformer
+from utils.corpora import read_records
+from utils.tokenizer import Tokenizer
+
+from .config import LoraConfig, MergeConfig, PretrainConfig, SFTConfig
+from .data import pretrain_loader, sft_loader
+from .loop import Trainer, make_accelerator, set_seed_everywhere, weights_device
+
+__all__ = ["LoraConfig", "MergeConfig", "PretrainConfig", "SFTConfig", "lora", "merge", "pretrain", "sft"]
+
+DEFAULT_SAMPLE_PROMPTS = ["什么是机器学习？", "感冒了应该注意什么？", "请介绍一下长城。"]
+
+
+class FullModelIO:
+    """Checkpoints hold a complete model directory (loadable by load_model and transformers) + the tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def save(self, model: Transformer, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        write_model_files(model, out_dir, state=state)
+        self.tokenizer.save(out_dir)
+
+    def load(self, model: Transformer, ckpt_dir: Path) -> None:
+        load_weights_into(model, ckpt_dir)
+
+
+class AdapterIO:
+    """Checkpoints hold only the adapter (PEFT format) plus the training state."""
+
+    def __init__(self, base: str):
+        self.base = base
+
+    def save(self, model, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        save_adapter(model, out_dir, base_model_name_or_path=self.base, state=state)
+
+    def load(self, model, ckpt_dir: Path) -> None:
+        set_lora_state_dict(model, read_adapter_weights(ckpt_dir), source=str(ckpt_dir))
+
+
+def sample_fn(tokenizer: Tokenizer, template: str, prompts: list[str], max_new_tokens: int = 48):
+    """Greedy answers to a few questions (for the training log and the demo): model -> [(question, answer)]."""
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    config = SamplingConfig(temperature=0.0, repetition_penalty=1.1, max_new_tokens=max_new_tokens)
+
+    def samples(model: Transformer) -> list[tuple[str, str]]:
+        answers, _ = generate_answers(model, tokenizer, conversations, template, config, batch_size=len(prompts))
+        return [(p, "(does not fit the context window)" if a is None else a) for p, a in zip(prompts, answers)]
+    return samples
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    acc = make_accelerator(cfg)
+    set_seed_everywhere(cfg.seed)  # same init on every rank
+    tokenizer = Tokenizer.load(cfg.tokenizer)
+    if cfg.init:
+        model = load_model(cfg.init, dtype=torch.float32)
+    else:
+        model = Transformer(ModelConfig.preset(
+            cfg.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=max(cfg.seq_len, 512),
+            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id))
+    loaders = [pretrain_loader(cfg.data, tokenizer, split, cfg.seq_len, cfg.batch_size, acc.process_index,
+                               acc.num_processes, cfg.seed, cfg.cache_dir) for split in ("train", "valid")]
+    train, valid = loaders
+    trainer = Trainer(model, train, cfg, FullModelIO(tokenizer), eval_loader=valid.eval_batches,
+                      chars_per_token=valid.chars_per_token, accelerator=acc,
+                      run_info={"command": "pretrain", "data": str(cfg.data), "packing": train.report})
+    return trainer.train()
+
+
+def sft(cfg: SFTConfig) -> dict:
+    if not cfg.sample_prompts:
+        cfg = dataclasses.replace(cfg, sample_prompts=list(DEFAULT_SAMPLE_PROMPTS))
+    acc = make_accelerator(cfg)
+    set_seed_everywhere(cfg.seed)
+    tokenizer = Tokenizer.load(cfg.tokenizer or cfg.init)
+    template = cfg.template or tokenizer.default_template
+    model = load_model(cfg.init, dtype=torch.float32)
+    model.config.eos_token_id = list(default_stop_ids(tokenizer, template))  # stop at the end of a turn too
+    common = _sft_data(cfg, tokenizer, template, acc)
+    train = sft_loader(cfg.data, split="train", **common)
+    valid = sft_loader(cfg.data, split="valid", **common)
+    trainer = Trainer(model, train, cfg, FullModelIO(tokenizer), eval_loader=valid.eval_batches, accelerator=acc,
+                      sample_fn=sample_fn(tokenizer, template, cfg.sample_prompts),
+                      run_info={"command": "sft", "data": str(cfg.data), "template": template,
+                                "packing": train.report})
+    return trainer.train()
+
+
+def _sft_data(cfg: SFTConfig | LoraConfig, tokenizer: Tokenizer, template: str, acc) -> dict:
+    """The SFT loader's arguments that a stage's config and the accelerator decide."""
+    return dict(tokenizer=tokenizer, template=template, max_seq_len=cfg.max_seq_length, batch_size=cfg.batch_size,
+                rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
+                skip_overlength=cfg.skip_overlength, train_on_prompt=cfg.train_on_prompt)
+
+
+def parse_targets(text: str) -> list[str] | str:
+    """`all-linear`, a regex (anything with regex syntax), or a comma-separated list of module names."""
+    if text == "all-linear" or any(c in text for c in "^$*+?()[]|\\"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def lora(cfg: LoraConfig) -> dict:
+    acc = make_accelerator(cfg)
+    set_seed_everywhere(cfg.seed)
+    on_gpu = acc.device.type == "cuda"
+    dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[cfg.dtype]
+    if cfg.qlora and not on_gpu:
+        acc.print("note: --qlora on the CPU works but is slow; it is meant for CUDA")
+    tokenizer = Tokenizer.load(cfg.tokenizer or cfg.base)
+    model = load_base(cfg.base, dtype, weights_device(acc, cfg.qlora), cfg.qlora)
+    if cfg.init_adapter:
+        load_adapter(model, cfg.init_adapter, trainable=True)
+    else:
+        apply_lora(model, cfg.r, cfg.alpha, cfg.dropout, parse_targets(cfg.targets), use_rslora=cfg.rslora,
+                   base_model_name_or_path=str(cfg.base))
+    common = _sft_data(cfg, tokenizer, cfg.template, acc)
+    train = sft_loader(read_records(cfg.format, cfg.data), **common)
+    eval_records = read_records(cfg.format, cfg.eval_data) if cfg.eval_data else []
+    valid = sft_loader(eval_records, **common) if eval_records else None
+    samples = sample_fn(tokenizer, cfg.template, [r["prompt"] for r in eval_records[:2]]) if eval_records else None
+    trainer = Trainer(model, train, cfg, AdapterIO(str(cfg.base)), accelerator=acc,
+                      eval_loader=valid.eval_batches if valid else None, sample_fn=samples,
+                      run_info={"command": "lora", "base": str(cfg.base), "data": str(cfg.data),
+                                "template": cfg.template, "qlora": cfg.qlora, "packing": train.report})
+    return trainer.train()
+
+
+def merge(cfg: MergeConfig) -> Path:
+    """Base + adapter -> one model directory (the tokenizer comes along)."""
+    dtype = getattr(torch, cfg.dtype)
+    model = load_model(cfg.base, dtype=dtype)
+    load_adapter(model, cfg.adapter, dtype=dtype)
+    out = save_model(merge_and_unload(model), cfg.out, tokenizer=Tokenizer.load(cfg.base))
+    print(f"merged {cfg.adapter} into {cfg.base} -> {cfg.out}")
+    return out
