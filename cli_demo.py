@@ -4,8 +4,8 @@
     python cli_demo.py --model DIR --prompt "你好"   # one answer on stdout, then exit (for scripts)
     printf '你好\\n再见\\n' | python cli_demo.py --model DIR  # one answer per input line, the history kept
 
-Unlike the seed's demo (history shown but never fed to the model), earlier turns are part of every prompt; when they
-no longer fit the context window the oldest turns are dropped, never the current question.
+Earlier turns are part of every prompt; when they no longer fit the context window the oldest turns are dropped,
+never the current question.
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def answer(chat: Chat, question: str, out: Console, err: Console, verbose: bool)
 
 
 def predict(chat: Chat, records: list[dict], out_path: str, batch_size: int) -> tuple[int, int]:
-    """The seed's predict mode: every record's prompt (with its history and system text) answered in batches, written
+    """Predict mode: every record's prompt (with its history and system text) answered in batches, written
     as JSON lines {prompt, reference, prediction} (atomically); a record too long for the context window gets
     prediction null. Returns (records written, records that did not fit)."""
     import json

@@ -131,7 +131,7 @@ class Engine:
 
     def messages(self, req: ChatRequest) -> list[dict]:
         """OpenAI messages -> our template's: system/developer messages joined into one leading system prompt; a
-        conversation with no user turn (the seed's data factory sends a lone system prompt) asks it as the user."""
+        conversation with no user turn (some data factories send a lone system prompt) asks it as the user."""
         system = [m.text() for m in req.messages if m.role in ("system", "developer")]
         turns = [{"role": m.role, "content": m.text()} for m in req.messages if m.role in ("user", "assistant")]
         if not turns:

@@ -152,7 +152,7 @@ PRESETS: dict[str, ModelConfig] = {
     # ~2M parameters with an 8k vocabulary: trains a few hundred steps on 2 CPU cores in a minute or two.
     "tiny": ModelConfig(vocab_size=8192, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=384, max_position_embeddings=512),
-    # ~0.1B: 768 wide, 12 layers (the seed's size class).
+    # ~0.1B: 768 wide, 12 layers.
     "small": ModelConfig(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                          num_key_value_heads=12, intermediate_size=2048, max_position_embeddings=1024),
     # ~0.25B

@@ -22,8 +22,8 @@ from utils.templates import ChatTemplate, encode_segments, ends_turn_with_token,
 from .transformer import KVCache, Transformer
 
 # Attention kernels for dynamic-shape decoding: a growing key length means a new shape every step, and the cuDNN SDPA
-# backend builds an execution plan per shape (~10 ms on an H200: batched eval decoding ran 4-9x slower with it,
-# bench/RESULTS.md). The flash / memory-efficient / math kernels need no per-shape plan.
+# backend builds an execution plan per shape, which costs more than the step. The flash / memory-efficient / math
+# kernels need no per-shape plan.
 DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder gives for an incomplete UTF-8 sequence
 
@@ -162,8 +162,8 @@ def _static_step(model: Transformer, token: torch.Tensor, cache: KVCache, positi
 @functools.cache
 def compiled_step(device_type: str):
     """`_static_step` compiled once per device type. On a GPU mode "max-autotune": CUDA graphs, and matmul kernels
-    tuned for the one-token shapes (Triton GEMVs beat cuBLAS there: 1,972 vs 1,340 tokens/s for `small` on an H200,
-    bench/RESULTS.md), at about 20 s of first-call tuning. Elsewhere inductor's defaults."""
+    tuned for the one-token shapes (Triton GEMVs beat cuBLAS there), at about 20 s of first-call tuning. Elsewhere
+    inductor's defaults."""
     return torch.compile(_static_step, mode="max-autotune" if device_type == "cuda" else None, fullgraph=True)
 
 
@@ -219,7 +219,7 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], config: S
         generator = None if config.seed is None else torch.Generator(device=device).manual_seed(config.seed)
         noise = RaceNoise(B, vocab, device, generator)
 
-    # fixed shapes (static / compiled) build one cuDNN plan and keep it: faster there (bench/RESULTS.md)
+    # fixed shapes (static / compiled) build one cuDNN plan and keep it: the fastest kernel there
     backends = [SDPBackend.CUDNN_ATTENTION, *DECODE_SDPA_BACKENDS] if static or compile else DECODE_SDPA_BACKENDS
     with sdpa_kernel(backends):
         yield from _decode(model, ids, mask, L, max_new, padded, config, stop, seen, noise, static, compile,

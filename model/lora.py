@@ -114,8 +114,8 @@ class LoRAAdapter(nn.Module):
 
     def delta(self, x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         # PEFT casts x to the adapter's dtype first. Under autocast the matmul casts it to the autocast dtype anyway
-        # and dropout rounds its product the same in either dtype, so the cast is skipped: it only made a full fp32
-        # copy of x (and an fp32 dropout), 4% of an eager 7B LoRA step (bench/RESULTS.md, run 20).
+        # and dropout rounds its product the same in either dtype, so the cast is skipped: it would only make a full
+        # fp32 copy of x (and an fp32 dropout).
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)
         h = self.lora_A(self.lora_dropout(x))

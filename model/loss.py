@@ -12,8 +12,8 @@ a peak of one chunk's logits instead of N x V in fp32 (4 GiB for a 32x1024 batch
 
 A chunk's softmax, loss and gradient: on a GPU with Triton, one kernel that writes the gradient over the logits
 (model/loss_kernel.py; eager or compiled). Elsewhere, PyTorch ops that torch.compile fuses into one pass per chunk:
-the one-hot is written over the target column afterwards, since a scatter into the fp32 probabilities made inductor
-write them out and read them back (the compiled `small` step: +2.4% and 15.9 -> 12.6 GiB; bench/RESULTS.md run 21).
+the one-hot is written over the target column afterwards, since a scatter into the fp32 probabilities makes
+inductor write them out and read them back.
 """
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from . import loss_kernel
 
 IGNORE_INDEX = -100
-CHUNK_LOGITS = 2**27  # logits per chunk (512 MiB in fp32; 4096 rows of a 32k vocabulary): fastest measured
-# With gradient checkpointing memory comes first: a 7B LoRA step peaks 0.4 GiB lower for 0.5% less speed (RESULTS.md).
-CHUNK_LOGITS_LOW_MEMORY = 2**25
+CHUNK_LOGITS = 2**27  # logits per chunk (512 MiB in fp32; 4096 rows of a 32k vocabulary): the fastest size
+CHUNK_LOGITS_LOW_MEMORY = 2**25  # with gradient checkpointing memory comes first: a lower peak, barely slower
 
 
 def chunk_rows(vocab: int, chunk_logits: int) -> int:

@@ -6,9 +6,8 @@ For packed byte j (elements 2j and 2j+1, block b = j // 32, scale group g = b //
     W[2j]    = NF4[byte >> 4] * absmax_b,   W[2j + 1] = NF4[byte & 15] * absmax_b    (fp32, then cast)
 
 Bit for bit the result of `model.nf4._decode_and_dequantize`. Eager QLoRA dequantizes each base weight three
-times a step (forward, recomputation, backward), so the host's cost per weight counts: as one torch.compile'd call
-it was 86-97 us on an H100 machine's host, whose QLoRA 7B step then waited on the host (0.67x our bf16 LoRA); one
-launch is 43-44 us, and the step runs at the power cap (0.90x; bench/RESULTS.md run 41).
+times a step (forward, recomputation, backward), so the host's cost per weight counts: one launch costs the host
+half of what a torch.compile'd call does, which keeps an eager QLoRA 7B step from waiting on the host.
 Import-safe without Triton (`triton` stays None).
 """
 from __future__ import annotations

@@ -63,8 +63,8 @@ def _recompute(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-# Plain checkpointing said op by op. A compiled block needs it said: left to its own choice, inductor kept every
-# block's dequantized NF4 weights alive (QLoRA on the 7B shape: a 25.7 GiB peak instead of 5.7; bench/RESULTS.md run 35).
+# Plain checkpointing said op by op. A compiled block needs it said: left to its own choice, inductor keeps every
+# block's dequantized NF4 weights alive (a QLoRA 7B step would hold the bf16 weights it quantized away).
 # Its own function, not a save_mlp_projections that saves nothing: dynamo keys compiled code by the policy's code.
 recompute_all = functools.partial(create_selective_checkpoint_contexts, _recompute)
 

@@ -1,16 +1,14 @@
-"""Normalization and filters: the seed's per-corpus rules (seeds.md 1.1-1.3) as configurable defaults.
+"""Normalization and filters: per-corpus cleaning rules as configurable defaults.
 
-Seed quirks fixed here rather than copied:
-- the duplicate-punctuation set held a literal backslash + `s` (so "ss" collapsed to "s"); we collapse real
-  punctuation only: runs of separators that include a full-width one (，。！？；：、), so `。。。` and `！？` become one
-  mark while ASCII runs such as `...`, `?!` and `::` (code, prose) are left alone; never quotes or brackets;
-- every space became `，` (breaking English and code); now only whitespace between two CJK characters does, and
-  other space runs collapse only inside a line: indentation is kept;
-- newlines after punctuation were deleted; now lines and paragraphs are kept (only 3+ newlines become 2);
-- en->zh punctuation turned decimal points and thousands separators into `。`/`，`; digits are left alone;
-- Dice similarity divided by zero on two empty strings;
-- BELLE's `input` field was ignored (see corpora.py); the translation filter uses the SFT stage's wider word list;
-- lengths were cut twice (512 at merge, 320 at split); there is one cap, cut or drop.
+- Punctuation runs collapse only when they contain a full-width separator (，。！？；：、), so `。。。` and `！？`
+  become one mark while ASCII runs such as `...`, `?!` and `::` (code, prose) stay; quotes and brackets never do;
+- only whitespace between two CJK characters becomes `，` (English and code keep their spaces); other space runs
+  collapse only inside a line, so indentation is kept;
+- lines and paragraphs are kept (only 3+ newlines become 2);
+- en->zh punctuation leaves digits alone (decimal points, thousands separators);
+- Dice similarity of two empty strings is 0;
+- BELLE's `input` is part of the prompt (see corpora.py); the translation filter matches TRANSLATION_WORDS;
+- lengths have one cap (max_len): cut or drop.
 """
 from __future__ import annotations
 
@@ -50,14 +48,14 @@ _TABLE = re.compile(r"-----|\|\s*:?-{3,}|-{3,}:?\s*\|")
 
 
 def dice(a: str, b: str) -> float:
-    """Dice coefficient over character sets, as the seed computes it (0 for two empty strings)."""
+    """Dice coefficient over character sets (0 for two empty strings)."""
     sa, sb = set(a), set(b)
     total = len(sa) + len(sb)
     return 2 * len(sa & sb) / total if total else 0.0
 
 
 def merge_title(title: str, body: str, threshold: float, keep: str = "title") -> str:
-    """The seed's title/question rule: when the two say the same thing (Dice >= threshold) keep one of them
+    """Title/question rule: when the two say the same thing (Dice >= threshold) keep one of them
     (`keep` = "title" for baike, "body" for medical), otherwise ask both, title first."""
     title, body = title.strip(), body.strip()
     if not title or not body:
@@ -69,7 +67,7 @@ def merge_title(title: str, body: str, threshold: float, keep: str = "title") ->
 
 def normalize_punctuation(text: str) -> str:
     """Collapse repeated full-width separators, tidy whitespace inside lines, keep indentation and paragraphs (see
-    the module docstring for the seed's rule). Each pass runs only when its trigger character is present: this is
+    the module docstring for the rules). Each pass runs only when its trigger character is present: this is
     the hot loop of `prepare`. A one-line text is stripped; a longer one keeps its first line's indentation."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -96,7 +94,7 @@ def _collapse_separators(m: re.Match) -> str:
 def en_to_zh_punctuation(text: str) -> str:
     """ASCII `,.!?;:` next to a CJK character -> full width (never decimal points, times or thousands separators);
     `(...)` around CJK -> `（...）`.
-    The seed applies this to wiki text only."""
+    Applied to wiki text only (clean_wiki_text)."""
     def zh(m: re.Match) -> str:
         i, ch = m.start(), m.group()
         before = text[i - 1] if i else ""
@@ -112,12 +110,12 @@ def is_translation_task(prompt: str) -> bool:
 
 
 def has_table(prompt: str, response: str) -> bool:
-    """The seed's table rule (`表格` in the prompt, `-----` anywhere) plus markdown table rules (`|---`)."""
+    """Table rule: `表格` in the prompt, or `-----` or a markdown table rule (`|---`) in either field."""
     return "表格" in prompt or _TABLE.search(prompt) is not None or _TABLE.search(response) is not None
 
 
-# (min prompt chars, min response chars) per corpus, from seeds.md 1.1 (merge step: 3 / 3 for the rest). The
-# instruction formats are not in the seed: their short answers ("没有", a label) are valid, so only non-empty.
+# (min prompt chars, min response chars) per corpus (3 / 3 for the rest). Instruction formats need only non-empty
+# fields: their short answers ("没有", a label) are valid.
 SEED_MIN_LENGTHS: dict[str, tuple[int, int]] = {
     "webtext": (3, 15), "baike": (3, 15), "medical": (3, 15), "zhihu": (4, 10), "belle": (3, 5),
     "instruct": (1, 1), "alpaca": (1, 1), "sharegpt": (1, 1), "qa": (1, 1), "hc3": (1, 1),
@@ -130,7 +128,7 @@ class CleanConfig:
     min_lengths: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(SEED_MIN_LENGTHS))
     default_min_lengths: tuple[int, int] = (3, 3)
     max_len: int = 512                          # per field, in characters
-    overlong: str = "cut"                       # "cut" (seed) or "drop"
+    overlong: str = "cut"                       # "cut" to max_len or "drop"
     drop_translation: tuple[str, ...] = ("belle",)  # corpora whose translation tasks are dropped
     drop_tables: tuple[str, ...] = ("belle",)       # corpora whose tables are dropped
 

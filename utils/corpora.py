@@ -48,7 +48,7 @@ class Tally:
 @dataclass
 class ReaderOptions:
     encoding: str | None = None      # None: detect (BOM, then strict UTF-8, then GB18030)
-    min_star: int = 5                # webtext: drop answers with fewer stars (seed: 5)
+    min_star: int = 5                # webtext: drop answers with fewer stars
     dice_threshold: float = 0.9      # baike / medical: title and question merge rule
     hc3_answers: str = "both"        # hc3: "human", "chatgpt" or "both"
     wiki_max_chars: int = 512        # wiki: answer = first paragraphs up to this many characters
@@ -249,7 +249,7 @@ def _require(obj: dict, keys: tuple[str, ...], where: str, tally: Tally) -> bool
 
 @register("webtext")
 def read_webtext(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
-    """webtext2019zh: title -> content; answers with `star` below `min_star` are dropped (seed: `desc` unused)."""
+    """webtext2019zh: title -> content; answers with `star` below `min_star` are dropped (`desc` is unused)."""
     for where, obj in json_objects(path, opts, tally):
         if not _require(obj, ("title", "content"), where, tally):
             continue
@@ -404,7 +404,7 @@ def read_parquet(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Reco
 
 
 def _instruction(obj: dict, keys: tuple[str, str] = ("instruction", "input")) -> str:
-    """instruction + input, one per line (the seed dropped `input`, which loses the question in many records)."""
+    """instruction + input, one per line (without `input` many records lose their question)."""
     parts = [_text(obj, k).strip() for k in keys]
     return "\n".join(p for p in parts if p)
 
@@ -459,7 +459,7 @@ QA_KEYS = (("q", "a"), ("question", "answer"), ("question", "std_answer"), ("问
 
 @register("qa")
 def read_qa(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
-    """Plain question/answer JSON: {"q","a"} (HC3 LoRA seed), {"question","answer"}, {"问","答"}, ..."""
+    """Plain question/answer JSON: {"q","a"} (HC3 LoRA layout), {"question","answer"}, {"问","答"}, ..."""
     for where, obj in json_objects(path, opts, tally):
         for qk, ak in QA_KEYS:
             if qk in obj and ak in obj:
@@ -587,7 +587,7 @@ def _wiki_articles(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tu
 
 def wiki_answer(title: str, text: str, max_chars: int) -> str:
     """The first paragraphs after the title line, up to max_chars; a first paragraph that is too long is cut at
-    its last sentence end (the seed cut at max_chars mid-sentence)."""
+    its last sentence end (mid-sentence only when it has none)."""
     paras = [p.strip() for p in text.split("\n") if p.strip()]
     if paras and paras[0] == title.strip():
         paras = paras[1:]
@@ -604,7 +604,7 @@ def wiki_answer(title: str, text: str, max_chars: int) -> str:
 
 
 def clean_wiki_text(text: str) -> str:
-    """The seed's wiki conversion: traditional -> simplified, corner quotes, bracket leftovers, en -> zh punctuation."""
+    """Wiki conversion: traditional -> simplified, corner quotes, bracket leftovers, en -> zh punctuation."""
     text = to_simplified(text).translate(_WIKI_QUOTES)
     for pattern, repl in _WIKI_FIXES:
         text = pattern.sub(repl, text)

@@ -6,7 +6,7 @@ The MinHash is datasketch's default scheme ("affine32": MurmurHash3 fmix32 of th
 numpy; the band count and width come from `datasketch.MinHashLSH` for the same threshold and num_perm. So a
 signature equals `datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash).hashvalues`, and a row is a
 near-duplicate exactly when datasketch's LSH, fed the rows in order (query, then insert), returns a candidate.
-Like the seed, the first occurrence is kept; unlike the seed, shingles are character n-grams (default 3), not
+The first occurrence is kept. Shingles are character n-grams (default 3), not
 single characters, whose set-Jaccard calls most long Chinese texts duplicates of each other.
 """
 from __future__ import annotations
@@ -29,9 +29,9 @@ _GOLDEN, _M64A, _M64B = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xFF51AFD7ED558
 class DedupConfig:
     exact: bool = True
     near: bool = True
-    threshold: float = 0.85   # Jaccard threshold of the LSH (seed: 0.85)
-    num_perm: int = 256       # permutations (seed: 256)
-    ngram: int = 3            # character shingle length (the seed effectively used 1)
+    threshold: float = 0.85   # Jaccard threshold of the LSH
+    num_perm: int = 256       # permutations
+    ngram: int = 3            # character shingle length (1 matches most long texts)
     seed: int = 1             # datasketch's default MinHash seed
 
 
@@ -81,7 +81,7 @@ def shingle_hash(gram: str) -> int:
 
 
 def _keep_mask(cp: np.ndarray) -> np.ndarray:
-    """The characters MinHash looks at: CJK ideographs, ASCII letters and digits (seed regex minus its `[` and `|`)."""
+    """The characters MinHash looks at: CJK ideographs, ASCII letters and digits."""
     return (((cp >= 0x4E00) & (cp <= 0x9FFF)) | ((cp >= 0x3400) & (cp <= 0x4DBF))
             | ((cp >= 0x30) & (cp <= 0x39)) | ((cp >= 0x61) & (cp <= 0x7A)))
 
@@ -197,7 +197,7 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
 def chunk_keys(prompts: list[str], responses: list[str], cfg: DedupConfig
                ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """All that dedup must remember of a chunk of rows: exact keys [n], LSH band keys [n, bands] and whether each
-    row has any shingle [n] (None for a disabled kind). MinHash sees prompt + response, like the seed."""
+    row has any shingle [n] (None for a disabled kind). MinHash sees prompt + response."""
     n = len(prompts)
     cp, doc_id = _codepoints([p + "\x1f" + r for p, r in zip(prompts, responses)])
     exact = _exact_from_codepoints(cp, doc_id, n) if cfg.exact else None

@@ -174,7 +174,7 @@ class _Spool:
 
 def _assign(n: int, cfg: PrepareConfig) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
     """Rank of every kept row in a seeded permutation, and (split, first rank, row count) per split. The split
-    sizes are exact fractions of n (the seed drew one random number per row)."""
+    sizes are exact fractions of n, so they do not vary with the draw."""
     rank = np.random.default_rng(cfg.seed).permutation(n)
     n_valid, n_test = round(n * cfg.split[1]), round(n * cfg.split[2])
     sizes = (n - n_valid - n_test, n_valid, n_test)

@@ -3,11 +3,11 @@
     OPENAI_API_KEY=... python train.py synth --base-url https://api.openai.com/v1 --model gpt-3.5-turbo \\
         --recipe style --out data/synth/style
 
-The Translational-Style seed's four steps, made robust:
+The four steps:
   1. topics      one request -> `1_topics.txt` (one per line; or give your own with --topics FILE)
   2. dialogues   per_topic requests per topic -> `2_dialogues.jsonl` {"id", "topic", <fields>}
   3. rewrite     one request per dialogue -> `3_rewritten.jsonl` (optional step; the style recipe restyles the answer)
-  4. final       `dataset.json` (alpaca: instruction / input / output, the seed's `TslDial.json` layout) and
+  4. final       `dataset.json` (alpaca: instruction / input / output, the `TslDial.json` layout) and
                  `data/` (our parquet splits, through `utils.prepare`: cleaned, deduplicated, split)
 
 A recipe is a folder (`utils/recipes/NAME/` or any path): `recipe.json` names a prompt file, the message role, the
@@ -55,7 +55,7 @@ RESERVED_FIELDS = ("id", "topic", "dialogue", "count")  # record keys and placeh
 class Step:
     name: str
     prompt: str                        # template text
-    role: str = "user"                 # the message role the prompt is sent as (the seed used system for 2 and 3)
+    role: str = "user"                 # the message role the prompt is sent as
     sampling: dict = field(default_factory=dict)  # request fields: max_tokens, temperature, top_p, ...
     fields: tuple[str, ...] = ()       # string keys the JSON reply must hold (steps 2 and 3)
     keep: tuple[str, ...] = ()         # fields the rewrite must leave unchanged
@@ -470,7 +470,7 @@ class Factory:
         step = self.recipe.dialogues
         n = self.cfg.per_topic or step.per_topic
         jobs = [(f"t{i:02d}-{j:05d}", render(step.prompt, topic=t), None, {"topic": t})
-                for j in range(n) for i, t in enumerate(topics)]  # round-robin over topics, as the seed did
+                for j in range(n) for i, t in enumerate(topics)]  # round-robin: a partial run covers all topics
         return self.run_step(step, DIALOGUES_FILE, jobs)
 
     def rewrite(self, dialogues: list[dict]) -> list[dict]:

@@ -3,7 +3,7 @@
 whatever the source, and ids equal `transformers.AutoTokenizer` on the same files (tests/test_tokenizer.py).
 
 Why the pre-tokenizer matters: BPE counts every distinct pre-token ("word") in RAM. Chinese has no spaces, so a
-whitespace pre-tokenizer turns each clause into one huge unique word (the seed needed > 48 GB for 1.7 GB of text).
+whitespace pre-tokenizer turns each clause into one huge unique word, so RAM grows with the corpus.
 Ours splits CJK runs into chunks of at most CJK_CHUNK (6) characters, digits one by one, punctuation and letters
 apart, so words stay short and merges still learn the common 1-6 character Chinese words and phrases. Memory is then
 bounded twice: a corpus larger than `sample_bytes` is subsampled deterministically, and the word table is capped at
