@@ -4,9 +4,9 @@
 
 Every figure: warm-up steps first, synchronized timing, the median of several steps, random (never zero) data; for
 the training steps also the SM clock and board power during the timed steps (nvidia-smi in the background) and the
-energy per token. These GPUs run under a power cap, so a denser step runs at a lower clock (bench/RESULTS.md, run 22).
+energy per token. These GPUs run under a power cap, so a denser step runs at a lower clock.
 Writes DIR/results.json (one object per figure: name, ours, reference, ratio, unit, device, commit, date) and
-DIR/results.md (a table for bench/RESULTS.md); each figure is written as soon as it is measured.
+DIR/results.md (a table for bench/README.md); each figure is written as soon as it is measured.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class Report:
 
 def library_versions() -> dict[str, str]:
     """The versions both sides ran with: the reference's speed moves with them (transformers 5.17 under
-    torch.compile materializes the causal mask, bench/RESULTS.md run 42), so every row records them."""
+    torch.compile materializes the causal mask), so every row records them."""
     found = {}
     for name in ("torch", "transformers", "peft", "triton"):
         try:
@@ -115,7 +115,7 @@ def clock_and_power(lines: Iterable[str], start: float, end: float, uuid: str = 
 class GpuMonitor:
     """nvidia-smi sampling the SM clock and board power every 100 ms in the background, for the whole run. Power is
     the instantaneous reading where the driver has it: `power.draw` averages over 1 s on Ampere and newer, longer
-    than a figure's timed steps can be, so it mixes in the idle time before them (run 25)."""
+    than a figure's timed steps can be, so it mixes in the idle time before them."""
 
     def __init__(self):
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".csv")
@@ -181,7 +181,7 @@ def causal_sdpa() -> str:
     registers again; the registries are dicts, so that is harmless).
 
     transformers <= 5.17 builds the full causal mask under `torch.compile` and calls SDPA with `is_causal=False`, which
-    runs the masked kernel over the whole square (RESULTS.md, run 42); later versions skip the mask when they can. A
+    runs the masked kernel over the whole square; later versions skip the mask when they can. A
     mask function that returns None gives the reference that path on any version, through transformers' public
     attention registries; transformers' own SDPA forward then sets `is_causal` itself."""
     from transformers import AttentionInterface, AttentionMaskInterface
@@ -308,8 +308,7 @@ def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, q
 def lora_7b(report: Report, keep: int = 2) -> None:
     """q,v r=8: eager against eager, compiled against compiled (the reference without its mask, as in
     `pretrain_small`), then ours compiled with the last `keep` layers not recomputed against the reference as usually
-    run (eager). 2 is as many as stay under the reference's eager peak (15.189 GiB) on every run: 14.77 GiB; 3
-    measured 15.107 and 15.199 (bench/RESULTS.md, runs 28-29). Last, ours compiled with activation offloading at the
+    run (eager): 2 is as many as stay under the reference's eager peak memory. Last, ours compiled with activation offloading at the
     trainer's defaults (`--offload-activations`: 4 layers not offloaded)."""
     batch = torch.randint(0, VOCAB, (4, 1025), device="cuda")
     name, r, targets = "lora_7b_qv_r8", 8, ["q_proj", "v_proj"]
@@ -385,9 +384,8 @@ def decode(report: Report, new_tokens: int = 256, prompt_len: int = 64) -> None:
                    reference_is="transformers generate (sampling, KV cache)")
 
 
-# Decoding first: its eager and transformers figures are paced by the host, and measured after the compiled training
-# steps in the same process they read lower (`small`: ours eager 84-125 against 118-164 tokens/s in fresh processes,
-# transformers 91 against 107-121; the compiled decode step did not move; bench/RESULTS.md run 40).
+# Decoding first: its eager and transformers figures are paced by the host, and read lower when measured after the
+# compiled training steps in the same process.
 FIGURES = {"decode": decode, "pretrain_small": pretrain_small, "lora_7b": lora_7b,
            "lora_7b_all_linear": lora_7b_all_linear, "qlora_7b": qlora_7b}
 
