@@ -174,7 +174,8 @@ class Engine:
         return Job(prompt, config, (*stops, *self.template.stop_strings))
 
     def submit(self, job: Job, emit: Callable[[str | None], None] | None, cancel: threading.Event) -> Future:
-        """Queue a generation; emit(delta) gets each text delta and emit(None) at the end. 429 when the queue is full."""
+        """Queue a generation; emit(delta) gets each text delta and emit(None) at the end. 429 when the queue is
+        full."""
         with self._lock:
             if self._pending >= self.max_queue:
                 raise APIError(429, f"the server is busy ({self._pending} requests queued); retry later",

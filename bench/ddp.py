@@ -78,6 +78,7 @@ def worker(args) -> None:
     set_seed_everywhere(0)
     if lora:
         from gpu import LLAMA_7B, build
+
         from model.lora import apply_lora
         # built on the GPU (a random init of 6.7B weights on the CPU takes minutes), then placed where `train.py lora`
         # loads it: on the CPU under FSDP. The setup peak counts from there.

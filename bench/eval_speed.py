@@ -22,10 +22,12 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.chat import resolve_device, resolve_dtype  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from model.generation import SamplingConfig  # noqa: E402
-from model.generation import generate_answers  # noqa: E402
+from model.chat import resolve_device, resolve_dtype  # noqa: E402
+from model.generation import (
+    SamplingConfig,  # noqa: E402
+    generate_answers,  # noqa: E402
+)
 from utils.metrics import answer_loss  # noqa: E402
 from utils.templates import get_template  # noqa: E402
 from utils.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
@@ -66,11 +68,12 @@ def main() -> None:
         table.add_column(column, justify="right")
     reference = None
     for bs in args.batch_sizes:
-        generate_answers(model, tok, [[{"role": "user", "content": r["prompt"]}] for r in records[:bs]], template, sampling, bs, False)  # warm-up
+        generate_answers(model, tok, [[{"role": "user", "content": r["prompt"]}] for r in records[:bs]], template,
+                         sampling, bs, False)  # warm-up
         _sync(device)
         start = time.perf_counter()
-        answers, n_tokens = generate_answers(model, tok, [[{"role": "user", "content": r["prompt"]}] for r in records], template, sampling, bs,
-                                             False)
+        answers, n_tokens = generate_answers(model, tok, [[{"role": "user", "content": r["prompt"]}] for r in records],
+                                             template, sampling, bs, False)
         _sync(device)
         seconds = time.perf_counter() - start
         reference = reference or answers

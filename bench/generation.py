@@ -56,7 +56,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+             else f"CPU, {torch.get_num_threads()} threads")
     table = Table(title=f"greedy decoding, {where}, {args.dtype}, prompt <= {args.prompt_len}, "
                         f"{args.new_tokens} new tokens")
     for col in ("preset", "batch", "ours tok/s", "transformers tok/s", "ours / transformers"):

@@ -308,8 +308,8 @@ def lora_step(report: Report, kind: str, r: int, targets, batch: torch.Tensor, q
 def lora_7b(report: Report, keep: int = 2) -> None:
     """q,v r=8: eager against eager, compiled against compiled (the reference without its mask, as in
     `pretrain_small`), then ours compiled with the last `keep` layers not recomputed against the reference as usually
-    run (eager): 2 is as many as stay under the reference's eager peak memory. Last, ours compiled with activation offloading at the
-    trainer's defaults (`--offload-activations`: 4 layers not offloaded)."""
+    run (eager): 2 is as many as stay under the reference's eager peak memory. Last, ours compiled with activation
+    offloading at the trainer's defaults (`--offload-activations`: 4 layers not offloaded)."""
     batch = torch.randint(0, VOCAB, (4, 1025), device="cuda")
     name, r, targets = "lora_7b_qv_r8", 8, ["q_proj", "v_proj"]
     ours, ref = lora_step(report, "ours", r, targets, batch), lora_step(report, "hf", r, targets, batch)

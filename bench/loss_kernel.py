@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nf4 import timed  # noqa: E402
+
 from model.loss import CHUNK_LOGITS, IGNORE_INDEX, _softmax_cross_entropy_cuda, _softmax_cross_entropy_torch, chunk_rows  # noqa: E402,E501
 
 

@@ -68,8 +68,8 @@ def check_shape(shape, tokens: int, iters: int, bnb) -> dict:
         forward(x).backward(g)
 
     row["fwd_bwd_ms_ours"] = timed(lambda: step(layer), iters)
-    row["fwd_bwd_ms_bnb"] = timed(lambda: step(lambda t: bnb.matmul_4bit(t, params4.t(), quant_state=params4.quant_state)),
-                                  iters)
+    row["fwd_bwd_ms_bnb"] = timed(
+        lambda: step(lambda t: bnb.matmul_4bit(t, params4.t(), quant_state=params4.quant_state)), iters)
     row["fwd_bwd_ms_dense"] = timed(lambda: step(lambda t: F.linear(t, dense)), iters)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -84,6 +84,7 @@ def check_shape(shape, tokens: int, iters: int, bnb) -> dict:
 def load_synthetic(layers: int) -> dict:
     """A Llama-7B-shaped checkpoint with `layers` blocks, loaded to CUDA with NF4 block linears."""
     from safetensors.torch import save_file
+
     from model import load_model
     from model.config import ModelConfig
     config = ModelConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=layers, num_attention_heads=32,

@@ -96,7 +96,8 @@ def main() -> None:
             rows.add_row(name, "pretrain crop / drop / pad", f"{rep['crop_fraction']:.2%} / {rep['drop_fraction']:.2%}"
                                                              f" / {rep['pad_fraction']:.2%}")
             lengths = loader.lengths
-            rows.add_row(name, "  of which docs > row", f"{np.maximum(lengths - loader.capacity, 0).sum() / lengths.sum():.2%}")
+            rows.add_row(name, "  of which docs > row",
+                         f"{np.maximum(lengths - loader.capacity, 0).sum() / lengths.sum():.2%}")
             del plan
             t = time.perf_counter()
             sft = sft_loader(recs, tok, "chatml", args.seq_len, batch_size=args.batch_size)

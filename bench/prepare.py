@@ -97,8 +97,10 @@ def main() -> None:
         if not corpus.exists():
             t = time.perf_counter()
             make_corpus(corpus, rows)
-            print(f"generated {rows:,} rows ({corpus.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.0f}s")
-        proc = subprocess.run([sys.executable, __file__, "--child", str(corpus), str(work / f"out_{rows}"), "--worker", args.worker],
+            print(f"generated {rows:,} rows ({corpus.stat().st_size / 2**20:.0f} MiB) "
+                  f"in {time.perf_counter() - t:.0f}s")
+        proc = subprocess.run([sys.executable, __file__, "--child", str(corpus), str(work / f"out_{rows}"),
+                               "--worker", args.worker],
                               capture_output=True, text=True, check=True)
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         res.update(rows=rows, input_mib=round(corpus.stat().st_size / 2**20), worker=args.worker)

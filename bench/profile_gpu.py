@@ -195,7 +195,7 @@ def decode(out: Path, label: str) -> None:
         for compiled in (False, True):
             for _ in range(2):  # compile + warm-up
                 generate(model, [ids], config, compile=compiled)
-            table(lambda: generate(model, [ids], config, compile=compiled), out,
+            table(lambda model=model: generate(model, [ids], config, compile=compiled), out,
                   f"decode_{label}_{'compiled' if compiled else 'eager'}_32_tokens")
     del model
     free()

@@ -16,7 +16,15 @@ from utils.templates import ChatTemplate
 from utils.tokenizer import Tokenizer
 
 from .checkpoint import load_base
-from .generation import SamplingConfig, TextStream, chat_prompt, context_budget, default_stop_ids, resolve_template, stream
+from .generation import (
+    SamplingConfig,
+    TextStream,
+    chat_prompt,
+    context_budget,
+    default_stop_ids,
+    resolve_template,
+    stream,
+)
 from .transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

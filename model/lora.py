@@ -317,7 +317,8 @@ def _merge(model: nn.Module, sign: int) -> None:
             raise ValueError(f"{name}: cannot merge into a 4-bit base (it would be requantized); load the base "
                              f"model in bf16/fp32, load the adapter, then merge")
         with torch.no_grad():
-            base.weight.copy_((base.weight.float() + sign * layer.adapter.delta_weight(layer.rows)).to(base.weight.dtype))
+            base.weight.copy_(
+                (base.weight.float() + sign * layer.adapter.delta_weight(layer.rows)).to(base.weight.dtype))
         layer.merged = sign > 0
 
 
@@ -379,10 +380,12 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     if "target_modules" not in d:
         raise ValueError(f"{file}: missing key 'target_modules'")
     targets = d["target_modules"]
-    return AdapterConfig(r=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout") or 0),
-                      targets=targets if isinstance(targets, str) else sorted(targets),
-                      use_rslora=bool(d.get("use_rslora", False)), rank_pattern=d.get("rank_pattern") or {},
-                      alpha_pattern=d.get("alpha_pattern") or {}, base_model_name_or_path=d.get("base_model_name_or_path"))
+    return AdapterConfig(r=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)),
+                         dropout=float(d.get("lora_dropout") or 0),
+                         targets=targets if isinstance(targets, str) else sorted(targets),
+                         use_rslora=bool(d.get("use_rslora", False)), rank_pattern=d.get("rank_pattern") or {},
+                         alpha_pattern=d.get("alpha_pattern") or {},
+                         base_model_name_or_path=d.get("base_model_name_or_path"))
 
 
 def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -14,6 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# One slow test, its fixtures included, may take this long (the demo on a 2-core machine other work shares); a fast
+# test has pytest.ini's --timeout. Subprocesses that a slow test starts give up a little earlier, with their output.
+SLOW_TIMEOUT = 1800
 SHARED_CORPORA = REPO.parent / "shared" / "corpora"
 SAMPLES = REPO / "data" / "samples"
 
@@ -42,3 +45,16 @@ def samples_dir() -> Path:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    deselected = len(terminalreporter.stats.get("deselected", []))
+    if deselected and config.getoption("markexpr") == "not slow":
+        terminalreporter.write_line(f"{deselected} slow tests not run (the demo, the notebook, torchrun, "
+                                    "torch.compile): python -m pytest -m slow")

@@ -10,9 +10,9 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import trainer.activations as activations
 from model import ModelConfig, Transformer
 from model.lora import apply_lora
-import trainer.activations as activations
 from trainer.activations import ActivationPolicy, Offloader, apply_activation_policy
 
 CONFIG = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,

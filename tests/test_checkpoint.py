@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer, load_model, save_model
-from model.checkpoint import CheckpointError, SAFE_INDEX
+from model.checkpoint import SAFE_INDEX, CheckpointError
 
 CFG = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
            intermediate_size=160, max_position_embeddings=128)

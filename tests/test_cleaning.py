@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import pytest
 
-from utils.cleaning import (CleanConfig, clean_record, dice, en_to_zh_punctuation, has_table, is_translation_task,
-                            merge_title, normalize_punctuation)
+from utils.cleaning import (
+    CleanConfig,
+    clean_record,
+    dice,
+    en_to_zh_punctuation,
+    has_table,
+    is_translation_task,
+    merge_title,
+    normalize_punctuation,
+)
 from utils.corpora import Record
 
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import cli_demo
-from model import chat as chat_module
 from model import ModelConfig, Transformer, save_model
+from model import chat as chat_module
 from model.generation import SamplingConfig, default_stop_ids
 from utils.templates import get_template
 from utils.tokenizer import Tokenizer, train_tokenizer
@@ -128,7 +128,8 @@ def test_prompt_flag_answers_once_and_pipe_input_keeps_the_history(model_dir):
     assert once.stdout.strip() and "User" not in once.stdout and "Chat-LM-small" not in once.stdout
     assert once.stderr.count("tokens/s") == 1 and "12 tokens" in once.stderr
 
-    piped = run_cli(model_dir, "--max-new-tokens", "12", "--verbose", stdin="问题一\n\n问题二\n/clear\n问题三\n/exit\n不会回答\n")
+    piped = run_cli(model_dir, "--max-new-tokens", "12", "--verbose",
+                    stdin="问题一\n\n问题二\n/clear\n问题三\n/exit\n不会回答\n")
     assert piped.returncode == 0, piped.stderr
     prompts = [int(n) for n in re.findall(r"12 tokens \((\d+) in the prompt\)", piped.stderr)]
     assert len(prompts) == 3  # empty line ignored, nothing answered after /exit

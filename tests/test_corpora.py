@@ -8,8 +8,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from utils.corpora import (READERS, ReaderOptions, Tally, _json_array, detect_encoding, list_files, read_corpus,
-                           read_file, WIKI_TEMPLATES)
+from utils.corpora import (
+    READERS,
+    WIKI_TEMPLATES,
+    ReaderOptions,
+    Tally,
+    _json_array,
+    detect_encoding,
+    list_files,
+    read_corpus,
+    read_file,
+)
 
 SAMPLE_FORMATS = ["webtext", "baike", "medical", "zhihu", "belle", "wiki", "hc3", "instruct", "alpaca", "sharegpt"]
 
@@ -122,7 +131,8 @@ def test_wiki_template_independent_of_order(tmp_path, samples_dir):
 def test_zhihu_and_own_parquet(tmp_path, samples_dir):
     recs, _ = read_all("zhihu", samples_dir / "zhihu")
     assert any(r.prompt == "如何评价《三体》这部小说？" for r in recs)
-    pq.write_table(pa.table({"prompt": ["问", ""], "response": ["答", "x"], "source": ["a", "b"]}), tmp_path / "p.parquet")
+    pq.write_table(pa.table({"prompt": ["问", ""], "response": ["答", "x"], "source": ["a", "b"]}),
+                   tmp_path / "p.parquet")
     own, tally = read_all("parquet", tmp_path / "p.parquet")
     assert [(r.prompt, r.response) for r in own] == [("问", "答")] and tally.dropped["missing_field"] == 1
 
@@ -167,7 +177,8 @@ def test_real_belle_instruct_alpaca_qa(shared_corpora):
     belle, t = read_all("belle", shared_corpora / "belle" / "dev1K.first800.json")
     assert len(belle) == 800 and t.read == 800
     ner, _ = read_all("instruct", shared_corpora / "msra_ner_instruct")
-    assert len(ner) == 800 and ner[0].prompt.endswith("文本：因有关日寇在京掠夺文物详情，藏界较为重视，也是我们收藏北京史料中的要件之一。")
+    assert len(ner) == 800 and ner[0].prompt.endswith(
+        "文本：因有关日寇在京掠夺文物详情，藏界较为重视，也是我们收藏北京史料中的要件之一。")
     tsl, _ = read_all("alpaca", shared_corpora / "translational_style" / "TslDial.json")
     assert len(tsl) == 11543 and tsl[0].prompt == "你有最近看过什么好电影吗？"
     qa, _ = read_all("qa", shared_corpora / "translational_style" / "2_Dialogues.first6000.jsonl")
@@ -242,7 +253,8 @@ def test_json_array_streams_across_chunk_boundaries(tmp_path):
 
 
 def test_json_array_truncated_keeps_good_items(tmp_path):
-    text = json.dumps([{"instruction": "一", "output": "甲"}, {"instruction": "二", "output": "乙"}], ensure_ascii=False)
+    text = json.dumps([{"instruction": "一", "output": "甲"}, {"instruction": "二", "output": "乙"}],
+                      ensure_ascii=False)
     p = tmp_path / "t.json"
     p.write_text(text[:-12], encoding="utf-8")
     recs, tally = read_all("alpaca", p)
@@ -264,7 +276,8 @@ def test_medical_quote_that_never_closes_swallows_no_rows(tmp_path, n):
 
 def test_medical_short_rows_and_utf8(tmp_path):
     p = tmp_path / "m.csv"
-    p.write_text("department,title,ask,answer\n内科,头疼怎么办,最近经常头疼,注意休息，必要时就医\n内科,只有标题\n", encoding="utf-8")
+    p.write_text("department,title,ask,answer\n内科,头疼怎么办,最近经常头疼,注意休息，必要时就医\n内科,只有标题\n",
+                 encoding="utf-8")
     recs, tally = read_all("medical", p)
     assert len(recs) == 1 and tally.dropped["missing_field"] == 1 and detect_encoding(p) == "utf-8"
 

@@ -13,10 +13,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.loss import IGNORE_INDEX
-from trainer.data import PAD_SEGMENT, PackedLoader, best_fit_pack, build_token_cache, pretrain_loader, sft_loader, token_dtype
+from trainer.data import (
+    PAD_SEGMENT,
+    PackedLoader,
+    best_fit_pack,
+    build_token_cache,
+    pretrain_loader,
+    sft_loader,
+    token_dtype,
+)
 from utils.io import find_shards
 from utils.templates import get_template, to_messages
 from utils.tokenizer import Tokenizer, train_tokenizer
@@ -332,7 +341,8 @@ def test_chatml_labels_only_answer_and_im_end(tok):
     assert (b["input_ids"][0, n:] == tok.pad_id).all()
 
 
-@pytest.mark.parametrize("name,prefix", [("wenda", "问：你好答："), ("human_assistant", "Human: \n你好\n\nAssistant: \n")])
+@pytest.mark.parametrize("name,prefix", [("wenda", "问：你好答："),
+                                         ("human_assistant", "Human: \n你好\n\nAssistant: \n")])
 def test_templates_without_end_token_train_answer_plus_eos(tok, name, prefix):
     b = next(iter(sft_loader([("你好", "今天天气很好")], tok, name, max_seq_len=64, batch_size=1)))
     assert trained_text(tok, b) == ["今天天气很好<|endoftext|>"]

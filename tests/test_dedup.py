@@ -8,8 +8,17 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from utils.cleaning import CleanConfig, clean_record
 from utils.corpora import read_corpus
-from utils.dedup import (DedupConfig, exact_hashes, first_occurrence, lsh_params, minhash_signatures, near_duplicates,
-                         near_keys, shingle_hash, shingles)
+from utils.dedup import (
+    DedupConfig,
+    exact_hashes,
+    first_occurrence,
+    lsh_params,
+    minhash_signatures,
+    near_duplicates,
+    near_keys,
+    shingle_hash,
+    shingles,
+)
 
 
 def sample_docs(samples_dir, name: str) -> list[str]:
@@ -77,14 +86,18 @@ def test_near_duplicate_decisions_equal_datasketch_lsh(shared_corpora, samples_d
 
 
 def test_planted_near_duplicates_removed_distinct_kept():
-    base = "糖尿病人能吃水果吗？血糖控制平稳的话可以吃水果，选择含糖量较低的苹果、梨、柚子，每天二百克左右，放在两餐之间吃。"
+    base = ("糖尿病人能吃水果吗？血糖控制平稳的话可以吃水果，选择含糖量较低的苹果、梨、柚子，"
+            "每天二百克左右，放在两餐之间吃。")
     docs = [
         base,
         base.replace("，放在两餐之间吃", "，放在两餐之间吃哦"),                       # near-duplicate of 0
         "高血压患者早上头晕怎么办？建议连续一周早晚各测一次血压并记录，带着记录去心内科复诊，起床时动作要慢。",
-        "高血压患者早上头晕怎么办呢？建议连续一周早晚各测一次血压并记录，带着记录去心内科复诊，起床时动作要慢。",  # of 2
-        "糖尿病人能吃米饭吗？可以吃，但要控制量，每餐一小碗，最好和粗粮一起吃，吃饭时先吃蔬菜再吃主食。",      # distinct
-        "为什么天空是蓝色的？阳光被空气分子散射，蓝光波长短，散射最强，所以天空看起来是蓝色的。",              # distinct
+        # near-duplicate of 2
+        "高血压患者早上头晕怎么办呢？建议连续一周早晚各测一次血压并记录，带着记录去心内科复诊，起床时动作要慢。",
+        # distinct
+        "糖尿病人能吃米饭吗？可以吃，但要控制量，每餐一小碗，最好和粗粮一起吃，吃饭时先吃蔬菜再吃主食。",
+        # distinct
+        "为什么天空是蓝色的？阳光被空气分子散射，蓝光波长短，散射最强，所以天空看起来是蓝色的。",
     ]
     bands, has = near_keys(docs, DedupConfig())
     assert near_duplicates(bands, has).tolist() == [False, True, False, True, False, False]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SLOW_TIMEOUT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,8 +24,8 @@ def check_chat_ready(model_dir: Path) -> None:
     hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     assert hf_tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
                                       add_generation_prompt=True).endswith("<|im_start|>assistant\n")
-    out = subprocess.run([sys.executable, "cli_demo.py", "--model", str(model_dir), "--prompt", "地球上最大的海洋是哪个？",
-                          "--temperature", "0", "--max-new-tokens", "30"], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "cli_demo.py", "--model", str(model_dir),
+                          "--prompt", "地球上最大的海洋是哪个？", "--temperature", "0", "--max-new-tokens", "30"], cwd=REPO, capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip()
 
@@ -34,7 +35,7 @@ def demo(tmp_path_factory) -> tuple[Path, str]:
     """`python train.py demo` run once: (its output directory, what it printed)."""
     out = tmp_path_factory.mktemp("demo") / "demo"
     run = subprocess.run([sys.executable, "train.py", "demo", "--out", str(out)], cwd=REPO, capture_output=True,
-                         text=True, timeout=900)
+                         text=True, timeout=SLOW_TIMEOUT - 120)
     assert run.returncode == 0, run.stderr[-3000:]
     return out, run.stdout
 

@@ -7,15 +7,32 @@ import torch
 
 import model.generation as generation
 from model import ModelConfig, Transformer, load_model
-from model.generation import (RaceNoise, SamplingConfig, apply_repetition_penalty, chat_prompt, default_stop_ids,
-                              encode_chat, generate, next_token, process_logits, stream, token_presence, top_k_filter,
-                              top_p_filter)
+from model.generation import (
+    RaceNoise,
+    SamplingConfig,
+    apply_repetition_penalty,
+    chat_prompt,
+    default_stop_ids,
+    encode_chat,
+    generate,
+    next_token,
+    process_logits,
+    stream,
+    token_presence,
+    top_k_filter,
+    top_p_filter,
+)
 from utils.templates import get_template
 from utils.tokenizer import Tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
-from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,  # noqa: E402
-                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (  # noqa: E402
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 VOCAB = 97
 TEXT = "\n".join(["你好，我是一个很小的聊天模型。今天天气怎么样？我们一起去公园散步吧。",

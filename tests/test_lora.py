@@ -9,8 +9,19 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import load_model, save_model
-from model.lora import (LoRALinear, LoRASlice, apply_lora, load_adapter, lora_state_dict, mark_only_lora_trainable,
-                        merge_and_unload, merge_lora, save_adapter, set_lora_state_dict, unmerge_lora)
+from model.lora import (
+    LoRALinear,
+    LoRASlice,
+    apply_lora,
+    load_adapter,
+    lora_state_dict,
+    mark_only_lora_trainable,
+    merge_and_unload,
+    merge_lora,
+    save_adapter,
+    set_lora_state_dict,
+    unmerge_lora,
+)
 from trainer.activations import ActivationPolicy, apply_activation_policy
 
 transformers = pytest.importorskip("transformers")

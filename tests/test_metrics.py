@@ -16,11 +16,9 @@ import torch
 import train
 from model import ModelConfig, Transformer, load_model, save_model
 from model.generation import SamplingConfig, chat_prompt, default_stop_ids, generate
-from utils.templates import to_messages, tokenize_sft
 from utils.metrics import answer_loss, bleu4, char_tokens, evaluate, rouge_l
-from utils.templates import get_template
+from utils.templates import get_template, to_messages, tokenize_sft
 from utils.tokenizer import Tokenizer, train_tokenizer
-
 
 # ---- hand-worked metrics -------------------------------------------------------------------------------------------
 PREDICTIONS = ["今天天气不错", "我喜欢Python"]

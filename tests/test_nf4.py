@@ -3,17 +3,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._dynamo.utils import counters
 
 import model.nf4 as nf4
 import model.nf4_kernel as nf4_kernel
 from model import load_model
 from model.lora import LoRALinear, apply_lora, merge_lora
-from model.nf4 import (BLOCK_LINEARS, DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4Weight, nf4_hook, pack_nibbles,
-                       unpack_nibbles)
+from model.nf4 import (
+    BLOCK_LINEARS,
+    DYNAMIC_CODE,
+    NF4_CODE,
+    NF4Linear,
+    NF4Weight,
+    nf4_hook,
+    pack_nibbles,
+    unpack_nibbles,
+)
 from trainer.activations import ActivationPolicy, apply_activation_policy
 
 

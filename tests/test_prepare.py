@@ -90,12 +90,14 @@ def test_multi_turn_policies():
 def test_bad_input_is_counted_not_fatal(tmp_path):
     d = tmp_path / "belle"
     d.mkdir()
-    good = [json.dumps({"instruction": f"请介绍第{i}种常见的水果", "input": "", "output": f"第{i}种水果很好吃，营养丰富，适合每天吃一些。"},
+    good = [json.dumps({"instruction": f"请介绍第{i}种常见的水果", "input": "",
+                        "output": f"第{i}种水果很好吃，营养丰富，适合每天吃一些。"},
                        ensure_ascii=False) for i in range(30)]
     (d / "a.json").write_text("\n".join(good[:15] + ["{oops", '{"instruction": "缺少输出"}']) + "\n", encoding="utf-8")
     (d / "b.json").write_bytes(("\n".join(good[15:]) + "\n").encode() + b"\xc3\x28 bad\n")
     (d / "empty.json").write_text("")
-    stats = prepare_corpora([("belle", d)], tmp_path / "o", PrepareConfig(split=(1, 0, 0), dedup=DedupConfig(near=False)))
+    stats = prepare_corpora([("belle", d)], tmp_path / "o",
+                            PrepareConfig(split=(1, 0, 0), dedup=DedupConfig(near=False)))
     c = stats["corpora"]["belle"]
     assert c["kept"] == 30
     assert c["dropped"]["bad_json"] == 1 and c["dropped"]["missing_field"] == 1
@@ -150,7 +152,8 @@ def test_cli(tmp_path, samples_dir, capsys):
     text = capsys.readouterr().out
     assert "medical" in text and "hc3" in text and "kept" in text
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["config"]["read"]["hc3_answers"] == "human" and stats["config"]["clean"]["min_lengths"]["medical"] == [2, 2]
+    assert (stats["config"]["read"]["hc3_answers"] == "human"
+            and stats["config"]["clean"]["min_lengths"]["medical"] == [2, 2])
     assert "near_duplicate" not in stats["corpora"]["medical"]["dropped"]
     assert stats["corpora"]["medical"]["dropped"].get("short_response", 0) == 0  # "多休息。" passes 2,2
     with pytest.raises(SystemExit):

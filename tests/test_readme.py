@@ -42,3 +42,24 @@ def test_readme_command_parses(command):
 
 def test_readme_has_the_commands():
     assert len(readme_commands()) >= 15
+
+
+def readme_python_imports() -> list[str]:
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    return [line.split("#")[0].strip() for block in blocks for line in block.splitlines()
+            if line.startswith(("from ", "import "))]
+
+
+def test_readme_python_api_imports():
+    """Every name the README's Python API section imports exists (the commands above are checked by the parsers)."""
+    lines = readme_python_imports()
+    assert any("trainer.stages" in line for line in lines) and any("model.chat" in line for line in lines)
+    for line in lines:
+        exec(line, {})
+
+
+def test_readme_stage_configs_build():
+    """The README's stage calls take the documented config fields (built, not run)."""
+    from trainer.stages import PretrainConfig, SFTConfig
+    assert PretrainConfig(data="d", tokenizer="t", preset="small", out_dir="o").lr == 6e-4
+    assert SFTConfig(init="i", data="d", out_dir="o").epochs == 2.0

@@ -213,6 +213,7 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
 def test_an_unexpected_failure_is_an_openai_server_error(model_dir):
     """Anything the code did not foresee (here: the worker thread raising) is still a 500 with OpenAI's body."""
     from fastapi.testclient import TestClient
+
     from serve import Engine, create_app, load_served_model
     model, tok = load_served_model(model_dir, device="cpu")
     engine = Engine(model, tok, resolve_template(None, tok), "tiny")
@@ -295,7 +296,8 @@ def test_lora_adapter_is_served_merged_and_a_full_queue_answers_429(model_dir, t
     from model import load_model
     from model.lora import apply_lora, save_adapter
     model = load_model(model_dir)
-    apply_lora(model, r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    apply_lora(model, r=4, alpha=8,
+               targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -18,15 +18,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_serve import Server, build_tokenizer, tiny_config
 
 from model import Transformer, save_model
 from trainer.config import TrainConfig
+from trainer.data import sft_loader
 from trainer.loop import Trainer
 from trainer.stages import FullModelIO
-from test_serve import Server, build_tokenizer, tiny_config
-from trainer.data import sft_loader
-from utils.synth import (Appender, ChatClient, FatalAPIError, InvalidReply, Outcome, _run_pool, load_recipe,
-                         parse_json_reply, read_jsonl, render, validate_record, validate_topics)
+from utils.synth import (
+    Appender,
+    ChatClient,
+    FatalAPIError,
+    InvalidReply,
+    Outcome,
+    _run_pool,
+    load_recipe,
+    parse_json_reply,
+    read_jsonl,
+    render,
+    validate_record,
+    validate_topics,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-synth-secret-4242"

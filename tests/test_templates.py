@@ -62,7 +62,8 @@ def test_bad_messages_and_names():
         get_template("nope")
     t = TEMPLATES["chatml"]
     for bad in ([], [{"role": "assistant", "content": "x"}], [{"role": "user", "content": 1}],
-                [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], [{"role": "bot", "content": "x"}]):
+                [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                [{"role": "bot", "content": "x"}]):
         with pytest.raises(ValueError):
             t.render(bad)
 

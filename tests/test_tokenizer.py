@@ -242,8 +242,7 @@ def test_template_pieces_encode_as_the_whole_text_does(shared_corpora, llama, te
     dummy prefix only on the first, the ids equal transformers' encoding of the whole rendered text, the format a
     LLaMA-family checkpoint was trained on (eos appended after answers aside, for templates without a marker)."""
     from model.generation import encode_chat
-    from utils.templates import ends_turn_with_token, tokenize_sft
-    from utils.templates import get_template
+    from utils.templates import ends_turn_with_token, get_template, tokenize_sft
     ours, hf = llama
     tpl = get_template(template)
     pairs = qa_pairs(shared_corpora)[:6]
@@ -257,7 +256,8 @@ def test_template_pieces_encode_as_the_whole_text_does(shared_corpora, llama, te
     for e, messages in enumerate(conversations):
         tokens, trainable = examples.example(e)
         whole = hf.encode(tpl.render(messages), add_special_tokens=False)
-        ids = [int(t) for t, was_appended in zip(tokens, trainable) if not (appended and was_appended and t == ours.eos_id)]
+        ids = [int(t) for t, was_appended in zip(tokens, trainable)
+               if not (appended and was_appended and t == ours.eos_id)]
         assert ids == whole
         prompt = [i for i in encode_chat(ours, tpl, messages[:-1]) if not (appended and i == ours.eos_id)]
         assert prompt == hf.encode(tpl.render(messages[:-1], add_generation_prompt=True), add_special_tokens=False)
@@ -268,7 +268,7 @@ def test_sampler_keeps_only_heldout_chars_of_the_holdout(tmp_path):
     p = tmp_path / "docs.txt"
     lines = [f"第{i}篇文档的内容 document {i}\n" for i in range(20_000)]
     p.write_text("".join(lines), encoding="utf-8")
-    held = [l for l in lines if _heldout_doc(l)]
+    held = [line for line in lines if _heldout_doc(line)]
     assert len(held) > 100
     sampler = _Sampler([p], 1.0, 0, hold_out=True, heldout_chars=200)
     trained = list(sampler)
@@ -285,7 +285,8 @@ def test_training_into_a_model_dir_keeps_its_other_files(tmp_path):
     (model / "model.safetensors").write_bytes(b"weights")
     (model / "tokenizer.json").write_text("old")
     train_tokenizer([text], 300, model)
-    assert (model / "config.json").read_text() == '{"dim": 8}' and (model / "model.safetensors").read_bytes() == b"weights"
+    assert ((model / "config.json").read_text() == '{"dim": 8}'
+            and (model / "model.safetensors").read_bytes() == b"weights")
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
                                                        "tokenizer_config.json", "tokenizer_report.json"]
     tok = Tokenizer.load(model)

@@ -238,6 +238,7 @@ def test_loss_goes_down_on_a_real_corpus(shared_corpora, tmp_path):
     """Pretrain the tiny preset on the real medical-dialogue sample (GB18030 CSV): eval loss falls well below the
     uniform-guess loss and the first training losses."""
     import pandas as pd
+
     from utils.tokenizer import train_tokenizer
     df = pd.read_csv(shared_corpora / "medical_dialogue" / "IM_neike_5000-6000_sample.csv", encoding="gb18030")
     df = df.dropna(subset=["ask", "answer"]).head(1200)
@@ -331,7 +332,8 @@ def test_offloaded_training_equals_checkpointed_training(corpus, tmp_path, monke
     monkeypatch.setattr(offload, "OFFLOAD_SKIP_LAST", 0)
     moved = []
     real_offload = offload.Offloader._offload
-    monkeypatch.setattr(offload.Offloader, "_offload", lambda self, t, n: (moved.append(n), real_offload(self, t, n))[1])
+    monkeypatch.setattr(offload.Offloader, "_offload",
+                        lambda self, t, n: (moved.append(n), real_offload(self, t, n))[1])
     ckpt = ["--max-steps", "3", "--gradient-checkpointing"]
     train.main(pretrain_args(corpus, tmp_path / "plain", *ckpt))
     assert not moved
@@ -399,6 +401,7 @@ def test_cuda_throughput_windows_are_timed_on_the_gpu():
     reading the step late (as it does one step behind, and not at all after the last step) does not shorten or
     lengthen the window."""
     import time
+
     from trainer.loop import seconds_between, to_host, window_start
     start = window_start(torch.device("cuda"))
     torch.cuda._sleep(10**8)  # ~50-70 ms of GPU work at 1.4-2 GHz

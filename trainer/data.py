@@ -33,8 +33,8 @@ import torch
 
 from model.loss import IGNORE_INDEX  # the label the loss skips
 from utils.io import atomic_dir, find_shards, iter_parquet, num_rows
-from utils.templates import Record, SFTExamples, get_template, to_messages, tokenize_sft
 from utils.progress import progress_bar
+from utils.templates import Record, SFTExamples, get_template, to_messages, tokenize_sft
 
 PAD_SEGMENT = -1  # segment id of the padding at the end of a packed SFT row
 CACHE_FORMAT_VERSION = 1  # bump when the document format or the cache layout changes
@@ -179,8 +179,9 @@ def best_fit_pack(lengths: np.ndarray, capacity: int, order: Iterable[int], buff
     """Pack items (taken from `order`) into rows of `capacity` units; every row starts with a whole item.
 
     The packer keeps `buffer_size` upcoming items sorted by length and fills a row with the largest one that still
-    fits (an item longer than a row starts a row of its own and is cut). When none fits: with `crop`, the shortest buffered item is cut to fill the row exactly (its tail is
-    dropped and counted); without, the row is closed and the remainder is padding. A final row that `crop` mode
+    fits (an item longer than a row starts a row of its own and is cut). When none fits: with `crop`, the shortest
+    buffered item is cut to fill the row exactly (its tail is dropped and counted); without, the row is closed and
+    the remainder is padding. A final row that `crop` mode
     cannot fill is dropped (counted), so cropped rows never contain padding.
     """
     if not crop and len(lengths) and int(np.max(lengths)) > capacity:

@@ -38,16 +38,19 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils import gather_object
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-from utils.io import atomic_dir, write_json
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from model.loss import IGNORE_INDEX
 from model.nf4 import NF4Linear
 from model.transformer import Transformer
+from utils.io import atomic_dir, write_json
 
 from .activations import PAYS_FROM_WIDTH, ActivationPolicy, apply_activation_policy, compiles_per_block
 from .config import TrainConfig
@@ -335,7 +338,8 @@ class Trainer:
             optimizer_state = torch.load(state / "optimizer.pt", map_location="cpu", weights_only=True)
             if not all(isinstance(k, str) for k in optimizer_state.get("state", {})):
                 raise ValueError(f"{state / 'optimizer.pt'}: optimizer state keyed by position, not parameter name "
-                                 "(an earlier format); start a new run from its weights instead (pretrain / sft --init)")
+                                 "(an earlier format); start a new run from its weights instead "
+                                 "(pretrain / sft --init)")
         set_optimizer_state_dict(self.prepared, self.optimizer.optimizer, optimizer_state,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
         per_rank = torch.load(state / f"rank{acc.process_index}.pt", weights_only=True)

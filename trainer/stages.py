@@ -17,8 +17,14 @@ import torch
 from model.checkpoint import load_base, load_model, load_weights_into, save_model, write_model_files
 from model.config import ModelConfig
 from model.generation import SamplingConfig, default_stop_ids, generate_answers
-from model.lora import (apply_lora, load_adapter, merge_and_unload, read_adapter_weights, save_adapter,
-                        set_lora_state_dict)
+from model.lora import (
+    apply_lora,
+    load_adapter,
+    merge_and_unload,
+    read_adapter_weights,
+    save_adapter,
+    set_lora_state_dict,
+)
 from model.transformer import Transformer
 from utils.corpora import read_records
 from utils.tokenizer import Tokenizer

@@ -535,8 +535,9 @@ def read_sharegpt(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Rec
 # ----------------------------------------------------------------------------------------------- wiki
 
 WIKI_TEMPLATES = (
-    "什么是{}？", "介绍一下{}", "介绍一下什么是{}", "写一篇关于{}的介绍", "{}是什么？", "你知道{}吗？", "生成关于{}的介绍",
-    "我想知道关于{}的详细信息", "你了解{}吗？", "请解释一下{}", "对于{}，你有什么了解或看法吗？", "请告诉我关于{}的信息",
+    "什么是{}？", "介绍一下{}", "介绍一下什么是{}", "写一篇关于{}的介绍", "{}是什么？", "你知道{}吗？",
+    "生成关于{}的介绍", "我想知道关于{}的详细信息", "你了解{}吗？", "请解释一下{}", "对于{}，你有什么了解或看法吗？",
+    "请告诉我关于{}的信息",
     "请简要描述一下{}", "请提供有关{}的一些详细信息", "能否解释一下{}是什么？", "请分享一些关于{}的背景知识",
     "请简要概括一下{}", "能给我一些关于{}的背景资料吗？", "有关{}的信息可以分享一下吗？", "你能告诉我{}是什么吗？",
 )
@@ -618,7 +619,8 @@ def read_wiki(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]
     so the output does not depend on file order."""
     for where, title, text in _wiki_articles(path, opts, tally):
         # convert a little more than we keep: t2s can change lengths only marginally
-        answer = clean_wiki_text(wiki_answer(title, text[: opts.wiki_max_chars * 3 + len(title) + 8], opts.wiki_max_chars * 2))
+        answer = clean_wiki_text(wiki_answer(title, text[: opts.wiki_max_chars * 3 + len(title) + 8],
+                                             opts.wiki_max_chars * 2))
         answer = wiki_answer("", answer, opts.wiki_max_chars)
         title = to_simplified(title.strip())
         if not title or not answer:

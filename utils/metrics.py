@@ -36,13 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.attention import sdpa_kernel
 from rich.console import Console
 from rich.table import Table
+from torch.nn.attention import sdpa_kernel
 
-from model.generation import (DECODE_SDPA_BACKENDS, SamplingConfig, context_budget, generate_answers,
-                              resolve_template)
 from model.checkpoint import load_model
+from model.generation import DECODE_SDPA_BACKENDS, SamplingConfig, context_budget, generate_answers, resolve_template
 from model.loss import IGNORE_INDEX
 from model.transformer import Transformer
 from utils.io import find_shards, iter_parquet, write_json

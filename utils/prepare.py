@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import multiprocessing
+import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from utils.cleaning import CleanConfig, clean_record
-from utils.corpora import FILTER_REASONS, READERS, Record, ReaderOptions, Tally, is_blank_file, list_files, read_file
+from utils.corpora import FILTER_REASONS, READERS, ReaderOptions, Record, Tally, is_blank_file, list_files, read_file
 from utils.dedup import DedupConfig, chunk_keys, first_occurrence, near_duplicates
 from utils.io import atomic_dir, write_json
 from utils.progress import progress_bar
@@ -319,7 +319,8 @@ def print_stats(stats: dict) -> None:
         dropped = ", ".join(f"{r}: {n:,}" for r, n in c["dropped"].items()) or "-"
         table.add_row(name, f"{c['read']:,}", f"{c['kept']:,}", dropped, f"{c['seconds']:.1f}")
     t = stats["total"]
-    table.add_row("total", f"{t['read']:,}", f"{t['kept']:,}", f"{sum(sum(c['dropped'].values()) for c in stats['corpora'].values()):,}", f"{t['seconds']:.1f}",
+    table.add_row("total", f"{t['read']:,}", f"{t['kept']:,}",
+                  f"{sum(sum(c['dropped'].values()) for c in stats['corpora'].values()):,}", f"{t['seconds']:.1f}",
                   style="bold")
     console = Console()
     console.print(table)

@@ -4,8 +4,9 @@ Every template is the same five pieces of text around the messages, so `render`,
 apart (the tests check the jinja against `transformers.apply_chat_template`). Multi-turn rendering, exactly
 (`[...]` is present only when there is a system prompt; `|` separates pieces, not text):
 
-    chatml           [<|im_start|>system\\n{sys}<|im_end|>\\n] <|im_start|>user\\n{q}<|im_end|>\\n | <|im_start|>assistant\\n
-                     | {a}<|im_end|> | \\n   ... repeated per turn (Qwen1.5 / LLaMA-Factory `qwen` layout)
+    chatml           [<|im_start|>system\\n{sys}<|im_end|>\\n] <|im_start|>user\\n{q}<|im_end|>\\n
+                     | <|im_start|>assistant\\n | {a}<|im_end|> | \\n   ... repeated per turn
+                     (Qwen1.5 / LLaMA-Factory `qwen` layout)
     qwen             chatml with Qwen1.5-Chat's default system "You are a helpful assistant" when none is given
     wenda            [{sys}\\n] 问：{q} | 答： | {a} || \\n 问：{q2} | 答： | {a2}          (ChatBaichuan-HC3)
     human_assistant  [{sys}\\n\\n] Human: \\n{q}\\n\\n | Assistant: \\n | {a} || \\n\\n Human: ...  (baichuan-QLoRA)
@@ -96,7 +97,8 @@ class ChatTemplate:
                          f"{{%- set content = {filled(self.system, 'system')} + content %}}{{%- endif %}}")
         parts.append(f"{{%- if not loop.first %}}{{{{ {q(self.turn_sep)} }}}}{{%- endif %}}"
                      f"{{{{ {filled(self.user, 'content')} }}}}"
-                     f"{{%- if not loop.last or add_generation_prompt %}}{{{{ {q(self.assistant_prefix)} }}}}{{%- endif %}}"
+                     f"{{%- if not loop.last or add_generation_prompt %}}"
+                     f"{{{{ {q(self.assistant_prefix)} }}}}{{%- endif %}}"
                      f"{{%- elif m['role'] == 'assistant' %}}"
                      f"{{{{ {filled(self.assistant, 'm[' + q('content') + ']')} + {q(self.assistant_suffix)} }}}}"
                      "{%- endif %}{%- endfor %}")

@@ -206,7 +206,7 @@ def _qwen2_from_files(path: Path, config: dict) -> _HFTokenizer:
     """vocab.json + merges.txt with Qwen2's NFC normalizer, pre-tokenizer regex, byte-level decoder and specials."""
     vocab = read_json(path / "vocab.json")
     lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()  # the shared copy has CRLF endings
-    merges = [tuple(l.split(" ")) for l in lines if l and not l.startswith("#version")]
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
     tk = _HFTokenizer(models.BPE(vocab, merges, unk_token=None, fuse_unk=False, byte_fallback=False))
     tk.normalizer = normalizers.NFC()
     tk.pre_tokenizer = pre_tokenizers.Sequence([
@@ -441,7 +441,8 @@ def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | 
                     max_words: int = 1_000_000, heldout_chars: int = 2_000_000, seed: int = 0,
                     show_progress: bool = False) -> dict:
     """Train our BPE on the training files, save it to out_dir (each file atomically; other files there, such as a
-    model's config and weights, are kept) and return the report (also written to out_dir/tokenizer_report.json). Memory is bounded twice: by the byte sample and by max_words distinct pre-tokens.
+    model's config and weights, are kept) and return the report (also written to out_dir/tokenizer_report.json).
+    Memory is bounded twice: by the byte sample and by max_words distinct pre-tokens.
     compare: another tokenizer dir (e.g. Qwen2) measured on the same held-out text."""
     floor = len(SPECIAL_TOKENS) + 256 + 1
     if vocab_size < floor:
