@@ -25,8 +25,8 @@ def check_chat_ready(model_dir: Path) -> None:
     assert hf_tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
                                       add_generation_prompt=True).endswith("<|im_start|>assistant\n")
     out = subprocess.run([sys.executable, "cli_demo.py", "--model", str(model_dir),
-                          "--prompt", "地球上最大的海洋是哪个？", "--temperature", "0", "--max-new-tokens", "30"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120, check=True)
+                          "--prompt", "地球上最大的海洋是哪个？", "--temperature", "0", "--max-new-tokens", "30"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip()
 
 
