@@ -15,6 +15,7 @@ import sys
 from rich.console import Console
 
 from model.chat import DTYPES, Chat, load_chat_model
+from utils.errors import user_errors_exit
 from utils.templates import TEMPLATES
 
 COMMANDS_HELP = "/clear resets the conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer"
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "chat") -> Non
     parser.add_argument("--predictions", default=None, help="batch mode: JSON-lines output (prompt, reference, "
                         "prediction)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch mode: prompts generated together")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def build_chat(args: argparse.Namespace) -> Chat:
@@ -186,4 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    args = build_parser().parse_args()
+    with user_errors_exit(args.debug):
+        main(args)

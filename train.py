@@ -2,6 +2,8 @@
 
     python train.py {prepare,tokenizer,pretrain,sft,lora,merge,eval,synth,demo} --help
 
+A user error prints one line and exits 2; add --debug anywhere for its traceback.
+
 Each subcommand lives in the module that does the work; the module exposes
 `add_arguments(parser, command)` and `main(args)` (the training stages through
 trainer/args.py, which builds their options from the dataclass configs). Modules
@@ -14,6 +16,8 @@ import argparse
 import importlib
 import sys
 from typing import Any
+
+from utils.errors import user_errors_exit
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -49,5 +53,13 @@ def main(argv: list[str] | None = None) -> Any:
     return module.main(args)
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The command line: a user error (missing file, bad option value, bad data) is one line and exit 2; `--debug`
+    (anywhere in the command) shows its traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    with user_errors_exit(debug="--debug" in argv):
+        main([a for a in argv if a != "--debug"])
+
+
 if __name__ == "__main__":
-    main()
+    cli()

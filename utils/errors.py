@@ -1,0 +1,34 @@
+"""How the command-line entry points end on a user's mistake: one line that names the file, line or key, exit 2.
+
+A missing file, a bad option value or bad data raises OSError or ValueError with such a message; the entry points
+(train.py, cli_demo.py, serve.py) print it alone unless `--debug` asks for the traceback. Any other exception is a
+bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import sys
+from collections.abc import Iterator
+
+USER_ERRORS = (OSError, ValueError)
+EXIT_USER_ERROR = 2
+
+
+def describe(error: BaseException) -> str:
+    """The one line shown for a user error; a full disk is said in words, with the path when known."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"no space left on device{f' writing {error.filename}' if error.filename else ''}"
+    return str(error) or type(error).__name__
+
+
+@contextlib.contextmanager
+def user_errors_exit(debug: bool = False) -> Iterator[None]:
+    """Inside: a user error prints `error: ...` on stderr and exits 2 (with `debug`, the traceback instead)."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"error: {describe(e)} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
