@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> Any:
 
 def cli(argv: list[str] | None = None) -> None:
     """The command line: a user error (missing file, bad option value, bad data) is one line and exit 2; `--debug`
-    (anywhere in the command) shows its traceback."""
+    (anywhere in the command) shows its traceback. A run stopped by a signal exits 128 + the signal (130, 143)."""
     argv = sys.argv[1:] if argv is None else argv
     with user_errors_exit(debug="--debug" in argv):
         main([a for a in argv if a != "--debug"])

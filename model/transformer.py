@@ -238,6 +238,26 @@ class Transformer(nn.Module):
             for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
                 proj.weight.mul_(1 / math.sqrt(2 * self.config.num_hidden_layers))
 
+    @torch.no_grad()
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow the embedding (and an untied head) to `vocab_size` rows for tokens added to the tokenizer; new rows
+        start at the mean of the old ones, so a new token begins as an average token rather than noise."""
+        old = self.model.embed_tokens.weight
+        if vocab_size <= old.shape[0]:
+            return
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            extra = weight.mean(0, keepdim=True).expand(vocab_size - weight.shape[0], -1)
+            return nn.Parameter(torch.cat([weight, extra]), requires_grad=weight.requires_grad)
+        self.model.embed_tokens.weight = grown(old)
+        self.model.embed_tokens.num_embeddings = vocab_size
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head.weight = grown(self.lm_head.weight)
+        self.lm_head.out_features = vocab_size
+        self.config.vocab_size = vocab_size
+
     def setup_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.model.embed_tokens.weight
         max_len = max_len or self.config.max_position_embeddings

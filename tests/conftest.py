@@ -54,7 +54,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    deselected = len(terminalreporter.stats.get("deselected", []))
+    deselected = sum(1 for item in terminalreporter.stats.get("deselected", []) if item.get_closest_marker("slow"))
     if deselected and config.getoption("markexpr") == "not slow":
         terminalreporter.write_line(f"{deselected} slow tests not run (the demo, the notebook, torchrun, "
                                     "torch.compile): python -m pytest -m slow")

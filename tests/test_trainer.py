@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 import train
 from model import load_model
+from utils.errors import TrainingStopped
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +86,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monk
                 os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 3
             yield batch
     monkeypatch.setattr(datasets.PackedLoader, "__iter__", iter_with_sigterm)
-    train.main(pretrain_args(corpus, tmp_path / "resumed", "--max-steps", "6"))
+    with pytest.raises(TrainingStopped) as stopped:  # saved, and says so: later stages must not run
+        train.main(pretrain_args(corpus, tmp_path / "resumed", "--max-steps", "6"))
+    assert stopped.value.signum == signal.SIGTERM and stopped.value.checkpoint.name == "checkpoint-4"
     assert os.readlink(tmp_path / "resumed" / "latest") == "checkpoint-4"
     assert "received signal" in (tmp_path / "resumed" / "train.log").read_text()
     monkeypatch.setattr(datasets.PackedLoader, "__iter__", original_iter)
@@ -410,3 +414,126 @@ def test_cuda_throughput_windows_are_timed_on_the_gpu():
     end.synchronize()
     gpu_seconds = seconds_between(start, end)
     assert 0.02 < gpu_seconds < 0.3
+
+
+# ---- reliability: what a stopped, broken or mismatched run does ----------------------------------------------------
+def test_exploded_weights_are_never_saved(corpus, tmp_path):
+    """A step's loss is read before its update: at a save step the weights are checked, so a checkpoint never holds
+    weights that were not finite, and with none saved the message does not point at one."""
+    from trainer.loop import NonFiniteLoss
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match="No checkpoint was saved"):
+        train.main(pretrain_args(corpus, run, "--max-steps", "4", "--save-every", "1", "--warmup-steps", "0",
+                                 "--lr", "1e12", "--grad-clip", "0"))
+    assert not list(run.glob("checkpoint-*")) and not (run / "latest").exists()
+
+
+def test_resume_reports_a_damaged_checkpoint_and_can_fall_back(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(pretrain_args(corpus, run, "--max-steps", "4", "--save-every", "2"))
+    optimizer = run / "checkpoint-4" / "training_state" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match="optimizer.pt: missing or truncated: the checkpoint is damaged"):
+        train.main(pretrain_args(corpus, run, "--max-steps", "6", "--resume"))
+    train.main(pretrain_args(corpus, run, "--max-steps", "6", "--resume", "--resume-fallback"))
+    assert "resumed from " + str((run / "checkpoint-2").resolve()) in (run / "train.log").read_text()
+    assert "falling back to" in capsys.readouterr().out
+    state = run / "checkpoint-6" / "training_state" / "trainer_state.json"
+    state.write_text("{broken")
+    with pytest.raises(ValueError, match="trainer_state.json: cannot be read"):
+        train.main(pretrain_args(corpus, run, "--max-steps", "8", "--resume"))
+
+
+def test_resume_with_latest_gone_takes_the_newest_complete_checkpoint(corpus, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    train.main(pretrain_args(corpus, run, "--max-steps", "4", "--save-every", "2"))
+    shutil.rmtree(run / "checkpoint-4")  # latest now points at nothing
+    train.main(pretrain_args(corpus, run, "--max-steps", "5", "--resume"))
+    assert "resuming from the newest complete one" in capsys.readouterr().err
+    assert "at step 2" in (run / "train.log").read_text()
+
+
+def test_a_new_run_never_writes_over_checkpoints_unasked(corpus, tmp_path):
+    run = tmp_path / "run"
+    train.main(pretrain_args(corpus, run, "--max-steps", "2"))
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume.*--overwrite"):
+        train.main(pretrain_args(corpus, run, "--max-steps", "2"))
+    train.main(pretrain_args(corpus, run, "--max-steps", "3", "--overwrite"))
+    assert os.readlink(run / "latest") == "checkpoint-3"
+
+
+def test_tokenizer_and_rows_must_fit_the_model(corpus, tmp_path):
+    """A tokenizer that is not the model's, one larger than its embedding, or rows longer than its positions are
+    refused before any work; --resize-embeddings grows the embedding for a tokenizer with added tokens."""
+    from tokenizers import AddedToken
+
+    from utils.tokenizer import Tokenizer, train_tokenizer
+    data, tok = corpus
+    base = tmp_path / "base"
+    train.main(pretrain_args(corpus, base, "--max-steps", "1"))
+    init = str(base / "latest")
+    sft = ["sft", "--init", init, "--data", str(data), "--max-seq-length", "48", "--batch-size", "2", "--max-steps",
+           "1", "--cpu", "--mixed-precision", "no", "--eval-batches", "1"]
+    small = tmp_path / "small_tok"
+    train_tokenizer(data, 300, small)
+    with pytest.raises(ValueError, match="is not the tokenizer .* was trained with"):
+        train.main([*sft, "--tokenizer", str(small), "--out", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        train.main(pretrain_args(corpus, tmp_path / "b", "--init", init, "--seq-len", "4096", "--max-steps", "1"))
+
+    grown = Tokenizer.load(tok)
+    added = grown.backend.add_special_tokens([AddedToken(f"<|tool_{i}|>", special=True) for i in range(3)])
+    assert added == 3
+    bigger = tmp_path / "bigger_tok"
+    grown.save(bigger)
+    with pytest.raises(ValueError, match="--resize-embeddings"):
+        train.main([*sft, "--tokenizer", str(bigger), "--out", str(tmp_path / "c")])
+    train.main([*sft, "--tokenizer", str(bigger), "--resize-embeddings", "--out", str(tmp_path / "d")])
+    resized = load_model(tmp_path / "d" / "latest")
+    assert resized.config.vocab_size == grown.vocab_size == Tokenizer.load(tok).vocab_size + 3
+    assert resized.model.embed_tokens.weight.shape[0] == grown.vocab_size
+
+
+def test_a_checkpoint_on_a_full_disk_says_so(corpus, tmp_path):
+    """A real full filesystem (a 1 MiB tmpfs): one line naming the cause and the checkpoint, exit 2, no traceback."""
+    mount = tmp_path / "small_fs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        result = subprocess.run([sys.executable, "train.py", *pretrain_args(corpus, mount / "run", "--max-steps", "1")],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", str(mount)])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: no space left on device writing " + str(mount / "run" / "checkpoint-1") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_user_errors_are_one_line_and_exit_2(corpus, tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "sft", "--init", str(tmp_path / "missing"), "--data",
+                             str(tmp_path), "--cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: ") and str(tmp_path / "missing") in result.stderr
+    debug = subprocess.run([sys.executable, "train.py", "sft", "--init", str(tmp_path / "missing"), "--data",
+                            str(tmp_path), "--cpu", "--debug"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_stops_and_exits_128_plus_the_signal(corpus, tmp_path, signum):
+    """A real signal to a real run: it saves, says how to go on, and exits 130 / 143, so `&&` chains and schedulers
+    see that the run did not finish."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *pretrain_args(corpus, run, "--max-steps", "100000")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "train.log"
+    deadline = time.time() + 120
+    while not (log.exists() and " step 3 " in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "--resume" in err and "Traceback" not in err
+    assert (run / "latest" / "training_state").is_dir()

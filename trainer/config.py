@@ -53,6 +53,9 @@ class TrainConfig:
     seed: int = option(42, "random seed (data order, init, dropout)")
     resume: str | None = option(None, "resume from the run's latest checkpoint (flag alone) or from a checkpoint "
                                       "path", nargs="?", const="auto")
+    resume_fallback: bool = option(False, "with --resume, a damaged checkpoint gives way to the newest earlier one")
+    overwrite: bool = option(False, "start a new run in a run directory that holds checkpoints (they are replaced "
+                                    "as the new run saves)")
     cpu: bool = option(False, "train on the CPU even when a GPU is present")
     sample_prompts: list[str] = field(default_factory=list)  # answered greedily at each evaluation
 
@@ -79,6 +82,7 @@ class PretrainConfig(TrainConfig):
     init: str | None = option(None, "continue pretraining from this model directory")
     seq_len: int = option(512, "tokens per packed row")
     cache_dir: str | None = option(None, "token cache location; unset = DATA/.cache")
+    resize_embeddings: bool = option(False, "with --init: grow the embedding for a tokenizer with added tokens")
     out_dir: str = "runs/pretrain"
     lr: float = 6e-4
     warmup_steps: int = 200
@@ -90,6 +94,7 @@ class SFTConfig(SFTDataConfig, TrainConfig):
     data: str = option(help="prepared data directory (its train/valid splits)", required=True)
     tokenizer: str | None = option(None, "tokenizer directory; unset = the --init directory")
     template: str | None = option(None, "chat template; unset = the tokenizer's own", choices=TEMPLATE_CHOICES)
+    resize_embeddings: bool = option(False, "grow the embedding for a --tokenizer with tokens added to the model's")
     out_dir: str = "runs/sft"
     lr: float = 1e-4
     warmup_steps: int = 50

@@ -37,7 +37,7 @@ from utils.progress import progress_bar
 from utils.templates import Record, SFTExamples, get_template, to_messages, tokenize_sft
 
 PAD_SEGMENT = -1  # segment id of the padding at the end of a packed SFT row
-CACHE_FORMAT_VERSION = 1  # bump when the document format or the cache layout changes
+CACHE_FORMAT_VERSION = 2  # bump when the document format or the cache layout changes (2: special=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def _write_token_cache(files: Sequence[Path], tokenizer: Any, out: Path, key: st
             progress.advance(task, len(cols["prompt"]))
             if not docs:
                 continue
-            ids = tokenizer.encode_batch(docs)
+            ids = tokenizer.encode_batch(docs, special=False)  # marker text in a document is plain text
             lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
             flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))
             f.write(np.insert(flat, np.cumsum(lens), np.array(eos, dtype=dtype)).tobytes())  # eos after each doc

@@ -28,7 +28,7 @@ def demo(cfg: DemoConfig) -> Path:
     out = Path(cfg.out)
     t0 = time.perf_counter()
     loop = dict(cpu=True, mixed_precision="no", log_every=50, seed=cfg.seed, save_total_limit=1, eval_batches=4,
-                warmup_steps=20)
+                warmup_steps=20, overwrite=True)  # a demo run starts over
 
     console.rule("1/4 prepare the bundled samples")
     stats = prepare_corpora(None, out / "data", PrepareConfig(split=(0.9, 0.05, 0.05), overwrite=True))

@@ -19,16 +19,21 @@ A run directory:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import errno
 import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
+import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
@@ -40,6 +45,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedTy
 from accelerate.utils import gather_object
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -50,6 +56,7 @@ from torch.distributed.checkpoint.state_dict import (
 from model.loss import IGNORE_INDEX
 from model.nf4 import NF4Linear
 from model.transformer import Transformer
+from utils.errors import TrainingStopped
 from utils.io import atomic_dir, write_json
 
 from .activations import PAYS_FROM_WIDTH, ActivationPolicy, apply_activation_policy, compiles_per_block
@@ -80,8 +87,14 @@ class WeightsIO(Protocol):
     def load(self, model: nn.Module, ckpt_dir: Path) -> None: ...
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(ValueError):
+    """The loss or the weights stopped being finite: the run stops without saving them."""
+
+
+class DamagedCheckpoint(ValueError):
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}: the checkpoint is damaged; resume from an earlier one (--resume PATH, or "
+                         f"--resume-fallback)")
 
 
 def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
@@ -211,14 +224,84 @@ def point_latest(run_dir: Path, target: Path) -> None:
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: `auto` is the one `latest` points at, or when that one is gone the newest
+    complete checkpoint left (said in a warning); None when the run has none (a fresh start)."""
     if not resume:
         return None
-    path = run_dir / "latest" if resume == "auto" else Path(resume)
-    if resume == "auto" and not path.exists():
-        return None  # nothing to resume: start fresh
-    if not (path / STATE_DIR).is_dir():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_DIR}/ inside)")
-    return path.resolve()
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE_DIR).is_dir():
+            raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_DIR}/ inside)")
+        return path.resolve()
+    latest = run_dir / "latest"
+    if (latest / STATE_DIR).is_dir():
+        return latest.resolve()
+    complete = [p for p in checkpoint_dirs(run_dir) if (p / STATE_DIR / "trainer_state.json").is_file()]
+    if complete and (latest.is_symlink() or latest.exists()):
+        print(f"warning: {latest} points at a missing checkpoint; resuming from the newest complete one, "
+              f"{complete[-1]}", file=sys.stderr)
+    return complete[-1].resolve() if complete else None
+
+
+@contextlib.contextmanager
+def disk_full_said(target: Path):
+    """torch.save on a full disk fails with "unexpected pos N vs M" (its zip writer's check), safetensors with a bare
+    I/O error: either way the user reads "no space left on device" and the checkpoint's path."""
+    try:
+        yield
+    except (RuntimeError, SafetensorError) as e:
+        if "unexpected pos" not in str(e) and "No space left" not in str(e):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from e
+
+
+def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """A new run (no --resume) never writes over another run's checkpoints unless told to (--overwrite)."""
+    if resume or overwrite:
+        return
+    found = checkpoint_dirs(run_dir)
+    if found:
+        raise ValueError(f"{run_dir} already holds checkpoints ({found[-1].name}); continue that run with --resume, "
+                         f"start over in it with --overwrite, or give another --out")
+
+
+def read_training_state(ckpt: Path) -> dict:
+    """trainer_state.json of a checkpoint; a missing or broken one names the file and says the checkpoint is
+    damaged."""
+    path = ckpt / STATE_DIR / "trainer_state.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedCheckpoint(path, f"cannot be read ({e})") from None
+
+
+def load_tensor_file(path: Path, **kwargs) -> Any:
+    """torch.load(weights_only=True) of a checkpoint file; a truncated or missing one names the file."""
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise DamagedCheckpoint(path, f"cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                                ) from None
+
+
+def check_checkpoint(ckpt: Path, world_size: int) -> None:
+    """Every file a resume reads is there and whole (a torch.save file ends with the zip directory a truncated one
+    lacks), before any of it is used."""
+    meta = read_training_state(ckpt)
+    if meta.get("world_size") != world_size:
+        raise ValueError(f"{ckpt}: saved with {meta.get('world_size')} processes, resuming with {world_size}; exact "
+                         f"resume needs the same number")
+    for name in ["optimizer.pt", *(f"rank{r}.pt" for r in range(world_size))]:
+        path = ckpt / STATE_DIR / name
+        if not zipfile.is_zipfile(path):
+            raise DamagedCheckpoint(path, "missing or truncated")
+
+
+def earlier_checkpoint(run_dir: Path, before: Path) -> Path | None:
+    """The newest complete checkpoint of the run older than `before` (for --resume-fallback)."""
+    step = int(before.name.split("-")[1]) if re.fullmatch(r"checkpoint-\d+", before.name) else None
+    older = [p for p in checkpoint_dirs(run_dir) if step is None or int(p.name.split("-")[1]) < step]
+    return older[-1] if older else None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -261,9 +344,9 @@ class Trainer:
         self.run_info = run_info or {}
         self.step = 0
         self._stop_signal: int | None = None
-        self.resume_from = resolve_resume(self.run_dir, cfg.resume)
-        if self.resume_from is not None:  # into the whole model, before FSDP shards it
-            weights_io.load(model, self.resume_from)
+        self._last_batch: dict[str, torch.Tensor] | None = None  # checked again before a save
+        check_run_dir(self.run_dir, cfg.resume, cfg.overwrite)
+        self.resume_from = self._load_resumed_weights(model, resolve_resume(self.run_dir, cfg.resume))
         self.trainable = model.num_parameters(trainable_only=True)
 
         if self.sharded and cfg.offload_activations:
@@ -281,6 +364,25 @@ class Trainer:
         steps_per_epoch = max(1, train_loader.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
+    def _load_resumed_weights(self, model: nn.Module, ckpt: Path | None) -> Path | None:
+        """The checkpoint's weights into the whole model (before FSDP shards it), its other files checked; with
+        --resume-fallback a damaged checkpoint gives way to the newest earlier one."""
+        while ckpt is not None:
+            try:
+                check_checkpoint(ckpt, self.accelerator.num_processes)
+                try:
+                    self.weights_io.load(model, ckpt)
+                except (OSError, SafetensorError) as e:
+                    raise DamagedCheckpoint(ckpt, f"its weights cannot be read ({e})") from None
+                return ckpt
+            except DamagedCheckpoint as e:
+                earlier = earlier_checkpoint(self.run_dir, ckpt) if self.cfg.resume_fallback else None
+                if earlier is None:
+                    raise
+                self.accelerator.print(f"warning: {e}\nwarning: falling back to {earlier}")
+                ckpt = earlier.resolve()
+        return None
+
     # -- logging
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -290,9 +392,11 @@ class Trainer:
 
     # -- checkpoints
     def save_checkpoint(self) -> Path:
-        """Write checkpoint-STEP atomically, point `latest` at it, then rotate old ones."""
+        """Write checkpoint-STEP atomically, point `latest` at it, then rotate old ones. Only weights that give a
+        finite loss are saved: a step's loss is computed before its update, so the weights after it are checked here."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        self._check_weights()
         target = self.run_dir / f"checkpoint-{self.step}"
         # every rank's RNG and data cursor go into the same atomic write as the weights: `latest` never points at a
         # checkpoint missing a rank's state
@@ -304,7 +408,7 @@ class Trainer:
         weights = get_model_state_dict(self.prepared, options=full) if self.sharded else None
         optimizer_state = get_optimizer_state_dict(self.prepared, self.optimizer.optimizer, options=full)
         if acc.is_main_process:
-            with atomic_dir(target) as tmp:
+            with disk_full_said(target), atomic_dir(target) as tmp:
                 self.weights_io.save(self.raw_model, tmp, state=weights)
                 state = tmp / STATE_DIR
                 state.mkdir()
@@ -323,26 +427,52 @@ class Trainer:
         self.log(f"saved {target}")
         return target
 
+    @torch.no_grad()
+    def _check_weights(self) -> None:
+        """The weights about to be saved are finite and give a finite loss on the last micro-batch (every rank
+        takes part: under FSDP the forward gathers the weights)."""
+        acc = self.accelerator
+        bad = torch.zeros((), device=acc.device)
+        for p in self.prepared.parameters():
+            if p.requires_grad:
+                local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor shard under FSDP
+                bad += (~torch.isfinite(local)).any().float()
+        if self._last_batch is not None:
+            batch = {k: v.to(acc.device) for k, v in self._last_batch.items()}
+            self.prepared.eval()  # no dropout: the check draws no random numbers, so a resumed run stays exact
+            with acc.autocast():
+                loss = self.prepared(batch.pop("input_ids"), batch.pop("labels"), **batch)
+            self.prepared.train()
+            bad += (~torch.isfinite(loss.float())).float()
+        if acc.num_processes > 1:
+            bad = acc.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            raise NonFiniteLoss(f"the weights after step {self.step} are not finite or give a non-finite loss; "
+                                f"stopped without saving them. {self.last_good()}")
+
+    def last_good(self) -> str:
+        """Where a stopped run can go on from, in words."""
+        found = checkpoint_dirs(self.run_dir)
+        return (f"The last good checkpoint is {found[-1]}." if found else
+                "No checkpoint was saved: lower --lr or raise --warmup-steps and start again.")
+
     def load_training_state(self, ckpt: Path) -> None:
         """Optimizer, RNG, data cursor and step (the weights went in before wrapping, in __init__)."""
         acc = self.accelerator
         state = ckpt / STATE_DIR
-        meta = json.loads((state / "trainer_state.json").read_text())
-        if meta["world_size"] != acc.num_processes:
-            raise ValueError(f"{ckpt}: saved with {meta['world_size']} processes, resuming with "
-                             f"{acc.num_processes}; exact resume needs the same number")
+        meta = read_training_state(ckpt)
         # rank 0 reads the full optimizer state and sends each rank its part (its shard under FSDP)
         broadcast = acc.num_processes > 1
         optimizer_state = {}
         if acc.is_main_process or not broadcast:
-            optimizer_state = torch.load(state / "optimizer.pt", map_location="cpu", weights_only=True)
+            optimizer_state = load_tensor_file(state / "optimizer.pt", map_location="cpu")
             if not all(isinstance(k, str) for k in optimizer_state.get("state", {})):
                 raise ValueError(f"{state / 'optimizer.pt'}: optimizer state keyed by position, not parameter name "
                                  "(an earlier format); start a new run from its weights instead "
                                  "(pretrain / sft --init)")
         set_optimizer_state_dict(self.prepared, self.optimizer.optimizer, optimizer_state,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
-        per_rank = torch.load(state / f"rank{acc.process_index}.pt", weights_only=True)
+        per_rank = load_tensor_file(state / f"rank{acc.process_index}.pt")
         _set_rng_state(per_rank["rng"])
         self.train_loader.load_state_dict(per_rank["loader"])
         self.step = meta["step"]
@@ -364,7 +494,12 @@ class Trainer:
             total += torch.stack([loss.float() * n, n.float()])
         total = self.accelerator.reduce(total, reduction="sum")
         model.train()
-        loss = (total[0] / total[1].clamp(min=1)).item()
+        loss, tokens = total.tolist()
+        if tokens == 0:  # no metric from nothing
+            self.log(f"warning: evaluation found no labelled tokens in {self.cfg.eval_batches} batches (an empty valid "
+                     f"split, or every example dropped)")
+            return {}
+        loss /= tokens
         metrics = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50))}
         if self.chars_per_token:
             metrics["eval/bits_per_char"] = loss / math.log(2) / self.chars_per_token
@@ -400,7 +535,7 @@ class Trainer:
         train_loss, stop_votes = record.summary.tolist()
         if not math.isfinite(train_loss):  # the same global value on every rank: all stop together
             raise NonFiniteLoss(f"non-finite training loss ({train_loss}) at step {record.step}; stopped without "
-                                f"saving. The last good checkpoint is {self.run_dir / 'latest'}")
+                                f"saving. {self.last_good()}")
         tokens, since = self._window
         tokens += record.tokens
         self._window = (tokens, since)
@@ -447,6 +582,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
+                self._last_batch = micro[-1]
                 counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in micro]  # CPU tensors: no device sync
                 # One token-weighted mean over the window and all ranks (micro-batches with few answer tokens do not
                 # weigh as much as full ones): accelerate divides each backward by grad_accum and DDP averages over
@@ -485,8 +621,7 @@ class Trainer:
                     why = (f"received signal {self._stop_signal}" if self._stop_signal is not None
                            else "another rank received a signal")
                     self.log(f"{why}: saving and stopping at step {self.step}")
-                    self.save_checkpoint()
-                    return self._metrics | {"stopped_early": 1.0}
+                    raise TrainingStopped(self._stop_signal or signal.SIGTERM, self.save_checkpoint())
                 if evaluate:
                     self._eval_and_log(self.raw_model)
                 if save:

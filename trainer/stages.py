@@ -30,7 +30,7 @@ from utils.corpora import read_records
 from utils.tokenizer import Tokenizer
 
 from .config import LoraConfig, MergeConfig, PretrainConfig, SFTConfig
-from .data import pretrain_loader, sft_loader
+from .data import pretrain_loader, sft_loader, tokenizer_fingerprint
 from .loop import Trainer, make_accelerator, set_seed_everywhere, weights_device
 
 __all__ = ["LoraConfig", "MergeConfig", "PretrainConfig", "SFTConfig", "lora", "merge", "pretrain", "sft"]
@@ -76,12 +76,48 @@ def sample_fn(tokenizer: Tokenizer, template: str, prompts: list[str], max_new_t
     return samples
 
 
+def check_fits(model: Transformer, tokenizer: Tokenizer, seq_len: int, source: str, resize: bool = False) -> None:
+    """Before any work: the tokenizer's ids fit the model's embedding (with `resize`, new rows are added for new
+    tokens) and the rows fit its positions."""
+    config = model.config
+    if tokenizer.vocab_size > config.vocab_size:
+        if not resize:
+            raise ValueError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding "
+                             f"{config.vocab_size} rows: use the model's own tokenizer, or --resize-embeddings for "
+                             f"tokens added to it")
+        model.resize_token_embeddings(tokenizer.vocab_size)
+    specials = {"eos": tokenizer.eos_id, "pad": tokenizer.pad_id, "bos": tokenizer.bos_id}
+    outside = {name: i for name, i in specials.items() if i is not None and i >= config.vocab_size}
+    if outside:
+        raise ValueError(f"{source}: special token ids {outside} lie outside the model's {config.vocab_size} rows")
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"{source}: rows of {seq_len} tokens exceed the model's max_position_embeddings "
+                         f"({config.max_position_embeddings}); use at most that")
+
+
+def check_same_tokenizer(model_dir: str, tokenizer_dir: str | None, resize: bool) -> None:
+    """A tokenizer other than the one saved with the model maps ids to other tokens: refused unless asked for."""
+    if not tokenizer_dir or resize or Path(tokenizer_dir).resolve() == Path(model_dir).resolve():
+        return
+    try:
+        own = Tokenizer.load(model_dir)
+    except (OSError, ValueError):
+        return  # no tokenizer saved with the model: nothing to compare
+    other = Tokenizer.load(tokenizer_dir)
+    if tokenizer_fingerprint(own) != tokenizer_fingerprint(other):
+        raise ValueError(f"--tokenizer {tokenizer_dir} ({other.vocab_size} tokens) is not the tokenizer {model_dir} "
+                         f"was trained with ({own.vocab_size} tokens): leave --tokenizer out to use the model's own, "
+                         f"or --resize-embeddings if it extends that one")
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     acc = make_accelerator(cfg)
     set_seed_everywhere(cfg.seed)  # same init on every rank
     tokenizer = Tokenizer.load(cfg.tokenizer)
     if cfg.init:
+        check_same_tokenizer(cfg.init, cfg.tokenizer, cfg.resize_embeddings)
         model = load_model(cfg.init, dtype=torch.float32)
+        check_fits(model, tokenizer, cfg.seq_len, cfg.init, cfg.resize_embeddings)
     else:
         model = Transformer(ModelConfig.preset(
             cfg.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=max(cfg.seq_len, 512),
@@ -102,7 +138,9 @@ def sft(cfg: SFTConfig) -> dict:
     set_seed_everywhere(cfg.seed)
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.init)
     template = cfg.template or tokenizer.default_template
+    check_same_tokenizer(cfg.init, cfg.tokenizer, cfg.resize_embeddings)
     model = load_model(cfg.init, dtype=torch.float32)
+    check_fits(model, tokenizer, cfg.max_seq_length, cfg.init, cfg.resize_embeddings)
     model.config.eos_token_id = list(default_stop_ids(tokenizer, template))  # stop at the end of a turn too
     common = _sft_data(cfg, tokenizer, template, acc)
     train = sft_loader(cfg.data, split="train", **common)
@@ -137,7 +175,9 @@ def lora(cfg: LoraConfig) -> dict:
     if cfg.qlora and not on_gpu:
         acc.print("note: --qlora on the CPU works but is slow; it is meant for CUDA")
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.base)
+    check_same_tokenizer(cfg.base, cfg.tokenizer, resize=False)
     model = load_base(cfg.base, dtype, weights_device(acc, cfg.qlora), cfg.qlora)
+    check_fits(model, tokenizer, cfg.max_seq_length, cfg.base)  # a frozen base cannot learn new tokens' rows
     if cfg.init_adapter:
         load_adapter(model, cfg.init_adapter, trainable=True)
     else:

@@ -2,7 +2,7 @@
 
 A missing file, a bad option value or bad data raises OSError or ValueError with such a message; the entry points
 (train.py, cli_demo.py, serve.py) print it alone unless `--debug` asks for the traceback. Any other exception is a
-bug and keeps its traceback.
+bug and keeps its traceback. A run that a signal stopped (after saving) exits 128 + the signal, as a shell reports it.
 """
 from __future__ import annotations
 
@@ -10,9 +10,19 @@ import contextlib
 import errno
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 USER_ERRORS = (OSError, ValueError)
 EXIT_USER_ERROR = 2
+
+
+class TrainingStopped(Exception):
+    """A signal stopped a training run after it saved a checkpoint: later stages must not run."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        self.signum, self.checkpoint = int(signum), checkpoint
+        super().__init__(f"stopped by signal {self.signum} after saving {checkpoint}; to go on, run the same command "
+                         f"with --resume")
 
 
 def describe(error: BaseException) -> str:
@@ -24,9 +34,13 @@ def describe(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def user_errors_exit(debug: bool = False) -> Iterator[None]:
-    """Inside: a user error prints `error: ...` on stderr and exits 2 (with `debug`, the traceback instead)."""
+    """Inside: a user error prints `error: ...` on stderr and exits 2 (with `debug`, the traceback instead); a
+    stopped run says so and exits 128 + the signal."""
     try:
         yield
+    except TrainingStopped as stop:
+        print(str(stop), file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
     except USER_ERRORS as e:
         if debug:
             raise
