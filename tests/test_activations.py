@@ -134,7 +134,7 @@ def test_no_offloading_without_checkpointing_or_when_every_checkpointed_block_is
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)  # each layer runs as written
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_compiled_blocks_save_and_offload_the_mlp_projections():
     """Compiled blocks (one graph per block, what offloading needs): each offloaded block also moves its gate and up
     outputs (saved instead of recomputed), also once the sequence length is symbolic; the LoRA gradients are the eager
@@ -183,7 +183,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
         assert not checkpointed
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_whole_model_compiled_with_checkpointing_matches_eager():
     """torch.compile of the whole model (the trainer's --compile without offloading) traces the checkpointed blocks:
     eager's loss and gradients to compiler rounding."""

@@ -56,6 +56,7 @@ def run_cli_demo(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, check=True)
 
 
+@pytest.mark.slow
 def test_qwen2_chatml_alpaca_lora_then_chat_merge_and_peft(shared_corpora, tmp_path):
     peft = pytest.importorskip("peft")
     records = json.loads((shared_corpora / "translational_style" / "TslDial.json").read_text())[:40]
@@ -96,6 +97,7 @@ def test_qwen2_chatml_alpaca_lora_then_chat_merge_and_peft(shared_corpora, tmp_p
     assert lines[0]["reference"] == records[0]["output"] and isinstance(lines[0]["prediction"], str)
 
 
+@pytest.mark.slow
 def test_llama_human_assistant_qlora_on_msra_instruct(shared_corpora, tmp_path):
     base = tiny_base(tmp_path, "llama", shared_corpora / "tokenizers" / "llama", 32000)
     data = shared_corpora / "msra_ner_instruct" / "eval.first800.txt"
@@ -112,6 +114,7 @@ def test_llama_human_assistant_qlora_on_msra_instruct(shared_corpora, tmp_path):
     assert out.returncode == 0
 
 
+@pytest.mark.slow
 def test_resume_lora_run_is_exact(shared_corpora, tmp_path):
     """Adapter-only checkpoints still resume exactly: 4 straight steps == 2 steps + resume to 4 (the seed's 问/答
     recipe, --train-on-prompt)."""

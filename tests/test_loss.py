@@ -306,6 +306,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 def test_fsdp2_sharded_gradients_equal_one_process(tmp_path, mode):
     """The fused loss reads lm_head.weight without calling the module: under FSDP2 (2 CPU processes, gloo) the

@@ -199,7 +199,7 @@ def test_nf4_hook_carries_a_bias_read_after_its_weight():
         nf4_hook(["lm_head"])
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_qlora_trains_adapters_on_the_4_bit_base_with_gradient_checkpointing(hf_dir):
     _, path = hf_dir
     labels = torch.roll(IDS, -1, 1)

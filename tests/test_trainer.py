@@ -202,6 +202,7 @@ def assert_ddp_equals_double_accumulation(corpus, tmp_path, *extra: str,
     return a
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_double_accumulation(corpus, tmp_path):
     """DDP over two processes equals one process with twice the accumulation. A 2-process run stopped at step 2 and
     resumed (rank 0 reads the optimizer state and broadcasts it) ends bitwise equal to the straight one."""
@@ -225,6 +226,7 @@ assert moved, "no saved tensor was offloaded"
 """
 
 
+@pytest.mark.slow
 def test_offloaded_activations_under_ddp_equal_one_process(corpus, tmp_path, monkeypatch):
     """--offload-activations under DDP: the saved-tensor hooks that move blocks' inputs out and back (3 of the tiny
     preset's 4 blocks, the size floor lowered) run while DDP's gradient hooks reduce the buckets; the weights still
@@ -238,6 +240,7 @@ def test_offloaded_activations_under_ddp_equal_one_process(corpus, tmp_path, mon
                                           script=script)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_real_corpus(shared_corpora, tmp_path):
     """Pretrain the tiny preset on the real medical-dialogue sample (GB18030 CSV): eval loss falls well below the
     uniform-guess loss and the first training losses."""
@@ -327,6 +330,7 @@ def test_activation_settings_are_checked_before_any_work():
         ActivationPolicy(checkpointing=True, offload=True, offload_skip_last=-1)
 
 
+@pytest.mark.slow
 def test_offloaded_training_equals_checkpointed_training(corpus, tmp_path, monkeypatch):
     """--offload-activations (every recomputed block's saved tensors to host memory, the floor lowered so that the tiny
     model's move): the weights of a plain checkpointed run, bit for bit, and a warning that so narrow a model gets
@@ -463,6 +467,7 @@ def test_a_new_run_never_writes_over_checkpoints_unasked(corpus, tmp_path):
     assert os.readlink(run / "latest") == "checkpoint-3"
 
 
+@pytest.mark.slow
 def test_tokenizer_and_rows_must_fit_the_model(corpus, tmp_path):
     """A tokenizer that is not the model's, one larger than its embedding, or rows longer than its positions are
     refused before any work; --resize-embeddings grows the embedding for a tokenizer with added tokens."""
@@ -495,6 +500,7 @@ def test_tokenizer_and_rows_must_fit_the_model(corpus, tmp_path):
     assert resized.model.embed_tokens.weight.shape[0] == grown.vocab_size
 
 
+@pytest.mark.slow
 def test_a_checkpoint_on_a_full_disk_says_so(corpus, tmp_path):
     """A real full filesystem (a 1 MiB tmpfs): one line naming the cause and the checkpoint, exit 2, no traceback."""
     mount = tmp_path / "small_fs"
@@ -521,6 +527,7 @@ def test_user_errors_are_one_line_and_exit_2(corpus, tmp_path):
     assert "Traceback" in debug.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_stops_and_exits_128_plus_the_signal(corpus, tmp_path, signum):
     """A real signal to a real run: it saves, says how to go on, and exits 130 / 143, so `&&` chains and schedulers
