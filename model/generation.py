@@ -393,9 +393,11 @@ def default_stop_ids(tokenizer, template: str | ChatTemplate | None = None) -> t
 
 def encode_chat(tokenizer, template: ChatTemplate, messages: list[dict]) -> list[int]:
     """Token ids of a conversation plus the generation prompt, through the same `encode_segments` as SFT data
-    (`utils.templates.tokenize_sft`), so the model continues from the token boundary it was trained on."""
-    segments = template.segments(messages, add_generation_prompt=True)
-    return encode_segments(tokenizer, [segments], not ends_turn_with_token(template, tokenizer))[0][0]
+    (`utils.templates.tokenize_sft`), so the model continues from the token boundary it was trained on. Only the
+    template's markers become special tokens: `<|im_end|>` or `</s>` typed in a message is plain text, so a user
+    cannot close a turn or forge the assistant's part (cli_demo.py and serve.py build their prompts here)."""
+    pieces = template.pieces(messages, add_generation_prompt=True)
+    return encode_segments(tokenizer, [pieces], not ends_turn_with_token(template, tokenizer))[0][0]
 
 
 def chat_prompt(tokenizer, messages: list[dict], template: str | ChatTemplate | None = None,

@@ -33,6 +33,7 @@ from utils.progress import progress_bar
 ENCODE_BATCH = 4096  # conversations per encode_batch call (tokenizers threads inside each call)
 
 ROLES = ("system", "user", "assistant")
+Parts = tuple[tuple[str, bool], ...]  # a piece as (text, is_template) parts: markers are read only in template text
 
 
 @dataclass(frozen=True)
@@ -49,26 +50,33 @@ class ChatTemplate:
     stop_strings: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- rendering
-    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-        """Rendered text as consecutive (piece, trainable) pairs; empty pieces are dropped."""
+    def pieces(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[Parts, bool]]:
+        """The rendered text as consecutive (parts, trainable) pieces, each piece's parts (text, is_template): the
+        template's own text (its markers) apart from the messages' content, which is never read for markers when
+        encoded. Empty pieces and parts are dropped."""
         system, turns = _split_system(messages, self.default_system)
-        out: list[tuple[str, bool]] = []
+        out: list[tuple[Parts, bool]] = []
         if system is not None and not self.system_in_user:
-            out.append((_fill(self.system, system), False))
+            out.append((_fill(self.system, ((system, False),)), False))
         for i, m in enumerate(turns):
             if m["role"] == "user":
-                content = m["content"]
+                content: Parts = ((m["content"], False),)
                 if i == 0 and system is not None and self.system_in_user:
-                    content = _fill(self.system, system) + content
+                    content = _fill(self.system, ((system, False),)) + content
                 if i > 0:
-                    out.append((self.turn_sep, False))
+                    out.append((((self.turn_sep, True),), False))
                 out.append((_fill(self.user, content), False))
                 if i + 1 < len(turns) or add_generation_prompt:
-                    out.append((self.assistant_prefix, False))
+                    out.append((((self.assistant_prefix, True),), False))
             else:
-                out.append((_fill(self.assistant, m["content"]), True))
-                out.append((self.assistant_suffix, False))
-        return [(p, t) for p, t in out if p]
+                out.append((_fill(self.assistant, ((m["content"], False),)), True))
+                out.append((((self.assistant_suffix, True),), False))
+        kept = [(tuple(p for p in parts if p[0]), t) for parts, t in out]
+        return [(parts, t) for parts, t in kept if parts]
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+        """Rendered text as consecutive (piece, trainable) pairs; empty pieces are dropped."""
+        return [("".join(text for text, _ in parts), t) for parts, t in self.pieces(messages, add_generation_prompt)]
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The whole conversation as text; with add_generation_prompt the text the model continues after a user turn."""
@@ -105,9 +113,9 @@ class ChatTemplate:
         return "".join(parts)
 
 
-def _fill(fmt: str, content: str) -> str:
+def _fill(fmt: str, content: Parts) -> Parts:
     head, tail = fmt.split("{content}")  # not str.format: content may hold braces
-    return head + content + tail
+    return ((head, True), *content, (tail, True))
 
 
 def _jinja_literal(s: str) -> str:
@@ -236,7 +244,7 @@ def tokenize_sft(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, 
             chunk = conversations[start:start + ENCODE_BATCH]
             toks: list[list[int]] = []
             masks: list[list[bool]] = []
-            for x, m in encode_segments(tokenizer, [template.segments(msgs) for msgs in chunk], append_eos):
+            for x, m in encode_segments(tokenizer, [template.pieces(msgs) for msgs in chunk], append_eos):
                 m = [True] * len(m) if train_on_prompt else m
                 outcome = _fit_example(x, m, max_seq_len, skip_overlength)
                 if outcome is not None:
@@ -257,23 +265,29 @@ def tokenize_sft(conversations: Sequence[list[dict[str, str]]], tokenizer: Any, 
                        np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), stats)
 
 
-def encode_segments(tokenizer: Any, seg_lists: Sequence[list[tuple[str, bool]]],
+def encode_segments(tokenizer: Any, piece_lists: Sequence[list[tuple[Parts, bool]]],
                     append_eos: bool) -> list[tuple[list[int], list[bool]]]:
-    """(ids, trainable flags) of each conversation's template pieces (ChatTemplate.segments), encoded in two batches.
+    """(ids, trainable flags) of each conversation's template pieces (`ChatTemplate.pieces`), encoded in one batch.
 
-    Each piece is encoded on its own, so no token straddles a prompt and its answer; only a conversation's first
-    piece gets a SentencePiece dummy prefix, as in a whole-text encode; eos follows every trainable piece when
-    `append_eos` (templates without an end-of-turn token)."""
-    heads = iter(tokenizer.encode_batch([segs[0][0] for segs in seg_lists]))
-    rest = iter(tokenizer.encode_batch([text for segs in seg_lists for text, _ in segs[1:]], continuation=True))
+    Only the template's own text becomes special tokens (`<|im_start|>`, `<|im_end|>`, `</s>`): the messages'
+    content is encoded as plain text (`Tokenizer.encode_template_batch`), so marker text in a question or in an SFT
+    answer cannot end a turn or move the loss mask. Each piece is encoded on its own, so no token straddles a prompt
+    and its answer; only a conversation's first piece gets a SentencePiece dummy prefix, as in a whole-text encode;
+    eos follows every trainable piece when `append_eos` (templates without an end-of-turn token)."""
+    flat = [(parts, j > 0) for pieces in piece_lists for j, (parts, _) in enumerate(pieces)]
+    for parts, _ in flat:
+        if isinstance(parts, str):
+            raise TypeError("encode_segments takes ChatTemplate.pieces (text split into template and content parts), "
+                            "not rendered text")
+    ids = iter(tokenizer.encode_template_batch([p for p, _ in flat], [c for _, c in flat]))
     encoded = []
-    for segs in seg_lists:
+    for pieces in piece_lists:
         x: list[int] = []
         m: list[bool] = []
-        for j, (_, trainable) in enumerate(segs):
-            ids = next(rest if j else heads) + ([tokenizer.eos_id] if trainable and append_eos else [])
-            x += ids
-            m += [trainable] * len(ids)
+        for _, trainable in pieces:
+            piece = next(ids) + ([tokenizer.eos_id] if trainable and append_eos else [])
+            x += piece
+            m += [trainable] * len(piece)
         encoded.append((x, m))
     return encoded
 

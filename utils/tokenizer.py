@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import tempfile
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
@@ -30,6 +31,7 @@ from utils.templates import TEMPLATES, get_template
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]  # fixed ids 0, 1, 2, 3 in our tokenizers
 CJK_CHUNK = 6
+MAX_VOCAB_SIZE = 2**20  # --vocab-size limit: the trainer allocates per entry up front; Qwen2 has 151646
 _CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}"
 # CJK chunks | English contractions | letter runs (a leading space or tab, at most 32 letters) | single digits |
 # punctuation/symbol runs | newlines | other whitespace. Isolated splitting keeps every character: lossless.
@@ -73,16 +75,73 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     # ---------------------------------------------------------------- encoding
-    def encode(self, text: str, add_bos: bool = False, continuation: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool = False, continuation: bool = False, special: bool = True) -> list[int]:
         """`continuation`: the text continues a sequence (a chat template's pieces after the first), so it gets no
-        SentencePiece dummy-prefix "▁", as it would not inside a whole-text encode."""
-        backend = self._continuation_backend if continuation else self.backend
-        ids = backend.encode(text, add_special_tokens=False).ids
+        SentencePiece dummy-prefix "▁", as it would not inside a whole-text encode.
+        `special=False`: added-token text in `text` (`<|im_end|>`, `</s>`, ...) is plain text, encoded by the model as
+        any other characters, never as those tokens. Text from users or a corpus is always encoded so (SFT data, chat
+        prompts, pretraining documents), so it cannot inject a turn boundary or an end of text."""
+        ids = self._backend(continuation, special).encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
-    def encode_batch(self, texts: list[str], continuation: bool = False) -> list[list[int]]:
-        backend = self._continuation_backend if continuation else self.backend
+    def encode_batch(self, texts: list[str], continuation: bool = False, special: bool = True) -> list[list[int]]:
+        backend = self._backend(continuation, special)
         return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_template_batch(self, pieces: Sequence[Sequence[tuple[str, bool]]],
+                              continuation: Sequence[bool]) -> list[list[int]]:
+        """Ids of chat-template pieces, each a sequence of (text, is_template) parts (`ChatTemplate.pieces`), with
+        `continuation` per piece as in `encode`.
+
+        Only the template's own text is searched for added tokens (its markers `<|im_start|>`, `<|im_end|>`, `<s>`,
+        `</s>` become their ids); the messages' text is plain (`special=False`), so `<|im_end|>` typed by a user or
+        found in a corpus is ordinary tokens. The rest is split at the markers and encoded exactly as `encode` splits
+        a whole text at its added tokens (a first-word prefix only where the backend would give one), so a piece
+        whose content holds no marker text gets the same ids as `encode(piece)`."""
+        if len(pieces) != len(continuation):
+            raise ValueError(f"{len(pieces)} pieces but {len(continuation)} continuation flags")
+        texts: tuple[list[str], list[str]] = ([], [])  # plain text with a first-word prefix / without
+        plans: list[list[list[int] | tuple[int, int]]] = []  # per piece: known ids, or a (texts list, index) slot
+        for parts, cont in zip(pieces, continuation):
+            chunks: list[list | int] = [["", False]]  # [text, holds content] between markers, and marker ids
+            for text, is_template in parts:
+                for item in self._split_markers(text) if is_template else (text,):
+                    if isinstance(item, int):
+                        chunks += [item, ["", False]]
+                    else:
+                        chunks[-1][0] += item
+                        chunks[-1][1] |= not is_template
+            plan: list[list[int] | tuple[int, int]] = []
+            for k, chunk in enumerate(chunks):
+                if isinstance(chunk, int):
+                    plan.append([chunk])
+                elif chunk[0]:
+                    which = 0 if (not cont if k == 0 else self._prefix_after_marker[cont]) else 1
+                    if chunk[1]:
+                        plan.append((which, len(texts[which])))
+                        texts[which].append(chunk[0])
+                    else:  # template text alone ("\n", "assistant\n"): the same few strings every time
+                        plan.append(self._template_ids(chunk[0], which))
+            plans.append(plan)
+        encoded = [self.encode_batch(texts[0], special=False) if texts[0] else [],
+                   self.encode_batch(texts[1], continuation=True, special=False) if texts[1] else []]
+        return [[i for slot in plan for i in (encoded[slot[0]][slot[1]] if isinstance(slot, tuple) else slot)]
+                for plan in plans]
+
+    def _template_ids(self, text: str, which: int) -> list[int]:
+        cache = self._split_cache
+        key = (text, which)
+        ids = cache.get(key)
+        if ids is None:
+            ids = self.encode(text, continuation=which == 1, special=False)
+            if len(cache) < 4096:
+                cache[key] = ids
+        return ids
+
+    def _backend(self, continuation: bool, special: bool) -> _HFTokenizer:
+        if special:
+            return self._continuation_backend if continuation else self.backend
+        return self._plain_continuation_backend if continuation else self._plain_backend
 
     @cached_property
     def _continuation_backend(self) -> _HFTokenizer:
@@ -94,6 +153,63 @@ class Tokenizer:
         if not _drop_first_word_prefix(spec):
             return self.backend
         return _HFTokenizer.from_str(json.dumps(json.loads(self.backend.to_str()) | spec))
+
+    @cached_property
+    def _plain_backend(self) -> _HFTokenizer:
+        """The backend with no added tokens to match: their text goes through the normalizer, pre-tokenizer and model
+        like any other text (the model alone never forms them: ours and Qwen2's pre-tokenizers split `<|`, `|>`;
+        SentencePiece never merges into a control piece). Decoding stays with `backend`."""
+        return _without_added_tokens(self.backend)
+
+    @cached_property
+    def _plain_continuation_backend(self) -> _HFTokenizer:
+        if self._continuation_backend is self.backend:
+            return self._plain_backend
+        return _without_added_tokens(self._continuation_backend)
+
+    @cached_property
+    def _markers(self) -> tuple[dict[str, int], re.Pattern | None]:
+        """Every added token's text -> id, and a regex that finds them leftmost-longest (as tokenizers does)."""
+        added = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.content}
+        if not added:
+            return added, None
+        return added, re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)))
+
+    def _split_markers(self, text: str) -> list[str | int]:
+        """Template text split into plain text and added-token ids."""
+        cache = self._split_cache
+        out = cache.get(text)
+        if out is None:
+            added, pattern = self._markers
+            out, pos = [], 0
+            for m in pattern.finditer(text) if pattern is not None else ():
+                out += [text[pos:m.start()], added[m.group()]]
+                pos = m.end()
+            out.append(text[pos:])
+            if len(cache) < 4096:
+                cache[text] = out
+        return out
+
+    @cached_property
+    def _split_cache(self) -> dict:
+        """Template text -> its split at markers, (template text, prefix kind) -> ids: templates repeat a few
+        strings."""
+        return {}
+
+    @cached_property
+    def _prefix_after_marker(self) -> tuple[bool, bool]:
+        """For (first piece, continuation piece): whether text that follows an added token gets the first-word
+        prefix when the backend encodes the whole piece. A Metaspace "first" pre-tokenizer gives it only at the start
+        of the text; a Prepend normalizer and ByteLevel's add_prefix_space give it after every added token. Found by
+        encoding `<marker>a` with both backends."""
+        added, _ = self._markers
+        plain, cont = (b.encode("a", add_special_tokens=False).ids
+                       for b in (self._plain_backend, self._plain_continuation_backend))
+        if not added or plain == cont:
+            return False, False
+        marker = next(iter(added))
+        return tuple(b.encode(marker + "a", add_special_tokens=False).ids[1:] == plain
+                     for b in (self.backend, self._continuation_backend))
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -174,6 +290,15 @@ def _drop_first_word_prefix(spec: dict) -> bool:
     if len(kept) < len(parts):
         spec["normalizer"], changed = {"type": "Sequence", "normalizers": kept} if kept else None, True
     return changed
+
+
+def _without_added_tokens(backend: _HFTokenizer) -> _HFTokenizer:
+    """A copy of `backend` that matches no added tokens (the model's own vocabulary is unchanged)."""
+    spec = json.loads(backend.to_str())
+    if not spec.get("added_tokens"):
+        return backend
+    spec["added_tokens"] = []
+    return _HFTokenizer.from_str(json.dumps(spec))
 
 
 def _token_str(v) -> str | None:
@@ -428,12 +553,26 @@ def new_bpe() -> _HFTokenizer:
 def chars_per_token(tok: Tokenizer, docs: list[str]) -> float | None:
     if not docs:
         return None
-    tokens = sum(len(ids) for i in range(0, len(docs), 512) for ids in tok.encode_batch(docs[i:i + 512]))
+    tokens = sum(len(ids) for i in range(0, len(docs), 512) for ids in tok.encode_batch(docs[i:i + 512], special=False))
     return sum(map(len, docs)) / max(tokens, 1)
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """--vocab-size must hold the special tokens and the 256 byte tokens, and stay at most MAX_VOCAB_SIZE: the BPE
+    trainer allocates per requested entry up front (1e9 asks it for 70 GB, and Rust aborts the process)."""
+    floor = len(SPECIAL_TOKENS) + 256
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
+        raise ValueError(f"--vocab-size must be an integer, got {vocab_size!r}")
+    if vocab_size < floor:
+        raise ValueError(f"--vocab-size {vocab_size} is too small: {len(SPECIAL_TOKENS)} special tokens + 256 byte "
+                         f"tokens need at least {floor}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"--vocab-size {vocab_size} is too large: at most {MAX_VOCAB_SIZE} (2**20); "
+                         "Qwen2's vocabulary has 151646 tokens")
 
 
 def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | None = None, *,
@@ -444,9 +583,7 @@ def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | 
     model's config and weights, are kept) and return the report (also written to out_dir/tokenizer_report.json).
     Memory is bounded twice: by the byte sample and by max_words distinct pre-tokens.
     compare: another tokenizer dir (e.g. Qwen2) measured on the same held-out text."""
-    floor = len(SPECIAL_TOKENS) + 256 + 1
-    if vocab_size < floor:
-        raise ValueError(f"vocab_size {vocab_size} is too small: 4 special tokens + 256 bytes need at least {floor}")
+    check_vocab_size(vocab_size)
     if not _markers_known(get_template(template), set(SPECIAL_TOKENS)):
         raise ValueError(f"template {template!r} needs markers our vocabulary lacks; use one of "
                          f"{[n for n, t in TEMPLATES.items() if _markers_known(t, set(SPECIAL_TOKENS))]}")
