@@ -8,10 +8,14 @@ independent reference; streamed answers with the non-streamed ones.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import select
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -84,6 +88,16 @@ class Server:
         self.proc.wait()
         self.log.close()
 
+    def log_text(self) -> str:
+        """Everything the server has written (stdout and stderr)."""
+        return Path(self.log.name).read_text(errors="replace")
+
+    def peak_rss_mb(self) -> float | None:
+        """The server process's peak resident memory (Linux; None elsewhere)."""
+        status = Path(f"/proc/{self.proc.pid}/status")
+        found = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
+        return int(found.group(1)) / 1024 if found else None
+
 
 # ---- fixtures ------------------------------------------------------------------------------------------------------
 CONTEXT = 256
@@ -125,6 +139,17 @@ def reference(model_dir: Path, messages: list[dict], max_tokens: int, lora: Path
 
 
 HELLO = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "你好，今天天气怎么样？"}]
+INTERNALS = re.compile(r"Traceback|File \"|\b[A-Z]\w*(Error|Exception)\b")  # exception names, stack frames
+
+
+def openai_error(r: httpx.Response, status: int) -> dict:
+    """The error of an OpenAI-style error response, checked: its status, the four keys, and nothing of the server's
+    internals (no exception type name, no traceback) anywhere in the body."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"]
+    assert not INTERNALS.search(r.text), r.text
+    return error
 
 
 # ---- completions ---------------------------------------------------------------------------------------------------
@@ -192,7 +217,19 @@ def test_auth(server):
     ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
     ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
     ({"model": "tiny", "messages": HELLO, "temperature": 5}, 400, "temperature"),
+    ({"model": "tiny", "messages": HELLO, "temperature": -0.1}, 400, "temperature"),
+    (json.dumps({"model": "tiny", "messages": HELLO, "temperature": float("nan")}).encode(), 400, "temperature"),
+    ({"model": "tiny", "messages": HELLO, "top_p": 1.5}, 400, "top_p"),
+    ({"model": "tiny", "messages": HELLO, "top_p": -0.1}, 400, "top_p"),
+    ({"model": "tiny", "messages": HELLO, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"model": "tiny", "messages": HELLO, "frequency_penalty": -2.5}, 400, "frequency_penalty"),
+    ({"model": "tiny", "messages": HELLO, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"model": "tiny", "messages": HELLO, "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+    ({"model": "tiny", "messages": HELLO, "repetition_penalty": 11}, 400, "repetition_penalty"),
+    ({"model": "tiny", "messages": HELLO, "top_k": -2}, 400, "top_k"),
     ({"model": "tiny", "messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": HELLO, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ({"model": "tiny", "messages": HELLO, "max_tokens": 1.5}, 400, "max_tokens"),
     ({"model": "tiny", "messages": HELLO, "n": 2}, 400, "n"),
     ({"model": "tiny", "messages": HELLO, "seed": 2**64}, 400, "seed"),
     ({"model": "tiny", "messages": HELLO, "seed": -2**63 - 1}, 400, "seed"),
@@ -205,27 +242,36 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
     r = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=30, **kwargs)
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert error["message"] and error["type"] and error["param"] == param
+    assert openai_error(r, status)["param"] == param
 
 
-def test_an_unexpected_failure_is_an_openai_server_error(model_dir):
-    """Anything the code did not foresee (here: the worker thread raising) is still a 500 with OpenAI's body."""
+def test_an_unexpected_failure_is_an_openai_server_error_that_shows_no_internals(model_dir, monkeypatch):
+    """Anything the code did not foresee (here: generation raising on the worker thread) is still OpenAI's body, a
+    500, or an error event once a stream has started, and the stream ends; the exception stays in the log."""
     from fastapi.testclient import TestClient
 
-    from serve import Engine, create_app, load_served_model
-    model, tok = load_served_model(model_dir, device="cpu")
-    engine = Engine(model, tok, resolve_template(None, tok), "tiny")
+    import serve
+    model, tok = serve.load_served_model(model_dir, device="cpu")
+    engine = serve.Engine(model, tok, resolve_template(None, tok), "tiny")
+    app = serve.create_app(engine)
 
     def broken(*args):
-        raise RuntimeError("the worker broke")
-    engine._generate = broken
-    with TestClient(create_app(engine), raise_server_exceptions=False) as c:
-        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "max_tokens": 2})
-    assert r.status_code == 500, r.text
-    error = r.json()["error"]
-    assert error["type"] == "server_error" and "the worker broke" in error["message"]
+        raise RuntimeError("secret internals at /srv/models/7b")
+    monkeypatch.setattr(serve, "stream", broken)
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 2}
+
+    async def streamed() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as h:
+            return await h.post("/v1/chat/completions", json=body | {"stream": True})
+    r = asyncio.run(asyncio.wait_for(streamed(), 30))  # it used to wait forever for a failure before the 1st token
+    assert r.status_code == 200
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["error"]["type"] == "server_error"
+    assert "secret" not in r.text and not INTERNALS.search(r.text), r.text
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json=body)
+    assert openai_error(r, 500)["type"] == "server_error" and "secret" not in r.text
 
 
 def test_context_window_error_through_the_client(client):
@@ -234,6 +280,217 @@ def test_context_window_error_through_the_client(client):
     assert e.value.code == "context_length_exceeded" and f"maximum context length is {CONTEXT}" in e.value.message
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=HELLO)
+
+
+# ---- hostile input: text that is not Unicode, huge bodies, sampling values at the edge ------------------------------
+def post_raw(server: Server, body: bytes) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    return httpx.post(server.url + "/v1/chat/completions", content=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "ok \xed\xa0\x80"}]}', "messages.0.content"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udfffb"}]}]}',
+     "messages.0.content"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi", "name": "\\ud800"}]}', "messages.0.name"),
+    (b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "\\ud800"]}', "stop"),
+])
+def test_a_lone_surrogate_is_a_400_with_no_internals_and_no_traceback(server, body, param):
+    """JSON can escape half a surrogate pair ("\\ud800"; Python's decoder also passes the raw bytes ED A0 80):
+    Python makes it a str that nothing can encode. It used to reach the tokenizer: a 500 whose body named the
+    TypeError, and a traceback in the log. Now it is a 400 naming the field, and the log gets no traceback. (The
+    official client cannot even send one: it fails to encode the JSON, so raw bytes here.)"""
+    logged = len(server.log_text())
+    error = openai_error(post_raw(server, body), 400)
+    assert error["param"] == param and "surrogate" in error["message"] and error["type"] == "invalid_request_error"
+    assert httpx.get(server.url + "/health").status_code == 200
+    new_log = server.log_text()[logged:]
+    assert "Traceback" not in new_log and len(new_log.splitlines()) <= 1, new_log
+
+
+def test_a_surrogate_pair_is_fine(server):
+    r = post_raw(server, b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], '
+                         b'"max_tokens": 2}')
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict]:
+    """Status and JSON body of the one response on a raw connection the server closes after it."""
+    data = b""
+    while True:
+        try:
+            part = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not part:
+            break
+        data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_body_over_the_limit_is_refused_from_its_content_length_without_reading_it(server, client):
+    """Issue 29: a 10 MB message took 52 s to refuse, and three at once left the server at 3.7 GB. A body over
+    --max-request-bytes (default 4 MiB) is now a 413 decided from Content-Length alone: the server answers headers
+    that announce 10 GB before any of the body is sent, and three 10 MB messages from the official client at once
+    are refused in well under a second each, with no growth of the server's peak memory."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 10000000000\r\n\r\n")
+        status, body = read_response(s)  # no body sent at all: an answer at once (it used to wait for the body)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert "4,194,304 bytes" in body["error"]["message"]
+
+    peak = server.peak_rss_mb()
+    messages = [{"role": "user", "content": "你好" * 1_750_000}]  # 10.5 MB of UTF-8
+
+    def ask(_) -> tuple[openai.APIStatusError, float]:
+        start = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+        return e.value, time.monotonic() - start
+    with ThreadPoolExecutor(3) as pool:
+        refused = list(pool.map(ask, range(3)))
+    for error, seconds in refused:
+        assert error.status_code == 413 and error.code == "request_too_large" and seconds < 10
+        assert not INTERNALS.search(error.message)
+    if peak is not None:
+        assert server.peak_rss_mb() - peak < 64, (peak, server.peak_rss_mb())
+    assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_chunked_body_is_cut_off_as_soon_as_it_passes_the_limit(model_dir):
+    """Without Content-Length the body is counted as it arrives: an endless chunked upload gets its 413 once it has
+    passed --max-request-bytes, and the connection is closed, long before the client stops sending (it used to be
+    read to its end, all of it held in memory). Requests under the limit are served as before."""
+    limit = 100_000
+    server = Server(model_dir, "--max-request-bytes", str(limit))
+    try:
+        ok = {"model": "tiny", "messages": HELLO, "max_tokens": 2}
+        assert httpx.post(server.url + "/v1/chat/completions", json=ok, timeout=30).status_code == 200
+        padded = json.dumps(ok).encode() + b" " * limit  # valid JSON, just over the limit
+        r = httpx.post(server.url + "/v1/chat/completions", content=padded, timeout=30,
+                       headers={"Content-Type": "application/json"})
+        error = openai_error(r, 413)
+        assert error["code"] == "request_too_large" and f"{limit:,} bytes" in error["message"]
+
+        peak, chunk, sent, cap = server.peak_rss_mb(), b" " * 65536, 0, 256 * 2**20
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+            try:
+                while sent < cap and not select.select([s], [], [], 0)[0]:  # until the server answers
+                    s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent += len(chunk)
+            except OSError:  # the server closed the connection: it reads no more
+                pass
+            status, body = read_response(s)
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+        assert sent < 64 * 2**20, f"{sent:,} bytes sent before the server stopped reading"
+        if peak is not None:
+            assert server.peak_rss_mb() - peak < 64, (peak, server.peak_rss_mb())
+        assert httpx.post(server.url + "/v1/chat/completions", json=ok, timeout=30).status_code == 200
+    finally:
+        server.close()
+
+
+def test_the_limit_is_exact_and_holds_on_every_route(model_dir):
+    """In process: a body of exactly --max-request-bytes is parsed, one byte more is a 413, chunked or not, on any
+    route (the limit is checked before routing, so even a 404 path cannot be fed more)."""
+    from fastapi.testclient import TestClient
+
+    from serve import Engine, create_app, load_served_model
+    model, tok = load_served_model(model_dir, device="cpu")
+    engine = Engine(model, tok, resolve_template(None, tok), "tiny")
+    body = json.dumps({"model": "tiny", "messages": HELLO, "max_tokens": 1}).encode()
+    limit = len(body) + 100
+    headers = {"Content-Type": "application/json"}
+    with TestClient(create_app(engine, max_request_bytes=limit)) as c:
+        assert c.post("/v1/chat/completions", content=body + b" " * 100, headers=headers).status_code == 200
+        assert c.post("/v1/chat/completions", content=iter([body, b" " * 100]), headers=headers).status_code == 200
+        for content in (body + b" " * 101, iter([body, b" " * 101])):
+            assert openai_error(c.post("/v1/chat/completions", content=content, headers=headers), 413)
+        assert openai_error(c.post("/nowhere", content=b"x" * (limit + 1)), 413)
+        assert openai_error(c.post("/nowhere", content=b"x"), 404)
+
+
+def test_tiny_temperatures_are_greedy(client):
+    """A temperature of 1e-45 divided the logits into inf: nan probabilities, an end token, 200 with no content.
+    Below 1e-5 a temperature is greedy (as 0 is, and as OpenAI users mean it); 1e-5 itself still samples."""
+    kwargs = dict(model="tiny", messages=HELLO, max_tokens=8)
+    greedy = client.chat.completions.create(**kwargs, temperature=0).choices[0].message.content
+    assert greedy
+    for temperature in (1e-45, 1e-300, 5e-324, 9.9e-6):
+        r = client.chat.completions.create(**kwargs, temperature=temperature, seed=1)
+        assert r.choices[0].message.content == greedy and r.usage.completion_tokens == 8, temperature
+    r = client.chat.completions.create(**kwargs, temperature=1e-5, seed=1)
+    assert r.usage.completion_tokens == 8 and r.choices[0].message.content
+    # repetition_penalty at its bounds, and top_p tiny, still answer in full
+    for extra in ({"repetition_penalty": 0.01}, {"repetition_penalty": 10}, {"top_p": 1e-300}):
+        r = client.chat.completions.create(**kwargs, temperature=1, seed=1, extra_body=extra)
+        assert r.usage.completion_tokens == 8 and r.choices[0].message.content, extra
+
+
+def test_null_means_the_default_as_with_openai(server):
+    """OpenAI's schema allows null for the sampling fields (a client that sends every key does)."""
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 3, "temperature": None, "top_p": None, "n": None,
+            "stream": None, "stop": None, "seed": None, "presence_penalty": None, "frequency_penalty": None,
+            "top_k": None, "repetition_penalty": None, "max_completion_tokens": None, "stream_options": None}
+    r = post_raw(server, json.dumps(body).encode())
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+# ---- the command line ----------------------------------------------------------------------------------------------
+def run_cli(monkeypatch, *argv: str) -> None:
+    """serve.py's `if __name__ == "__main__"` block in this process (fast: no fresh torch import)."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", ["serve.py", *argv])
+    grad = torch.is_grad_enabled()
+    try:
+        runpy.run_path(str(REPO / "serve.py"), run_name="__main__")
+    finally:
+        torch.set_grad_enabled(grad)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--model", "{missing}"], "does not exist"),
+    (["--model", "{model}", "--lora", "{missing}"], "adapter"),
+    (["--model", "{model}", "--device", "nonsense"], "--device"),
+    (["--model", "{model}", "--port", "70000"], "--port"),
+    (["--model", "{model}", "--max-request-bytes", "0"], "--max-request-bytes"),
+])
+def test_startup_user_errors_are_one_line_and_exit_2(model_dir, tmp_path, monkeypatch, capsys, flags, says):
+    """A missing model or adapter directory or a bad option value: `error: ...` on one line, exit 2, no traceback
+    (they used to be tracebacks with exit 1); --debug shows the traceback. `main(args)` itself raises, for callers
+    that handle it."""
+    import serve
+    flags = [f.format(missing=tmp_path / "missing", model=model_dir) for f in flags]
+    with pytest.raises((OSError, ValueError), match=re.escape(says)):
+        serve.main(serve.build_parser().parse_args(flags))
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, *flags)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    with pytest.raises((OSError, ValueError), match=re.escape(says)):
+        run_cli(monkeypatch, *flags, "--debug")
+
+
+def test_a_missing_model_exits_2_with_one_line(tmp_path):
+    """The same through a real `python serve.py` process."""
+    done = subprocess.run([sys.executable, str(REPO / "serve.py"), "--model", str(tmp_path / "missing")],
+                          cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: model directory does not exist "
+                                                "(--debug shows the traceback)"]
+
+
+def test_help_prints():
+    import serve
+    serve.build_parser().format_help().encode("utf-8")  # the docstring is --help's text: no lone surrogate in it
 
 
 # ---- load ----------------------------------------------------------------------------------------------------------
