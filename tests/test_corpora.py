@@ -337,14 +337,94 @@ def test_json_array_stray_quote_loses_only_its_item(tmp_path, indent):
         assert tally.examples[0]["detail"].endswith("skipped to the next item")
 
 
-def test_json_array_on_one_line_reports_how_much_a_stray_quote_skipped(tmp_path):
-    """On a single line the quotes cannot be re-paired: the rest of the array is skipped, and the report says so."""
+ONE_LINE_BREAKS = {  # how item 20 of a single-line array is broken -> the items lost with it
+    "stray quote": ('"output": "答案20"', '"output": 答案20"', {20}),
+    "key missing its quote": ('{"instruction": "问题20"', '{instruction": "问题20"', {20}),
+    "extra quote": ('"output": "答案20"', '"output": "答"案20"', {20}),
+    "unclosed brace": ('"答案20"}', '"答案20"', {20, 21}),  # the next item is read into it
+    "bracket for brace": ('"答案20"}', '"答案20"]', {20}),
+    "unclosed list": ('"output": "答案20"', '"output": ["答案20"', {20}),
+    "missing comma": ('"问题20", "output"', '"问题20" "output"', {20}),
+    "extra closing brace": ('"答案20"}', '"答案20"}}', set()),  # the stray brace alone is the bad item
+    "stray ]": ('"答案20"}', '"答案20"}]', set()),
+}
+
+
+@pytest.mark.parametrize("case", ONE_LINE_BREAKS)
+def test_json_array_on_one_line_a_broken_item_costs_only_itself(tmp_path, case):
+    """A single-line array (json.dumps of a list) picks up again at the next `}, {` after a broken item, as an
+    array spread over lines does at the next line: one bad_json, with the item's number and character offset."""
+    old, new, lost = ONE_LINE_BREAKS[case]
     items = [{"instruction": f"问题{i}", "output": f"答案{i}"} for i in range(50)]
-    text = json.dumps(items, ensure_ascii=False).replace('"output": "答案20"', '"output": 答案20"', 1)
+    text = json.dumps(items, ensure_ascii=False)
+    assert text.count(old) == 1
+    text = text.replace(old, new)
     p = tmp_path / "a.json"
     p.write_text(text, encoding="utf-8")
+    for chunk in (7, 100, 1 << 20):
+        tally = Tally()
+        got = [obj for _, obj in _json_array(p, "utf-8", tally, chunk_chars=chunk)]
+        assert got == [it for i, it in enumerate(items) if i not in lost], (case, chunk)
+        assert tally.dropped == {"bad_json": 1}, (case, chunk)
+        assert tally.read == len(got) + 1  # every item read, the broken one once
+        (example,) = tally.examples
+        assert example["where"] == f"{p}:1" and example["detail"].endswith("skipped to the next item")
+        if lost:
+            assert example["detail"].startswith("item 21 of the array: ")
+            at = int(example["detail"].rsplit(" at character ", 1)[1].split(";")[0].replace(",", ""))
+            assert text.index('"答案19"}') < at <= text.index('{"instruction": "问题21"'), example
+
+
+def test_json_array_on_one_line_through_a_reader(tmp_path):
+    items = [{"instruction": f"第{i}个问题", "input": "", "output": f"第{i}个回答"} for i in range(30)]
+    text = json.dumps(items, ensure_ascii=False).replace('"output": "第7个回答"', '"output": 第7个回答"')
+    p = tmp_path / "one_line.json"
+    p.write_text(text, encoding="utf-8")
+    recs, tally = read_all("alpaca", p)
+    assert [r.prompt for r in recs] == [f"第{i}个问题" for i in range(30) if i != 7]
+    assert tally.dropped == {"bad_json": 1} and tally.read == 30
+
+
+def test_json_array_broken_brackets_over_many_lines_cost_only_their_item(tmp_path):
+    items = [{"instruction": f"问题{i}", "output": [f"答案{i}"]} for i in range(40)]
+    text = json.dumps(items, ensure_ascii=False, indent=2)
+    text = text.replace('"答案9"\n    ]', '"答案9"', 1)  # a list never closed: every later `,` looks nested
+    p = tmp_path / "a.json"
+    p.write_text(text, encoding="utf-8")
+    for chunk in (7, 1 << 20):
+        tally = Tally()
+        got = [obj for _, obj in _json_array(p, "utf-8", tally, chunk_chars=chunk)]
+        assert got == items[:9] + items[10:] and tally.dropped == {"bad_json": 1}, chunk
+
+
+def test_json_array_unbalanced_item_resyncs_in_bounded_memory(tmp_path):
+    """An item whose bracket never closes makes every later `,` look nested: the scan gives up `resync_chars`
+    after the next `}, {` boundary and resumes there, so the buffer stays bounded on a big single-line file."""
+    import tracemalloc
+    items = [{"instruction": f"问题{i}", "output": f"答案{i}"} for i in range(20_000)]
+    text = json.dumps(items, ensure_ascii=False).replace('"output": "答案3"', '"output": ["答案3"', 1)
+    p = tmp_path / "big.json"
+    p.write_text(text, encoding="utf-8")
     tally = Tally()
-    assert [obj for _, obj in _json_array(p, "utf-8", tally, chunk_chars=100)] == items[:20]
-    assert tally.dropped == {"bad_json": 1}
-    skipped = len(text) - text.index('{"instruction": "问题20"')
+    tracemalloc.start()
+    got = [obj["instruction"] for _, obj in _json_array(p, "utf-8", tally, chunk_chars=4096, resync_chars=20_000)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == [f"问题{i}" for i in range(20_000) if i != 3] and tally.dropped == {"bad_json": 1}
+    assert peak < 4 * 1024 * 1024 and p.stat().st_size > 500_000
+
+
+def test_json_array_broken_last_item_and_unrecoverable_rest_say_so(tmp_path):
+    good = [{"instruction": f"问题{i}", "output": f"答案{i}"} for i in range(3)]
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps(good, ensure_ascii=False)[:-1] + ', {"instruction": "坏" oops}]\n', encoding="utf-8")
+    for chunk in (5, 1 << 20):
+        tally = Tally()
+        assert [o for _, o in _json_array(p, "utf-8", tally, chunk_chars=chunk)] == good
+        assert tally.dropped == {"bad_json": 1} and tally.examples[0]["detail"].endswith("it was the last item")
+    text = json.dumps(good, ensure_ascii=False)[:-1] + ', {"instruction": "坏", "output": ["没有结尾'
+    p.write_text(text, encoding="utf-8")
+    tally = Tally()
+    assert [o for _, o in _json_array(p, "utf-8", tally, chunk_chars=8)] == good
+    skipped = len(text) - text.index('{"instruction": "坏"')
     assert tally.examples[0]["detail"].endswith(f"the rest of the array ({skipped:,} characters) skipped")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,8 @@ from utils import prepare as prep
 from utils.corpora import Record
 from utils.dedup import DedupConfig
 from utils.prepare import PrepareConfig, prepare_corpora, single_turns
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def load(out: Path, split: str | None = None) -> pd.DataFrame:
@@ -211,3 +214,119 @@ def test_same_format_twice_gets_unique_labels(tmp_path):
     (tmp_path / "other" / "q1.json").write_text("[]")
     assert prep.corpus_labels([("qa", d / "q1.json"), ("qa", tmp_path / "other" / "q1.json"), ("belle", d)]) == [
         "qa:q1.json#1", "qa:q1.json#2", "belle"]
+
+
+def webtext_rows(n: int, tag: str = "") -> str:
+    rows = [{"title": f"{tag}第{i}个问题：为什么天空是蓝色的",
+             "content": f"{tag}第{i}个回答：因为瑞利散射，短波长的蓝光散射得更多。", "star": 9} for i in range(n)]
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def test_cli_refuses_an_output_directory_that_holds_its_input(tmp_path):
+    """The reported case, end to end: `--out OUT --overwrite` with the raw corpus inside OUT used to delete it and
+    exit 0. It is refused before any work, in one line, and the corpus is intact."""
+    import subprocess
+    import sys
+    out = tmp_path / "OUT"
+    (out / "raw").mkdir(parents=True)
+    (out / "raw" / "web.json").write_text(webtext_rows(20), encoding="utf-8")
+    before = (out / "raw" / "web.json").read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "prepare", "--corpus", f"webtext={out / 'raw'}",
+                           "--out", str(out), "--overwrite"], cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert f"--out {out} contains the input {out / 'raw'}" in proc.stderr
+    assert (out / "raw" / "web.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT"] and sorted(p.name for p in out.iterdir()) == ["raw"]
+
+
+def test_output_directories_that_would_replace_inputs_or_homes_are_refused(tmp_path, monkeypatch, samples_dir):
+    data = tmp_path / "data"
+    (data / "raw").mkdir(parents=True)
+    (data / "raw" / "web.json").write_text(webtext_rows(20), encoding="utf-8")
+    home, work = tmp_path / "home", tmp_path / "home" / "work"
+    work.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    web = [("webtext", data / "raw")]
+
+    def validate_never(*a, **k):
+        raise AssertionError("the output directory is checked before any input is read")
+
+    monkeypatch.setattr(prep, "_validate", validate_never)
+    cases = [(web, data, "contains the input"), (web, data / "raw", "is the input"),
+             (web, tmp_path / "link", "contains the input"),          # the same directory through a link
+             (web, data / "raw" / "out", "is inside the input"),
+             ([("webtext", data / "raw" / "web.json")], data / "raw", "contains the input"),
+             (None, samples_dir.parent, "contains the input"),        # the bundled samples are inputs too
+             (web, Path("."), "is the current directory"), (web, Path(".."), "is the home directory"),
+             (web, tmp_path, "contains the home directory"), (web, REPO, "is the repository"),
+             (web, REPO.parent, "contains the repository"), (web, Path("/"), "is the filesystem root")]
+    for sources, out, message in cases:
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=message) as e:
+                prepare_corpora(sources, out, PrepareConfig(overwrite=overwrite))
+            assert "\n" not in str(e.value), str(e.value)
+    assert (data / "raw" / "web.json").read_text(encoding="utf-8") == webtext_rows(20)
+    (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere" / "deeper")
+    with pytest.raises(ValueError, match="--out .. contains the current directory"):
+        prepare_corpora(web, Path(".."), PrepareConfig(overwrite=True))
+    monkeypatch.undo()
+    stats = prepare_corpora(web, tmp_path / "prepared",  # beside the input: fine
+                            PrepareConfig(split=(1, 0, 0), dedup=DedupConfig(near=False)))
+    assert stats["total"]["kept"] == 20
+
+
+def bad_file_dir(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A webtext directory: two good files and three bad ones (foreign text, binary, unreadable)."""
+    d = tmp_path / "webtext"
+    d.mkdir()
+    (d / "a.json").write_text(webtext_rows(10, "甲"), encoding="utf-8")
+    (d / "b.json").write_text(webtext_rows(10, "乙"), encoding="utf-8")
+    bad = [d / "README.txt", d / "blob.json", d / "locked.json"]
+    bad[0].write_text("This folder holds the webtext dump.\nSee the project page.\n", encoding="utf-8")
+    bad[1].write_bytes(bytes(range(256)) * 8)
+    if os.geteuid() == 0:  # root reads any file: a real file whose read fails instead
+        bad[2].symlink_to("/proc/self/mem")
+    else:
+        bad[2].write_text(webtext_rows(3), encoding="utf-8")
+        bad[2].chmod(0)
+    return d, bad
+
+
+def test_every_bad_file_of_a_directory_is_named_in_one_error(tmp_path):
+    d, bad = bad_file_dir(tmp_path)
+    with pytest.raises(ValueError) as e:
+        prepare_corpora([("webtext", d)], tmp_path / "o")
+    text = str(e.value)
+    assert text.startswith("3 problems with the corpora (pass --skip-bad-files") and "--skip-bad-files" in text
+    for f in bad:
+        assert str(f) in text
+    assert f"cannot read {bad[2]}:" in text and f"no readable webtext record in {bad[0]}" in text
+    assert str(d / "a.json") not in text and not (tmp_path / "o").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["webtext"]
+
+
+def test_skip_bad_files_counts_them_in_stats_and_the_report(tmp_path, capsys):
+    d, bad = bad_file_dir(tmp_path)
+    out = tmp_path / "o"
+    train.main(["prepare", "--corpus", f"webtext={d}", "--out", str(out), "--skip-bad-files", "--split", "1,0,0",
+                "--no-near-dedup"])
+    report = capsys.readouterr().out
+    stats = json.loads((out / "stats.json").read_text())
+    c = stats["corpora"]["webtext"]
+    assert c["kept"] == 20 and c["files"] == [str(d / "a.json"), str(d / "b.json")]
+    assert sorted(s["file"] for s in c["skipped_files"]) == sorted(map(str, bad))
+    assert stats["total"]["skipped_files"] == 3 and stats["config"]["skip_bad_files"] is True
+    assert "skipped 3 bad files (--skip-bad-files" in report
+    lines = [line for line in report.splitlines() if line.startswith("  webtext: ")]
+    assert len(lines) == 3 and all(any(str(f) in line for line in lines) for f in bad)
+    # a corpus with nothing readable is still an error: skipping its files would leave nothing of it
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "README.txt").write_text("not a corpus\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no readable webtext record in .*README.txt") as e:
+        prepare_corpora([("webtext", d), ("webtext", only_bad)], tmp_path / "o2", PrepareConfig(skip_bad_files=True))
+    assert "pass --skip-bad-files" not in str(e.value)

@@ -118,8 +118,9 @@ def synth(server: Server, out: Path, *flags: str, key: str = KEY) -> subprocess.
                           timeout=300, env=dict(os.environ, OPENAI_API_KEY=key))
 
 
-def summary(proc: subprocess.CompletedProcess) -> dict:
-    assert proc.returncode == 0, proc.stderr
+def summary(proc: subprocess.CompletedProcess, code: int = 0) -> dict:
+    """The run's JSON summary (its last stdout line), after checking its exit status: 0 when every item is done."""
+    assert proc.returncode == code, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -230,13 +231,37 @@ def test_a_fatal_error_stops_the_pool_at_once_and_keeps_what_finished():
     assert got == ["fine"] and "stuck" in started and len(started) <= 6  # at most 2 * workers submitted
 
 
+def test_main_exits_3_when_items_failed_and_returns_when_all_are_done(monkeypatch, capsys):
+    import argparse
+
+    from utils import synth as synth_module
+    parser = argparse.ArgumentParser()
+    synth_module.add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--out", "unused", "--no-progress"])
+    steps = {"topics": {"done": 3, "resumed": 0, "failed": 0, "invalid": 0},
+             "dialogues": {"done": 5, "resumed": 0, "failed": 1, "invalid": 2},
+             "rewrite": {"done": 4, "resumed": 0, "failed": 1, "invalid": 1}}
+    result = {"recipe": "style", "topics": 3, "final": {"alpaca": 4}, "retried": 0, "steps": steps}
+    monkeypatch.setattr(synth_module, "run_synth", lambda cfg, console: result)
+    with pytest.raises(SystemExit) as e:
+        synth_module.main(args)
+    out, err = capsys.readouterr()
+    assert e.value.code == 3 and err.strip().splitlines()[-1] == "2 items failed, rerun to retry them"
+    assert json.loads(out.strip().splitlines()[-1]) == result  # the summary is still printed
+    steps["dialogues"]["failed"] = steps["rewrite"]["failed"] = 0
+    assert synth_module.main(args) is None
+    assert "failed, rerun" not in capsys.readouterr().err
+
+
 # ---- against the server --------------------------------------------------------------------------------------------
 def test_garbage_replies_are_captured_in_the_errors_file(garbage_server, tmp_path):
     topics = tmp_path / "topics.txt"
     topics.write_text("天气\n电影\n", encoding="utf-8")
     out = tmp_path / "run"
-    s = summary(synth(garbage_server, out, "--topics", str(topics), "--per-topic", "2", "--attempts", "2",
-                      "--max-tokens", "24"))
+    proc = synth(garbage_server, out, "--topics", str(topics), "--per-topic", "2", "--attempts", "2",
+                 "--max-tokens", "24")
+    s = summary(proc, code=3)  # failed items are not a success: exit 3, and the last line says what to do
+    assert proc.stderr.strip().splitlines()[-1] == "4 items failed, rerun to retry them"
     assert s["steps"]["dialogues"] == {"done": 0, "resumed": 0, "failed": 4, "invalid": 8}
     errors = read_jsonl(out / "errors.jsonl")
     assert len(errors) == 8 and {e["step"] for e in errors} == {"dialogues"}

@@ -133,42 +133,68 @@ def json_objects(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tupl
 
 
 _ITEM_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|[{}\[\],"]')  # a JSON string never holds a raw newline
+# a "string" that ends in `}, {`: its quotes are the closing quote of one item and the opening quote of the next
+# item's first key, paired by the scanner because a stray quote shifted the pairing of every later quote
+_MISPAIRED = re.compile(r'\}\s*,\s*(?=\{\s*"$)')
+_BOUNDARY = re.compile(r'\}\s*,\s*(?=\{\s*["}])')  # where one object item ends and the next begins
+RESYNC_CHARS = 1 << 20
 
 
-def _item_end(buf: str, i: int, depth: int) -> tuple[int | None, int, int]:
-    """Scan a malformed array item from buf[i] at bracket depth `depth` (strings skipped) for the `,` that ends it
-    or the `]` that closes the array. Returns (index after the `,` / of the `]`, or None when buf ends first;
-    where to resume scanning after more text is appended; depth there). A quote with no closing quote before the
-    end of its line is a stray one and is passed over, so one broken string cannot pair the quotes of every later
-    item wrongly (which would hide their brackets inside "strings" and lose the rest of the file)."""
+class _ItemScan:
+    """Where a scan of a malformed item stands: the brackets open in it, and whether a closing bracket ever
+    mismatched the open one (the brackets are broken, so their depth says little about where the item ends)."""
+
+    def __init__(self) -> None:
+        self.open: list[str] = []
+        self.mismatched = False
+
+
+def _item_end(buf: str, i: int, state: _ItemScan) -> tuple[int | None, int]:
+    """Scan a malformed array item from buf[i] (strings skipped) for the `,` outside its brackets that ends it.
+    Returns (index where the next item may start, or None when buf ends first; where to resume scanning after more
+    text is appended). Quotes that cannot be paired are recovered from: a quote with no closing quote before the end
+    of its line is a stray one and is passed over, and a "string" that runs from one item's last quote to the next
+    item's first (`"}, {"`, the pairing shifted by a stray quote on a single-line array) ends the item there; so one
+    broken string cannot hide every later item's brackets inside "strings". A closing bracket with nothing open is a
+    stray one (the array's own `]` after a broken last item is one); one of the other kind closes the open one."""
     for m in _ITEM_TOKEN.finditer(buf, i):
         tok = m.group()
         if tok == '"':
             if buf.find("\n", m.end()) >= 0:  # the line ends before any closing quote: a stray quote
                 continue
-            return None, m.start(), depth  # the string may close in the next chunk: resume from its quote
+            return None, m.start()  # the string may close in the next chunk: resume from its quote
+        if tok[0] == '"':
+            if len(tok) > 2 and (b := _MISPAIRED.search(tok, 1)):
+                state.open.clear()
+                return m.start() + b.end(), m.start() + b.end()
+            continue
         if tok in "{[":
-            depth += 1
+            state.open.append(tok)
         elif tok in "}]":
-            depth -= 1
-            if depth < 0:
-                return m.start(), m.start(), depth
-        elif tok == "," and depth == 0:
-            return m.end(), m.end(), depth
-    return None, len(buf), depth
+            if state.open:
+                state.mismatched |= state.open.pop() != "{["["}]".index(tok)]
+            elif tok == "}":
+                state.mismatched = True
+        elif not state.open:  # a `,` outside every bracket
+            return m.end(), m.end()
+    return None, len(buf)
 
 
-def _json_array(path: Path, enc: str, tally: Tally, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, dict]]:
+def _json_array(path: Path, enc: str, tally: Tally, chunk_chars: int = 1 << 20,
+                resync_chars: int = RESYNC_CHARS) -> Iterator[tuple[str, dict]]:
     """Stream the items of `[ {...}, {...} ]` with raw_decode over a sliding buffer (no whole-file load). An item
     that fails to parse is read further only when the error is at the end of the buffer (it may continue in the
-    next chunk); otherwise it is counted as bad_json and skipped up to the next top-level item."""
+    next chunk); otherwise it is counted as one bad_json, with its line, its number in the array and its character
+    offset, and skipped: to the `,` that ends it at bracket depth 0 (see `_item_end`); or, when its brackets do not
+    balance (no such `,` within `resync_chars` of the next `}, {` boundary, or before the end of the file), to that
+    `}, {` boundary after the error. So a broken item costs only itself, on one line as on many."""
     decoder = json.JSONDecoder()
     with open(path, encoding=enc, errors="strict") as f:
-        buf, pos, eof, line, started, broken = "", 0, False, 1, False, False
+        buf, pos, eof, line, started, broken, base, items = "", 0, False, 1, False, False, 0, 0
 
         def refill() -> bool:
             """Drop the consumed text, append the next chunk; False at EOF or undecodable bytes (counted)."""
-            nonlocal buf, pos, eof, broken
+            nonlocal buf, pos, eof, broken, base
             try:
                 more = f.read(chunk_chars)
             except UnicodeDecodeError as e:
@@ -176,8 +202,58 @@ def _json_array(path: Path, enc: str, tally: Tally, chunk_chars: int = 1 << 20) 
                 tally.drop("undecodable", f"{path}:{line}", f"{enc}: {e.reason}; rest of the array skipped")
                 eof = broken = True
                 return False
+            base += pos
             buf, pos, eof = buf[pos:] + more, 0, not more
             return bool(more)
+
+        def skip_bad(error: str, error_at: int) -> bool:
+            """Count the item at buf[pos] as bad and move pos to where the next one may start; False when no later
+            item can be found (the end of the file, or of the readable part)."""
+            nonlocal pos, line, items
+            tally.read += 1
+            items += 1
+            where, what = f"{path}:{line}", f"item {items} of the array: {error} at character {base + error_at:,}"
+            scan, state, seek, anchor, resume = pos, _ItemScan(), max(error_at, pos), None, None
+            start, last = base + pos, ""
+            while True:
+                nxt, scan = _item_end(buf, scan, state)
+                if anchor is None:  # the first `}, {` after the error, kept in the buffer until the scan decides
+                    end = len(buf) if nxt is None else max(seek, nxt - resync_chars)
+                    if b := _BOUNDARY.search(buf, seek, end):
+                        anchor = b.end()
+                    else:
+                        k = buf.rfind("}", seek, end)  # a boundary cut by the end of the buffer: look again
+                        seek = k if k >= 0 and end - k < 4096 and not buf[k + 1:end].strip(" \t\r\n,{") else end
+                if nxt is not None:
+                    resume = anchor if anchor is not None and nxt - anchor > resync_chars else nxt
+                    break
+                if anchor is not None and scan - anchor > resync_chars:
+                    resume = anchor
+                    break
+                drop = min(scan, seek) if anchor is None else anchor
+                line += buf.count("\n", pos, drop)
+                last = buf[pos:drop].rstrip()[-1:] or last
+                pos, before = drop, base
+                more = not eof and refill()
+                shift = base - before
+                scan, seek = scan - shift, seek - shift
+                anchor = None if anchor is None else anchor - shift
+                if not more:
+                    last = buf[pos:].rstrip()[-1:] or last
+                    if anchor is not None and (state.open or state.mismatched):  # broken brackets: the boundary
+                        resume = anchor
+                    break
+            if resume is None:
+                skipped = base + len(buf) - start
+                tally.drop("bad_json", where, f"{what}; " + (
+                    "it was the last item" if last == "]" and not state.open and not broken else
+                    f"the rest of the array ({skipped:,} characters) skipped"))
+                return False
+            resume = max(resume, start - base + 1)  # always past at least one character
+            line += buf.count("\n", pos, resume)
+            pos = resume
+            tally.drop("bad_json", where, f"{what}; skipped to the next item")
+            return True
 
         while True:
             while pos < len(buf) and (buf[pos] in " \t\r\n,\ufeff" or (buf[pos] == "[" and not started)):
@@ -188,8 +264,17 @@ def _json_array(path: Path, enc: str, tally: Tally, chunk_chars: int = 1 << 20) 
                 if eof or not refill():
                     return
                 continue
-            if buf[pos] == "]":
-                return
+            if buf[pos] == "]":  # the end of the array, unless more than white space follows it
+                k = pos + 1
+                while k < len(buf) and buf[k] in " \t\r\n":
+                    k += 1
+                if k < len(buf):
+                    if not skip_bad("unexpected ']' before the end of the file", pos):
+                        return
+                    continue
+                if eof or not refill():
+                    return
+                continue
             try:
                 obj, end = decoder.raw_decode(buf, pos)
             except json.JSONDecodeError as e:
@@ -199,27 +284,11 @@ def _json_array(path: Path, enc: str, tally: Tally, chunk_chars: int = 1 << 20) 
                         continue
                     if broken:  # undecodable bytes: counted, the rest is unreadable
                         return
-                tally.read += 1
-                where, scan, depth, skipped, resumed = f"{path}:{line}", pos, 0, 0, False
-                while True:
-                    nxt, scan, depth = _item_end(buf, scan, depth)
-                    upto = scan if nxt is None else nxt
-                    line += buf.count("\n", pos, upto)
-                    skipped += upto - pos
-                    pos = upto  # the scanned part of the bad item is not needed again: the buffer stays small
-                    if nxt is not None:
-                        resumed = True
-                        break
-                    if eof or not refill():
-                        skipped += len(buf) - pos  # an unclosed string runs to the end
-                        break
-                    scan = 0
-                tally.drop("bad_json", where, f"{e}; " + ("skipped to the next item" if resumed else
-                                                         f"the rest of the array ({skipped:,} characters) skipped"))
-                if not resumed:
+                if not skip_bad(e.msg, e.pos):
                     return
                 continue
             tally.read += 1
+            items += 1
             where = f"{path}:{line}"
             line += buf.count("\n", pos, end)
             pos = end

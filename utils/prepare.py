@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,8 @@ from utils.dedup import DedupConfig, chunk_keys, first_occurrence, near_duplicat
 from utils.io import atomic_dir, write_json
 from utils.progress import progress_bar
 
-SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data" / "samples"
 SPLITS = ("train", "valid", "test")
 SCHEMA = pa.schema([("prompt", pa.string()), ("response", pa.string()), ("source", pa.string())])
 
@@ -41,6 +43,7 @@ class PrepareConfig:
     worker: str = "thread"      # where chunks are hashed and spooled: "thread", "process" (faster) or "inline"
     multi_turn: str = "first"   # records with history: "first" turn only, every turn as its own row, or "drop"
     overwrite: bool = False
+    skip_bad_files: bool = False  # a directory's unreadable / foreign files: skipped and counted, not an error
     read: ReaderOptions = field(default_factory=ReaderOptions)
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -81,25 +84,76 @@ def corpus_labels(sources: list[tuple[str, Path]]) -> list[str]:
     return labels
 
 
-def _validate(sources: list[tuple[str, Path]], cfg: PrepareConfig) -> list[tuple[str, list[Path]]]:
-    """Fail before any work: unknown corpus, missing path, or a non-empty file in which no record is readable."""
-    plan = []
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_out_dir(out_dir: str | Path, inputs: list[Path]) -> None:
+    """Refuse an output directory that replacing (with --overwrite) would destroy what it must not: one that holds
+    or lies inside an input, or is the current directory, the repository, the home directory, `/` (or holds one of
+    them). Paths are compared resolved, so `..` and symbolic links do not hide an overlap."""
+    out = Path(out_dir).expanduser().resolve()
+    home = Path(os.path.expanduser("~")).resolve()
+    for what, place in (("the filesystem root", Path(out.anchor)), ("the home directory", home),
+                        ("the repository", REPO), ("the current directory", Path.cwd().resolve())):
+        if _within(place, out):
+            raise ValueError(f"--out {out_dir} {'is' if place == out else 'contains'} {what} ({place}): writing "
+                             f"there would replace it; give a new or dedicated directory such as data/corpus")
+    for inp in inputs:
+        real = Path(inp).expanduser().resolve()
+        if _within(real, out):
+            raise ValueError(f"--out {out_dir} {'is' if real == out else 'contains'} the input {inp}: writing there "
+                             f"would replace it; choose an output directory outside every input")
+        if _within(out, real):
+            raise ValueError(f"--out {out_dir} is inside the input {inp}: its files would be read as input; "
+                             f"choose an output directory outside every input")
+
+
+def _file_problem(name: str, f: Path, cfg: PrepareConfig) -> str | None:
+    """Why a corpus file cannot be used (unreadable, or not one readable record of the format), or None."""
+    try:
+        if is_blank_file(f):
+            return None
+        probe = Tally()
+        records = read_file(name, f, cfg.read, probe)
+        first = next(records, None)
+        records.close()
+    except OSError as e:
+        return f"cannot read {f}: {e.strerror or e}"
+    if first is None and not FILTER_REASONS & set(probe.dropped):
+        problems = "; ".join(f"{e['reason']} at {e['where']}: {e['detail']}" for e in probe.examples[:3])
+        return f"no readable {name} record in {f} ({problems or 'no records'})"
+    return None
+
+
+def _validate(sources: list[tuple[str, Path]], cfg: PrepareConfig
+              ) -> tuple[list[tuple[str, list[Path]]], list[list[dict]]]:
+    """Fail before any work: unknown corpus, missing path, a corpus with nothing readable, or (unless
+    skip_bad_files) any file that is unreadable or holds no readable record. Every file is checked first and all
+    such problems are named in one error. Returns the plan ([(format, files to read)]) and, per corpus, its bad
+    files ({"file", "reason"}), which skip_bad_files leaves out of the plan."""
+    plan, bad_files, fatal, skippable = [], [], [], []
     for name, path in sources:
         files = list_files(name, path)  # raises for an unknown name or a missing path
-        for f in files:
-            if is_blank_file(f):
-                continue
-            probe = Tally()
-            records = read_file(name, f, cfg.read, probe)
-            first = next(records, None)
-            records.close()
-            if first is None and not FILTER_REASONS & set(probe.dropped):
-                problems = "; ".join(f"{e['reason']} at {e['where']}: {e['detail']}" for e in probe.examples[:3])
-                raise ValueError(f"corpus {name}: no readable {name} record in {f} ({problems or 'no records'})")
-        if all(is_blank_file(f) for f in files):
-            raise ValueError(f"corpus {name}: every file under {path} is empty")
-        plan.append((name, files))
-    return plan
+        problems = {f: p for f in files if (p := _file_problem(name, f, cfg)) is not None}
+        good = [f for f in files if f not in problems]
+        lines = [f"corpus {name}: {p}" for p in problems.values()]
+        if not all(is_blank_file(f) for f in good):
+            skippable += lines
+        elif problems:  # skipping the bad files would leave nothing of this corpus
+            fatal += lines
+        else:
+            fatal.append(f"corpus {name}: every file under {path} is empty")
+        bad_files.append([{"file": str(f), "reason": p} for f, p in problems.items()])
+        plan.append((name, good if cfg.skip_bad_files else files))
+    errors = fatal + ([] if cfg.skip_bad_files else skippable)
+    if errors:
+        hint = " (pass --skip-bad-files to skip such files and count them in stats.json)" \
+            if skippable and not cfg.skip_bad_files else ""
+        if len(errors) == 1:
+            raise ValueError(errors[0] + hint)
+        raise ValueError(f"{len(errors)} problems with the corpora{hint}:\n  " + "\n  ".join(errors))
+    return plan, bad_files
 
 
 def _keys(prompts: list[str], responses: list[str], dedup: DedupConfig):
@@ -239,9 +293,12 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
     cfg = config or PrepareConfig()
     out_dir = Path(out_dir)
     sources = [(n, Path(p)) for n, p in sources] if sources else bundled_sources()
+    check_out_dir(out_dir, [p for _, p in sources])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite / --overwrite to replace it)")
-    plan = _validate(sources, cfg)
+    plan, skipped = _validate(sources, cfg)
     labels = corpus_labels(sources)
     tallies = [Tally() for _ in plan]
     times, kept_clean = [0.0] * len(plan), [0] * len(plan)
@@ -293,10 +350,12 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
             "corpora": {labels[i]: {
                 "format": name, "files": [str(f) for f in files], "read": tallies[i].read,
                 "kept": int((keep & (sources_arr == i)).sum()), "dropped": dict(tallies[i].dropped.most_common()),
+                "skipped_files": skipped[i],
                 "seconds": round(times[i], 3), "examples": tallies[i].examples,
             } for i, (name, files) in enumerate(plan)},
             "splits": counts,
             "total": {"read": sum(t.read for t in tallies), "kept": int(keep.sum()),
+                      "skipped_files": sum(len(s) for s in skipped),
                       "seconds": round(time.perf_counter() - t_start, 3),
                       "dedup_seconds": round(t_write - t_dedup, 3),
                       "write_seconds": round(time.perf_counter() - t_write, 3)},
@@ -325,6 +384,12 @@ def print_stats(stats: dict) -> None:
     console = Console()
     console.print(table)
     console.print("splits: " + ", ".join(f"{k} {v:,}" for k, v in stats["splits"].items()))
+    if n := stats["total"].get("skipped_files"):
+        console.print(f"skipped {n:,} bad file{'s' if n > 1 else ''} (--skip-bad-files; listed in stats.json):",
+                      markup=False, highlight=False)
+        for name, c in stats["corpora"].items():
+            for bad in c.get("skipped_files", []):
+                console.print(f"  {name}: {bad['reason']}", markup=False, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -364,6 +429,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "None: the bundled samples in data/samples")
     parser.add_argument("--out", type=Path, default=Path("data/corpus"), help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--skip-bad-files", action="store_true",
+                        help="skip (and count in stats.json) a directory's unreadable files and files with no "
+                             "readable record, instead of stopping with the list of them")
     parser.add_argument("--seed", type=int, default=d.seed, help="shuffle / split seed")
     parser.add_argument("--split", type=_split_arg, default=d.split, help="train,valid,test fractions")
     parser.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per output parquet shard")
@@ -398,7 +466,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     clean.min_lengths.update(dict(args.min_len))
     return PrepareConfig(
         seed=args.seed, split=args.split, shard_rows=args.shard_rows, multi_turn=args.multi_turn, worker=args.worker,
-        overwrite=args.overwrite, clean=clean,
+        overwrite=args.overwrite, skip_bad_files=args.skip_bad_files, clean=clean,
         read=ReaderOptions(encoding=args.encoding, min_star=args.min_star, dice_threshold=args.dice,
                            hc3_answers=args.hc3_answers),
         dedup=DedupConfig(exact=args.dedup, near=args.near_dedup, threshold=args.threshold,

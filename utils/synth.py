@@ -15,11 +15,13 @@ sampling options and the expected JSON fields of each step; prompt files are pla
 `{dialogue}` (the step-2 record as JSON) and `{<field>}` are replaced; other braces stay as written. A new recipe
 needs no code. Replies are parsed as JSON (the first JSON value in the reply, so a chatty preamble or a code fence
 is tolerated; never `eval`), validated, and a failing reply is asked again up to --attempts times; every failure
-lands in `errors.jsonl` with the raw reply. HTTP 429 / 5xx / timeouts / dropped connections are retried with
-exponential backoff and jitter (Retry-After honoured); 401 / 403 / 404 stop the run. Every record is appended (and
-flushed) the moment it arrives, keyed by id (`t03-00017`: topic 3, dialogue 17), so a killed run restarted with the
-same --out continues where it stopped: nothing done twice, nothing lost. The API key comes from OPENAI_API_KEY only
-and is never printed or written. The HTTP client is httpx (a thread-safe connection pool); no OpenAI SDK needed.
+lands in `errors.jsonl` with the raw reply, and a run in which any item failed ends with "N items failed, rerun to
+retry them" and exit status 3 (0 only when every item is done). HTTP 429 / 5xx / timeouts / dropped connections are
+retried with exponential backoff and jitter (Retry-After honoured); 401 / 403 / 404 stop the run. Every record is
+appended (and flushed) the moment it arrives, keyed by id (`t03-00017`: topic 3, dialogue 17), so a killed run
+restarted with the same --out continues where it stopped: nothing done twice, nothing lost. The API key comes from
+OPENAI_API_KEY only and is never printed or written. The HTTP client is httpx (a thread-safe connection pool); no
+OpenAI SDK needed.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ FATAL_STATUS = {401, 403, 404}
 TOPICS_FILE, DIALOGUES_FILE, REWRITTEN_FILE = "1_topics.txt", "2_dialogues.jsonl", "3_rewritten.jsonl"
 ERRORS_FILE, DATASET_FILE, PARQUET_DIR = "errors.jsonl", "dataset.json", "data"
 RESERVED_FIELDS = ("id", "topic", "dialogue", "count")  # record keys and placeholders the factory fills itself
+EXIT_ITEMS_FAILED = 3  # the run finished, but some items failed every attempt: a rerun retries them
 
 
 # ---- recipes -------------------------------------------------------------------------------------------------------
@@ -518,6 +521,11 @@ def run_synth(cfg: SynthConfig, console: Console | None = None) -> dict:
     return Factory(cfg, console).run()
 
 
+def failed_items(summary: dict) -> int:
+    """Items of this run that failed every attempt (each is asked again by a rerun with the same --out)."""
+    return sum(step["failed"] for step in summary["steps"].values())
+
+
 def print_summary(summary: dict, console: Console) -> None:
     table = Table(title=f"synth: recipe {summary['recipe']}, {summary['topics']} topics")
     for col in ("step", "written now", "resumed", "failed", "invalid replies"):
@@ -569,7 +577,12 @@ def main(args: argparse.Namespace) -> None:
         console.print(f"[red]synth stopped:[/] {e}\n(what was written is kept: rerun with the same --out to resume)")
         sys.exit(1)
     print_summary(summary, console)
-    print(json.dumps(summary, ensure_ascii=False))
+    print(json.dumps(summary, ensure_ascii=False), flush=True)
+    failed = failed_items(summary)
+    if failed:  # a partial dataset is not a success: schedulers and `synth && train` chains must see it
+        console.print(f"{failed} item{'s' if failed != 1 else ''} failed, rerun to retry "
+                      f"{'them' if failed != 1 else 'it'}", markup=False, highlight=False)
+        raise SystemExit(EXIT_ITEMS_FAILED)
 
 
 if __name__ == "__main__":
