@@ -86,3 +86,21 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss curve was drawn
     assert any("Assistant:" in o.get("text", "") for o in outputs)
     check_chat_ready(tmp_path / "nb" / "sft" / "latest")
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_demo_stops_every_later_stage(tmp_path):
+    """SIGINT while the demo pretrains: the run saves, SFT never starts, nothing says "done", exit 130."""
+    import signal
+    import time
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "train.py", "demo", "--out", str(out), "--pretrain-steps", "100000"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "pretrain" / "train.log", time.time() + SLOW_TIMEOUT / 2
+    while not (log.exists() and " step 2 " in log.read_text()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "--resume" in stderr and "done in" not in stdout
+    assert (out / "pretrain" / "latest" / "training_state").is_dir() and not (out / "sft").exists()

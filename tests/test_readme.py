@@ -1,4 +1,4 @@
-"""Every command in the README parses with the real argument parsers (no stale or invented flags)."""
+"""Every command in the README and docs/ parses with the real argument parsers (no stale or invented flags)."""
 from __future__ import annotations
 
 import re
@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     commands = []
     for block in blocks:
