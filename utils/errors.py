@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,9 @@ def user_errors_exit(debug: bool = False) -> Iterator[None]:
     except TrainingStopped as stop:
         print(str(stop), file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves first and raises TrainingStopped)
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except USER_ERRORS as e:
         if debug:
             raise
