@@ -259,7 +259,8 @@ def test_output_directories_that_would_replace_inputs_or_homes_are_refused(tmp_p
              (web, tmp_path / "link", "contains the input"),          # the same directory through a link
              (web, data / "raw" / "out", "is inside the input"),
              ([("webtext", data / "raw" / "web.json")], data / "raw", "contains the input"),
-             (None, samples_dir.parent, "contains the input"),        # the bundled samples are inputs too
+             (None, samples_dir.parent, "contains the bundled samples"),
+             (web, samples_dir.parent, "contains the bundled samples"),  # even when they are not an input (synth)
              (web, Path("."), "is the current directory"), (web, Path(".."), "is the home directory"),
              (web, tmp_path, "contains the home directory"), (web, REPO, "is the repository"),
              (web, REPO.parent, "contains the repository"), (web, Path("/"), "is the filesystem root")]

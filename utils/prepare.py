@@ -95,7 +95,8 @@ def check_out_dir(out_dir: str | Path, inputs: list[Path]) -> None:
     out = Path(out_dir).expanduser().resolve()
     home = Path(os.path.expanduser("~")).resolve()
     for what, place in (("the filesystem root", Path(out.anchor)), ("the home directory", home),
-                        ("the repository", REPO), ("the current directory", Path.cwd().resolve())):
+                        ("the repository", REPO), ("the current directory", Path.cwd().resolve()),
+                        ("the bundled samples", SAMPLES.resolve())):
         if _within(place, out):
             raise ValueError(f"--out {out_dir} {'is' if place == out else 'contains'} {what} ({place}): writing "
                              f"there would replace it; give a new or dedicated directory such as data/corpus")
