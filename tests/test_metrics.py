@@ -291,3 +291,42 @@ def test_eval_cli_bad_data_is_a_clear_error(workdir, capsys):
         with pytest.raises(SystemExit):
             train.main(["eval", "--model", str(workdir / "model"), "--data", str(data), "--no-progress"])
         assert message in capsys.readouterr().err
+
+
+def test_eval_cli_bpc_equals_transformers_per_document(workdir):
+    """--task bpc: each record as the pretraining document `prompt\\nresponse` + eos after an eos (the tokenizer has
+    no bos), longer ones scored in context-length windows; bits per character recomputed document by document
+    through transformers' LlamaForCausalLM on the saved model dir."""
+    transformers = pytest.importorskip("transformers")
+    train.main(["eval", "--model", str(workdir / "model"), "--task", "bpc", "--data", str(workdir / "data"),
+                "--device", "cpu", "--no-progress", "--loss-batch-tokens", "256"])
+    report = json.loads((workdir / "model" / "eval-bpc-test.json").read_text(encoding="utf-8"))
+    hf = transformers.LlamaForCausalLM.from_pretrained(workdir / "model", torch_dtype=torch.float32).eval()
+    tok = Tokenizer.load(workdir / "model")
+    docs = [f"{q}\n{a}" for q, a in QA[:3] + [LONG] + QA[3:]]  # the file's order; the null row is skipped
+    nats, count = 0.0, 0
+    for doc in docs:
+        seq = [tok.eos_id, *tok.encode(doc, special=False), tok.eos_id]
+        for s in range(0, len(seq) - 1, CONTEXT):
+            chunk = torch.tensor([seq[s:s + CONTEXT + 1]])
+            with torch.no_grad():
+                logits = hf(chunk[:, :-1]).logits[0].float()
+            nats += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
+            count += chunk.shape[1] - 1
+    assert (report["task"], report["documents"], report["skipped_null"]) == ("bpc", len(docs), 1)
+    assert report["documents_split"] == 1 and report["document_tokens"] == count
+    assert report["document_chars"] == sum(map(len, docs))
+    assert report["loss"] == pytest.approx(nats / count, rel=1e-5)
+    assert report["bits_per_char"] == pytest.approx(nats / math.log(2) / sum(map(len, docs)), rel=1e-5)
+
+
+def test_eval_cli_task_qa_is_the_default(workdir, capsys):
+    flags = ["--model", str(workdir / "model"), "--data", str(workdir / "data"), "--device", "cpu", "--no-generate",
+             "--no-progress", "--max-samples", "2", "--out", "-"]
+    train.main(["eval", *flags])
+    default = json.loads(capsys.readouterr().out)
+    train.main(["eval", "--task", "qa", *flags])
+    assert json.loads(capsys.readouterr().out)["loss"] == default["loss"]
+    with pytest.raises(SystemExit):
+        train.main(["eval", "--task", "qa", "--template", "none", *flags])
+    assert "--template none" in capsys.readouterr().err

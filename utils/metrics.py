@@ -1,7 +1,11 @@
-"""Evaluation on a (prompt, response) split: answer loss, perplexity, bits per character, BLEU-4 and ROUGE-L.
+"""`train.py eval`: answer loss, perplexity, bits per character, BLEU-4 and ROUGE-L on a (prompt, response) split
+(`--task qa`, the default); bits per character of the split as pretraining documents (`--task bpc`); and the
+knowledge benchmarks CMMLU, C-Eval and GAOKAO-Bench (`--task cmmlu|ceval|gaokao`, utils/knowledge.py).
 
     python train.py eval --model DIR --data data/corpus --split test      # a prepared directory's test shards
     python train.py eval --model DIR --data test.parquet --max-samples 500 --out eval.json
+    python train.py eval --model DIR --task bpc --data data/corpus --split valid
+    python train.py eval --model DIR --task cmmlu --data ../shared/eval/cmmlu [--shots 5] [--method letter loglik]
 
 Definitions (what the numbers mean, exactly):
 
@@ -22,6 +26,11 @@ Definitions (what the numbers mean, exactly):
   counts summed over the split, one brevity penalty for the whole split, its default "exp" smoothing only matters
   when an n-gram order has no match at all). ROUGE-L is the mean over examples of the sentence-level LCS F1
   (rouge-score). Both are reported on a 0-100 scale.
+- **--task bpc**: every record as the pretraining document `prompt + "\n" + response` followed by eos (as the
+  trainer's token cache writes it), each document's tokens predicted after a bos (eos where the tokenizer has no bos:
+  what precedes a document in packed pretraining rows), documents longer than the context window scored window by
+  window. bits per character = total nats / ln 2 / the documents' characters; the closing eos adds nats but no
+  character, as in the trainer's figure.
 """
 from __future__ import annotations
 
@@ -40,14 +49,12 @@ from rich.console import Console
 from rich.table import Table
 from torch.nn.attention import sdpa_kernel
 
-from model.checkpoint import load_model
 from model.generation import DECODE_SDPA_BACKENDS, SamplingConfig, context_budget, generate_answers, resolve_template
 from model.loss import IGNORE_INDEX
 from model.transformer import Transformer
 from utils.io import find_shards, iter_parquet, write_json
 from utils.progress import progress_bar
 from utils.templates import TEMPLATES, ChatTemplate, to_messages, tokenize_sft
-from utils.tokenizer import Tokenizer
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+|\S")
 
@@ -173,6 +180,51 @@ def answer_loss(model: Transformer, tokenizer, records: Sequence[dict[str, str]]
             "bits_per_char": total / math.log(2) / chars if chars else None}
 
 
+@torch.inference_mode()
+def document_bits_per_char(model: Transformer, tokenizer, records: Sequence[dict[str, str]],
+                           batch_tokens: int = 8192, progress: bool = True) -> dict[str, Any]:
+    """Loss, perplexity and bits per character of the records as pretraining documents (module docstring, --task bpc).
+
+    Windows of at most the context length (a document longer than that is cut into consecutive windows, each
+    target scored once) are sorted by length and right-padded into batches of at most batch_tokens positions."""
+    if not records:
+        raise ValueError("no records to evaluate")
+    docs = [f"{r['prompt']}\n{r['response']}" for r in records]
+    first = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    window = model.config.max_position_embeddings
+    rows: list[list[int]] = []  # each: inputs row[:-1], targets row[1:]
+    split = 0
+    for ids in tokenizer.encode_batch(docs, special=False):  # marker text in a document is plain text
+        seq = [first, *ids, tokenizer.eos_id]
+        split += len(seq) - 1 > window
+        rows += [seq[s:s + window + 1] for s in range(0, len(seq) - 1, window)]
+    rows.sort(key=len, reverse=True)
+    device = model.model.embed_tokens.weight.device
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    with progress_bar(progress) as bar, sdpa_kernel(DECODE_SDPA_BACKENDS):
+        task = bar.add_task("document loss", total=len(rows))
+        start = 0
+        while start < len(rows):
+            longest = len(rows[start]) - 1
+            batch = rows[start:start + max(1, batch_tokens // longest)]
+            input_ids = torch.full((len(batch), longest), tokenizer.pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+            for b, row in enumerate(batch):
+                input_ids[b, :len(row) - 1] = torch.tensor(row[:-1])
+                labels[b, :len(row) - 1] = torch.tensor(row[1:])
+            n = sum(len(row) - 1 for row in batch)
+            nats += model(input_ids.to(device), labels.to(device)).double() * n
+            count += n
+            start += len(batch)
+            bar.advance(task, len(batch))
+    total, chars = float(nats), sum(map(len, docs))
+    loss = total / count
+    return {"documents": len(docs), "documents_split": split, "document_tokens": count, "document_chars": chars,
+            "loss": loss, "perplexity": float("inf") if loss > 700 else math.exp(loss),
+            "bits_per_char": total / math.log(2) / chars if chars else None}
+
+
 # ---- generation ----------------------------------------------------------------------------------------------------
 # ---- everything ----------------------------------------------------------------------------------------------------
 def evaluate(model: Transformer, tokenizer, records: Sequence[dict[str, str]],
@@ -217,14 +269,21 @@ _ROWS = [("examples", "examples", "{:,}"), ("skipped_null", "skipped: null promp
          ("bleu4", "BLEU-4 (corpus, chars, 0-100)", "{:.2f}"), ("brevity_penalty", "BLEU brevity penalty", "{:.3f}"),
          ("rouge_l_f", "ROUGE-L F (mean, chars, 0-100)", "{:.2f}"), ("rouge_l_p", "ROUGE-L precision", "{:.2f}"),
          ("rouge_l_r", "ROUGE-L recall", "{:.2f}"), ("generated_tokens_per_second", "generated tokens/s", "{:.1f}")]
+_BPC_ROWS = [("documents", "documents", "{:,}"), ("skipped_null", "skipped: null prompt or response", "{:,}"),
+             ("documents_split", "documents longer than the context (scored in windows)", "{:,}"),
+             ("document_tokens", "tokens scored", "{:,}"), ("document_chars", "characters", "{:,}"),
+             ("loss", "loss (nats/token)", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
+             ("bits_per_char", "bits per character", "{:.4f}")]
 
 
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=f"eval · {result.get('model', '')} · template {result['template']}")
+    bpc = result.get("task") == "bpc"
+    table = Table(title=f"eval · {result.get('model', '')} · " + ("documents (bpc)" if bpc else
+                                                                 f"template {result['template']}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, label, fmt in _ROWS:
+    for key, label, fmt in _BPC_ROWS if bpc else _ROWS:
         if result.get(key) is not None and (result[key] or "skipped" not in key):  # skip counts only when > 0
             table.add_row(label, fmt.format(result[key]))
     console.print(table)
@@ -242,19 +301,38 @@ def _short(text: str, limit: int = 200) -> str:
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------------------
+TASKS = ("qa", "bpc", "cmmlu", "ceval", "gaokao")
+KNOWLEDGE_TASKS = ("cmmlu", "ceval", "gaokao")
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str = "eval") -> None:
     from model.chat import DTYPES
 
     parser.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
-    parser.add_argument("--data", nargs="+", default=["data/corpus"],
-                        help="parquet file(s) with prompt/response columns, or a prepared directory (its --split)")
-    parser.add_argument("--split", default="test", help="split of a prepared directory: test, valid or train")
-    parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N records")
-    parser.add_argument("--template", default=None, choices=sorted(TEMPLATES),
-                        help="chat template; unset = the tokenizer's own (tokenizer_config.json)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together (left-padded)")
+    parser.add_argument("--lora", default=None, help="LoRA adapter directory (ours or PEFT's) applied to --model")
+    parser.add_argument("--qlora", action="store_true",
+                        help="load the base's block linears as NF4 (a QLoRA base), with or without --lora")
+    parser.add_argument("--task", default="qa", choices=TASKS,
+                        help="qa: answer loss, bits/char, BLEU-4, ROUGE-L on prompt/response records; bpc: bits per "
+                             "character of the records as pretraining documents; cmmlu, ceval, gaokao: the knowledge "
+                             "benchmarks (multiple choice; docs/eval.md)")
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="qa / bpc: parquet file(s) with prompt/response columns, or a prepared directory (its "
+                             "--split; default data/corpus); cmmlu / ceval / gaokao: the benchmark's directory as it "
+                             "ships (e.g. ../shared/eval/cmmlu)")
+    parser.add_argument("--split", default=None,
+                        help="qa / bpc: split of a prepared directory, test (default), valid or train; cmmlu: test "
+                             "(default) or dev; ceval: val (default) or dev (its test split has no answers)")
+    parser.add_argument("--max-samples", type=int, default=None, help="qa / bpc: evaluate only the first N records")
+    parser.add_argument("--template", default=None, choices=[*sorted(TEMPLATES), "default", "none"],
+                        help="chat template; qa: unset or 'default' = the tokenizer's own; benchmarks: unset or "
+                             "'none' = the benchmark's plain prompt (base models), 'default' = the tokenizer's own "
+                             "template, or a name (chat models)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="qa: prompts generated together (left-padded); benchmarks: prompts (loglik: options) "
+                             "scored per forward")
     parser.add_argument("--loss-batch-tokens", type=int, default=8192,
-                        help="padded positions per loss batch (examples sorted by length)")
+                        help="qa / bpc: padded positions per loss batch (examples sorted by length)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer in tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
@@ -264,12 +342,23 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "eval") -> Non
     parser.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True,
                         help="generate answers for BLEU-4 / ROUGE-L (--no-generate: loss metrics only)")
     parser.add_argument("--samples", type=int, default=5, help="(prompt, reference, prediction) triples reported")
+    parser.add_argument("--shots", type=int, default=0,
+                        help="benchmarks: K-shot prompts from the same subject's dev split (as the official scripts)")
+    parser.add_argument("--method", nargs="+", default=["letter"], choices=["letter", "loglik"],
+                        help="benchmarks: letter = next-token log-probability of A/B/C/D after the prompt (the "
+                             "official scripts); loglik = option-text log-likelihood, reported as loglik (summed, "
+                             "lm-eval acc) and loglik_norm (per character, lm-eval acc_norm); several run in turn")
+    parser.add_argument("--subjects", nargs="+", default=None, help="benchmarks: only these subjects (file names)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="benchmarks: at most N questions, taken round-robin over the subjects")
+    parser.add_argument("--predictions", default=None,
+                        help="benchmarks: write every question's answer, predictions and option scores (JSON lines)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="weights dtype; auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU")
     parser.add_argument("--out", default=None,
-                        help="JSON report path; unset = MODEL/eval-NAME.json (NAME: the split or the file's stem); "
-                             "'-' = print it instead")
+                        help="JSON report path; unset = MODEL/eval-NAME.json (NAME: the split or the file's stem; "
+                             "eval-bpc-NAME.json, eval-TASK-SPLIT.json for the other tasks); '-' = print it instead")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
 
 
@@ -279,24 +368,41 @@ def default_out(model: str | Path, data: Sequence[str | Path], split: str) -> Pa
     return Path(model) / f"eval-{name}.json"
 
 
-def main(args: argparse.Namespace) -> None:
+def _load(args: argparse.Namespace):
+    from model.chat import load_chat_model
+
+    return load_chat_model(args.model, args.lora, args.qlora, args.device, args.dtype)
+
+
+def _emit(result: dict[str, Any], args: argparse.Namespace, out: Path, err: Console) -> None:
     import json
 
-    from model.chat import resolve_device, resolve_dtype
+    if args.out == "-":
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    err.print(f"saved {out}")
 
+
+def main(args: argparse.Namespace) -> None:
     err = Console(stderr=True)
+    if args.task in KNOWLEDGE_TASKS:
+        return knowledge_main(args, err)
+    data = args.data or ["data/corpus"]
+    split = args.split or "test"
     try:
-        files = data_files(args.data, args.split)
+        if args.template == "none":
+            raise ValueError("--template none (the benchmarks' plain prompt) is for --task cmmlu, ceval or gaokao")
+        files = data_files(data, split)
         records, nulls = load_records(files, args.max_samples)
         if not records:
             raise ValueError(f"no (prompt, response) records in {', '.join(map(str, files))}")
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                                   seed=args.seed)
-        device = resolve_device(args.device)
-        model = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
-        tokenizer = Tokenizer.load(args.model)
-        if args.generate:
+        model, tokenizer = _load(args)
+        if args.task == "qa" and args.generate:
             context_budget(model, sampling)  # --max-new-tokens must fit: fail now, not after the loss pass
     except (OSError, ValueError, KeyError) as e:
         err.print(f"[red]error:[/] {e}")
@@ -304,16 +410,54 @@ def main(args: argparse.Namespace) -> None:
     result = {"model": str(args.model), "data": [str(f) for f in files], "skipped_null": nulls,
               "device": str(model.model.embed_tokens.weight.device),
               "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")}
+    if args.lora:
+        result["lora"] = str(args.lora)
     # with --out -, stdout carries only the JSON (progress bars, including tokenize_sft's, go to stderr)
     with contextlib.redirect_stdout(sys.stderr) if args.out == "-" else contextlib.nullcontext():
-        result |= evaluate(model, tokenizer, records, args.template, sampling, args.batch_size,
-                           args.loss_batch_tokens, args.generate, args.samples, args.progress)
+        if args.task == "bpc":
+            result = {"task": "bpc", **result, **document_bits_per_char(model, tokenizer, records,
+                                                                          args.loss_batch_tokens, args.progress)}
+        else:
+            template = None if args.template == "default" else args.template
+            result |= evaluate(model, tokenizer, records, template, sampling, args.batch_size,
+                               args.loss_batch_tokens, args.generate, args.samples, args.progress)
     result.pop("predictions", None)
     print_report(result, Console(stderr=args.out == "-"))
-    if args.out == "-":
-        print(json.dumps(result, ensure_ascii=False, indent=2))
-        return
-    out = Path(args.out) if args.out else default_out(args.model, args.data, args.split)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    err.print(f"saved {out}")
+    out = Path(args.out) if args.out and args.out != "-" else default_out(args.model, data, split)
+    if args.task == "bpc" and not args.out:
+        out = out.with_name("eval-bpc-" + out.name.removeprefix("eval-"))
+    _emit(result, args, out, err)
+
+
+def knowledge_main(args: argparse.Namespace, err: Console) -> None:
+    """`train.py eval --task cmmlu|ceval|gaokao`: load the questions (a bad file fails before the model loads), score
+    them with each --method, print a table per method, write the JSON report and the optional predictions."""
+    from utils import knowledge
+
+    if not args.data or len(args.data) != 1:
+        raise ValueError(f"--task {args.task}: give the benchmark's directory as --data (one path), e.g. "
+                         "--data ../shared/eval/cmmlu")
+    split = args.split or knowledge.BENCHMARKS[args.task].default_split
+    methods = [n for m in args.method for n in (["loglik", "loglik_norm"] if m == "loglik" else [m])]
+    questions = knowledge.load_questions(args.task, args.data[0], split, args.subjects, args.limit, args.shots)
+    model, tokenizer = _load(args)
+    template = None if args.template in (None, "none") else args.template
+    with contextlib.redirect_stdout(sys.stderr) if args.out == "-" else contextlib.nullcontext():
+        results = knowledge.score_methods(model, tokenizer, questions, methods, template, args.batch_size,
+                                          args.progress)
+    for r in results.values():
+        r.split = split
+        r.info |= {f"skipped_{k}": v for k, v in questions.skipped.items()}
+    knowledge.print_results(results, Console(stderr=args.out == "-"))
+    p = model.model.embed_tokens.weight
+    result = {"model": str(args.model), **({"lora": str(args.lora)} if args.lora else {}), "task": args.task,
+              "data": str(args.data[0]), "split": split, "shots": args.shots,
+              "template": next(iter(results.values())).info["template"], "questions": len(questions),
+              "subjects_filter": args.subjects, "limit": args.limit, "device": str(p.device),
+              "dtype": str(p.dtype).removeprefix("torch."),
+              "methods": {name: r.to_dict() for name, r in results.items()}}
+    if args.predictions:
+        knowledge.write_predictions(args.predictions, results)
+        err.print(f"saved {args.predictions}")
+    out = Path(args.out) if args.out and args.out != "-" else Path(args.model) / f"eval-{args.task}-{split}.json"
+    _emit(result, args, out, err)
