@@ -544,3 +544,22 @@ def test_a_signal_saves_stops_and_exits_128_plus_the_signal(corpus, tmp_path, si
     assert proc.returncode == 128 + signum, err[-2000:]
     assert "--resume" in err and "Traceback" not in err
     assert (run / "latest" / "training_state").is_dir()
+
+
+def test_knowledge_benchmarks_are_scored_at_each_evaluation(corpus, tmp_path):
+    """--eval-tasks cmmlu: centered accuracy beside the loss in the log and TensorBoard at every --eval-every; a
+    wrong benchmark folder fails before any training."""
+    bench = tmp_path / "eval" / "cmmlu"
+    rows = "".join(f"{i},问题{i}是什么？,选项甲{i},选项乙{i},选项丙{i},选项丁{i},{'ABCD'[i % 4]}\n" for i in range(12))
+    for split in ("dev", "test"):
+        (bench / split).mkdir(parents=True)
+        (bench / split / "agronomy.csv").write_text(",Question,A,B,C,D,Answer\n" + rows, encoding="utf-8")
+    run = tmp_path / "run"
+    train.main(pretrain_args(corpus, run, "--max-steps", "4", "--eval-every", "2", "--eval-tasks", "cmmlu",
+                             "--eval-tasks-data", str(tmp_path / "eval"), "--eval-tasks-limit", "8"))
+    log = (run / "train.log").read_text()
+    assert len(re.findall(r"eval step \d+: .*cmmlu_centered -?\d", log)) == 2
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train.main(pretrain_args(corpus, tmp_path / "run2", "--max-steps", "1", "--eval-tasks", "cmmlu",
+                                 "--eval-tasks-data", str(tmp_path / "nowhere")))
+    assert not (tmp_path / "run2").exists()

@@ -48,6 +48,11 @@ class TrainConfig:
     log_every: int = option(10, "log every N optimizer steps")
     eval_every: int = option(0, "evaluate every N steps (0 = only at the end)")
     eval_batches: int = option(50, "batches per evaluation")
+    eval_tasks: str | None = option(None, "knowledge benchmarks scored at each evaluation, comma-separated (cmmlu, "
+                                          "ceval): centered accuracy goes to the log and TensorBoard")
+    eval_tasks_data: str = option("data/eval", "the folder that holds each --eval-tasks benchmark as it ships "
+                                               "(DIR/cmmlu/, DIR/ceval/)")
+    eval_tasks_limit: int = option(500, "questions per benchmark at each evaluation (spread over its subjects)")
     save_every: int = option(0, "checkpoint every N steps (0 = only at the end)")
     save_total_limit: int = option(3, "keep the newest N checkpoints (0 keeps all)")
     seed: int = option(42, "random seed (data order, init, dropout)")

@@ -325,6 +325,7 @@ class Trainer:
     def __init__(self, model: Transformer, train_loader: BatchLoader, cfg: TrainConfig, weights_io: WeightsIO,
                  eval_loader: Callable[[], Iterable[dict]] | None = None, chars_per_token: float | None = None,
                  sample_fn: Callable[[nn.Module], list[tuple[str, str]]] | None = None,
+                 knowledge_fn: Callable[[nn.Module], dict[str, float]] | None = None,
                  accelerator: Accelerator | None = None, run_info: dict | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.out_dir)
@@ -340,6 +341,7 @@ class Trainer:
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.chars_per_token = chars_per_token
         self.sample_fn = None if self.sharded else sample_fn  # one rank cannot generate from sharded weights
+        self.knowledge_fn = None if self.sharded else knowledge_fn  # nor score benchmarks
         self.weights_io = weights_io
         self.run_info = run_info or {}
         self.step = 0
@@ -577,6 +579,7 @@ class Trainer:
                                   console=self.console, disable=not acc.is_main_process)
         with self._progress:
             self._task = self._progress.add_task("train", total=self.total_steps, completed=self.step, info="")
+            evaluated = False  # at the step just finished
             while self.step < self.total_steps:
                 lr = learning_rate(self.step, self.total_steps, cfg)
                 for group in self.optimizer.param_groups:
@@ -624,17 +627,21 @@ class Trainer:
                     raise TrainingStopped(self._stop_signal or signal.SIGTERM, self.save_checkpoint())
                 if evaluate:
                     self._eval_and_log(self.raw_model)
+                evaluated = evaluate
                 if save:
                     self.save_checkpoint()
         metrics = self._metrics
-        if self.eval_loader:
-            metrics |= self._eval_and_log(self.raw_model)
+        if self.eval_loader:  # once at the end (the last step may have evaluated already)
+            metrics |= self._last_eval if evaluated else self._eval_and_log(self.raw_model)
         self.save_checkpoint()
         return metrics
 
     def _eval_and_log(self, unwrapped: nn.Module) -> dict[str, float]:
         metrics = self.evaluate()
+        if self.knowledge_fn and self.accelerator.is_main_process:
+            metrics |= self.knowledge_fn(unwrapped)  # restores train mode itself
         self.accelerator.log(metrics, step=self.step)
+        self._last_eval = metrics
         self.log(f"eval step {self.step}: " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items()))
         if self.sample_fn and self.accelerator.is_main_process:
             unwrapped.eval()

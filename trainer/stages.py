@@ -27,9 +27,10 @@ from model.lora import (
 )
 from model.transformer import Transformer
 from utils.corpora import read_records
+from utils.knowledge import load_questions, score
 from utils.tokenizer import Tokenizer
 
-from .config import LoraConfig, MergeConfig, PretrainConfig, SFTConfig
+from .config import LoraConfig, MergeConfig, PretrainConfig, SFTConfig, TrainConfig
 from .data import pretrain_loader, sft_loader, tokenizer_fingerprint
 from .loop import Trainer, make_accelerator, set_seed_everywhere, weights_device
 
@@ -110,6 +111,23 @@ def check_same_tokenizer(model_dir: str, tokenizer_dir: str | None, resize: bool
                          f"or --resize-embeddings if it extends that one")
 
 
+def knowledge_fn(cfg: TrainConfig, tokenizer: Tokenizer, template: str | None):
+    """The --eval-tasks benchmarks as an evaluation hook (model -> metrics), their questions read now, before any
+    training, so a wrong path fails at once; None without --eval-tasks."""
+    if not cfg.eval_tasks:
+        return None
+    tasks = {task: load_questions(task, Path(cfg.eval_tasks_data) / task, limit=cfg.eval_tasks_limit)
+             for task in (t.strip() for t in cfg.eval_tasks.split(",")) if task}
+
+    def knowledge(model: Transformer) -> dict[str, float]:
+        metrics = {}
+        for task, questions in tasks.items():
+            overall = score(model, tokenizer, questions, "letter", template, batch_size=cfg.batch_size).overall
+            metrics |= {f"eval/{task}_centered": overall.centered, f"eval/{task}_acc": overall.accuracy}
+        return metrics
+    return knowledge
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     acc = make_accelerator(cfg)
     set_seed_everywhere(cfg.seed)  # same init on every rank
@@ -127,6 +145,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     train, valid = loaders
     trainer = Trainer(model, train, cfg, FullModelIO(tokenizer), eval_loader=valid.eval_batches,
                       chars_per_token=valid.chars_per_token, accelerator=acc,
+                      knowledge_fn=knowledge_fn(cfg, tokenizer, template=None),
                       run_info={"command": "pretrain", "data": str(cfg.data), "packing": train.report})
     return trainer.train()
 
@@ -147,6 +166,7 @@ def sft(cfg: SFTConfig) -> dict:
     valid = sft_loader(cfg.data, split="valid", **common)
     trainer = Trainer(model, train, cfg, FullModelIO(tokenizer), eval_loader=valid.eval_batches, accelerator=acc,
                       sample_fn=sample_fn(tokenizer, template, cfg.sample_prompts),
+                      knowledge_fn=knowledge_fn(cfg, tokenizer, template),
                       run_info={"command": "sft", "data": str(cfg.data), "template": template,
                                 "packing": train.report})
     return trainer.train()
@@ -190,6 +210,7 @@ def lora(cfg: LoraConfig) -> dict:
     samples = sample_fn(tokenizer, cfg.template, [r["prompt"] for r in eval_records[:2]]) if eval_records else None
     trainer = Trainer(model, train, cfg, AdapterIO(str(cfg.base)), accelerator=acc,
                       eval_loader=valid.eval_batches if valid else None, sample_fn=samples,
+                      knowledge_fn=knowledge_fn(cfg, tokenizer, cfg.template),
                       run_info={"command": "lora", "base": str(cfg.base), "data": str(cfg.data),
                                 "template": cfg.template, "qlora": cfg.qlora, "packing": train.report})
     return trainer.train()
