@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("trainer.args", "supervised fine-tuning with the prompt masked out of the loss"),
     "lora": ("trainer.args", "train a LoRA / QLoRA adapter on a base model"),
     "merge": ("trainer.args", "merge a LoRA adapter into its base model"),
-    "eval": ("utils.metrics", "loss, perplexity, bits per character, BLEU-4 / ROUGE-L on a split"),
+    "eval": ("utils.metrics", "CMMLU / C-Eval / GAOKAO accuracy, bits per character, answer loss and BLEU / ROUGE"),
     "synth": ("utils.synth", "build instruction data through an OpenAI-compatible API (topics, dialogues, style)"),
     "demo": ("trainer.args", "the whole pipeline on the bundled samples with the tiny preset"),
 }

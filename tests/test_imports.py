@@ -4,7 +4,8 @@ layered and acyclic.
     scripts (train.py, cli_demo.py, serve.py)      import any package, never another script
     trainer/  the loop, the stages                 imports model/ and utils/
     model/    the network and what loads it        imports utils/ (files, templates, the tokenizer), never trainer/
-    utils/    data in and out                      imports neither trainer/ nor model/, except utils/metrics.py
+    utils/    data in and out                      imports neither trainer/ nor model/, except the metrics that
+                                                   need a model (utils/metrics.py, utils/knowledge.py)
 """
 from __future__ import annotations
 
