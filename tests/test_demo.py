@@ -97,7 +97,7 @@ def test_a_signal_during_the_demo_stops_every_later_stage(tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", "demo", "--out", str(out), "--pretrain-steps", "100000"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log, deadline = out / "pretrain" / "train.log", time.time() + SLOW_TIMEOUT / 2
-    while not (log.exists() and " step 2 " in log.read_text()) and time.time() < deadline and proc.poll() is None:
+    while not (log.exists() and " step 50 " in log.read_text()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)

@@ -330,7 +330,6 @@ def test_activation_settings_are_checked_before_any_work():
         ActivationPolicy(checkpointing=True, offload=True, offload_skip_last=-1)
 
 
-@pytest.mark.slow
 def test_offloaded_training_equals_checkpointed_training(corpus, tmp_path, monkeypatch):
     """--offload-activations (every recomputed block's saved tensors to host memory, the floor lowered so that the tiny
     model's move): the weights of a plain checkpointed run, bit for bit, and a warning that so narrow a model gets
@@ -467,7 +466,6 @@ def test_a_new_run_never_writes_over_checkpoints_unasked(corpus, tmp_path):
     assert os.readlink(run / "latest") == "checkpoint-3"
 
 
-@pytest.mark.slow
 def test_tokenizer_and_rows_must_fit_the_model(corpus, tmp_path):
     """A tokenizer that is not the model's, one larger than its embedding, or rows longer than its positions are
     refused before any work; --resize-embeddings grows the embedding for a tokenizer with added tokens."""
