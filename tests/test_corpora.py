@@ -428,3 +428,127 @@ def test_json_array_broken_last_item_and_unrecoverable_rest_say_so(tmp_path):
     assert [o for _, o in _json_array(p, "utf-8", tally, chunk_chars=8)] == good
     skipped = len(text) - text.index('{"instruction": "坏"')
     assert tally.examples[0]["detail"].endswith(f"the rest of the array ({skipped:,} characters) skipped")
+
+
+# ----------------------------------------------------------------------------------------------- text (prose)
+
+ZH_BOOKS = "zh_books/zh_books_laws.parquet"
+
+
+def zh_books_slice(shared: Path, per_source: int = 40) -> list[dict]:
+    """The first `per_source` documents of each source (novel, classics_modern, law), read from three row groups
+    of the real corpus only (it holds 150 MB of text)."""
+    f = pq.ParquetFile(shared / ZH_BOOKS)
+    rows = []
+    for group in (0, 3, f.num_row_groups - 1):  # novels first, the classics in the middle, laws last
+        table = f.read_row_group(group)
+        rows += [r for r in table.slice(0, 400).to_pylist()][:per_source]
+    assert {r["source"] for r in rows} == {"novel", "classics_modern", "law"}
+    return rows
+
+
+def test_text_sample_reads(samples_dir):
+    files = list_files("text", samples_dir / "text")
+    assert [f.name for f in files] == ["sanguo_yanyi_01.txt", "sanguo_yanyi_02.txt"]  # README.md is left out
+    recs, tally = read_all("text", samples_dir / "text")
+    assert tally.read == 2 and not tally.dropped and {r.source for r in recs} == {"text"}
+    assert [r.response for r in recs] == [f.read_text(encoding="utf-8") for f in files]
+    assert all(r.prompt == "" and not r.continued for r in recs) and recs[0].response.startswith("滚滚长江东逝水")
+    assert READERS["text"].prose and not READERS["belle"].prose
+
+
+def test_text_plain_files_one_document_or_separated(tmp_path):
+    p = tmp_path / "a.md"
+    p.write_text("# 第一篇\n\n正文一。\n第二行。\n\n\n第二篇\n正文二。\n<|endoftext|>\n第三篇\n", encoding="utf-8")
+    one, tally = read_all("text", p)
+    assert [r.response for r in one] == [p.read_text(encoding="utf-8")] and tally.read == 1
+    blank, tally = read_all("text", p, doc_sep="blank")
+    assert [r.response for r in blank] == ["# 第一篇\n", "正文一。\n第二行。\n",
+                                           "第二篇\n正文二。\n<|endoftext|>\n第三篇\n"]
+    assert tally.read == 3
+    marked, tally = read_all("text", p, doc_sep="<|endoftext|>")
+    assert [r.response for r in marked] == ["# 第一篇\n\n正文一。\n第二行。\n\n\n第二篇\n正文二。\n", "第三篇\n"]
+    with pytest.raises(ValueError, match="doc_sep"):
+        ReaderOptions(doc_sep=" ")
+
+
+def test_text_json_lines_array_and_parquet_with_text_field(tmp_path):
+    docs = ["第一篇：天下大势。\n分久必合。", "第二篇", "第三篇：合久必分。"]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"id": i, "text": d}, ensure_ascii=False) + "\n"
+                                              for i, d in enumerate(docs)), encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps([{"body": d} for d in docs], ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "c.txt").write_text((tmp_path / "a.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    pq.write_table(pa.table({"title": ["t1", "t2", "t3"], "body": docs}), tmp_path / "d.parquet")
+    for name, opts in (("a.jsonl", {}), ("c.txt", {}), ("b.json", {"text_field": "body"}),
+                       ("d.parquet", {"text_field": "body"})):
+        recs, tally = read_all("text", tmp_path / name, **opts)
+        assert [r.response for r in recs] == docs and tally.read == 3 and not tally.dropped, name
+    # the default field is absent: every row is counted, with the fields it has
+    recs, tally = read_all("text", tmp_path / "b.json")
+    assert recs == [] and tally.dropped["missing_field"] == 3 and "['body']" in tally.examples[0]["detail"]
+    recs, tally = read_all("text", tmp_path / "d.parquet")
+    assert recs == [] and tally.dropped["missing_field"] == 3
+    assert tally.examples[0]["detail"] == "no column ['text']; its columns: ['body', 'title']"
+
+
+def test_text_broken_files_are_counted_and_named(tmp_path):
+    good = "第一段。\n第二段。\n"
+    p = tmp_path / "bad_bytes.txt"
+    p.write_bytes(good.encode() + b"\xff\xfe\xfd broken\n" + "第三段。\n".encode())
+    recs, tally = read_all("text", p)  # UTF-8 (the head decodes), one line that does not: counted, the rest kept
+    assert [r.response for r in recs] == [good + "第三段。\n"] and tally.read == 1
+    assert tally.dropped == {"undecodable": 1} and tally.examples[0]["where"] == f"{p}:3"
+    for name, data, why in (("nul.txt", "正文".encode() + b"\x00\x01\x00" * 50, "NUL bytes"),
+                            ("utf16.md", "正文第一段。\n".encode("utf-16"), "UTF-16"),
+                            ("book.txt", b"%PDF-1.7\n" + bytes(range(256)), "PDF"),
+                            ("junk.jsonl", bytes(range(1, 32)) * 40, "control")):
+        (tmp_path / name).write_bytes(data)
+        recs, tally = read_all("text", tmp_path / name)
+        assert recs == [] and tally.dropped == {"binary_file": 1}, name
+        assert tally.examples[0]["where"] == str(tmp_path / name) and why in tally.examples[0]["detail"]
+    (tmp_path / "rows.jsonl").write_text('{"text": "好"}\n{"text": 3}\n{"text": null}\n{oops\n["a"]\n',
+                                         encoding="utf-8")
+    recs, tally = read_all("text", tmp_path / "rows.jsonl")
+    assert [r.response for r in recs] == ["好"] and tally.read == 5
+    assert tally.dropped == {"bad_field": 1, "missing_field": 1, "bad_json": 1, "not_an_object": 1}
+    (tmp_path / "empty.txt").write_text("\n \n")
+    tally = Tally()
+    assert list(read_file("text", tmp_path / "empty.txt", tally=tally)) == [] and tally.dropped == {"empty_file": 1}
+    (tmp_path / "x.parquet").write_bytes(b"not a parquet file")
+    recs, tally = read_all("text", tmp_path / "x.parquet")
+    assert recs == [] and tally.dropped == {"bad_parquet": 1}
+
+
+def test_text_gb18030_and_bom_files(tmp_path):
+    text = "第一回　宴桃园豪杰三结义\n话说天下大势，分久必合，合久必分。\n" * 3
+    (tmp_path / "gbk.txt").write_bytes(text.encode("gb18030"))
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    for name, enc in (("gbk.txt", "gb18030"), ("bom.txt", "utf-8-sig")):
+        assert detect_encoding(tmp_path / name) == enc
+        recs, tally = read_all("text", tmp_path / name)
+        assert [r.response for r in recs] == [text] and not tally.dropped
+
+
+def test_text_long_plain_document_goes_on_in_blocks(tmp_path, monkeypatch):
+    import utils.corpora as corpora
+    monkeypatch.setattr(corpora, "TEXT_BLOCK_CHARS", 100)
+    lines = [f"第{i}段：天下大势，分久必合，合久必分。\n" for i in range(40)]
+    (tmp_path / "long.txt").write_text("".join(lines) + "\n" + "".join(lines[:3]), encoding="utf-8")
+    recs, tally = read_all("text", tmp_path / "long.txt")
+    assert tally.read == 1 and len(recs) > 5 and not recs[0].continued and all(r.continued for r in recs[1:])
+    assert "".join(r.response for r in recs) == (tmp_path / "long.txt").read_text(encoding="utf-8")
+    assert all(r.response.endswith("\n") for r in recs[:-1])  # cut at line ends only
+    recs, tally = read_all("text", tmp_path / "long.txt", doc_sep="blank")
+    assert tally.read == 2 and [r.continued for r in recs].count(False) == 2
+
+
+def test_real_zh_books_text_reader(shared_corpora, tmp_path):
+    rows = zh_books_slice(shared_corpora, 30)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "slice.parquet")
+    recs, tally = read_all("text", tmp_path / "slice.parquet")
+    assert [r.response for r in recs] == [r["text"] for r in rows] and tally.read == 90 and not tally.dropped
+    # the whole file, streamed: its first documents come without reading the rest
+    first = list(zip(range(5), read_file("text", shared_corpora / ZH_BOOKS)))
+    assert [r.response for _, r in first] == [r["text"] for r in rows[:5]]
+    recs, tally = read_all("text", tmp_path / "slice.parquet", text_field="content")
+    assert recs == [] and "its columns: ['source', 'text', 'title']" in tally.examples[0]["detail"]

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import train
 from utils import prepare as prep
+from utils.cleaning import CleanConfig
 from utils.corpora import Record
 from utils.dedup import DedupConfig
 from utils.prepare import PrepareConfig, prepare_corpora, single_turns
@@ -331,3 +335,194 @@ def test_skip_bad_files_counts_them_in_stats_and_the_report(tmp_path, capsys):
     with pytest.raises(ValueError, match="no readable webtext record in .*README.txt") as e:
         prepare_corpora([("webtext", d), ("webtext", only_bad)], tmp_path / "o2", PrepareConfig(skip_bad_files=True))
     assert "pass --skip-bad-files" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------- text (prose)
+
+def zh_books_slice(shared: Path, per_source: int) -> list[dict]:
+    """The first documents of each source (novel, classics_modern, law) of the real corpus, from three of its row
+    groups only."""
+    f = pq.ParquetFile(shared / "zh_books" / "zh_books_laws.parquet")
+    rows = []
+    for group in (0, 3, f.num_row_groups - 1):
+        rows += f.read_row_group(group).slice(0, per_source).to_pylist()
+    return rows
+
+
+def assert_pieces_cover(text: str, pieces: list[str]) -> None:
+    """The pieces are substrings of `text`, in order, with only white space between them."""
+    pos = 0
+    for piece in pieces:
+        at = text.index(piece, pos)
+        assert not text[pos:at].strip()
+        pos = at + len(piece)
+    assert not text[pos:].strip()
+
+
+@pytest.fixture(scope="module")
+def zh_books_prepared(shared_corpora, tmp_path_factory) -> tuple[list[dict], Path, dict]:
+    """150 real documents through `train.py prepare --corpus text=...` with dedup off (so every piece is kept)."""
+    rows = zh_books_slice(shared_corpora, 50)
+    tmp = tmp_path_factory.mktemp("zh")
+    pq.write_table(pa.Table.from_pylist(rows), tmp / "slice.parquet")
+    out = tmp / "corpus"
+    train.main(["prepare", "--corpus", f"text={tmp / 'slice.parquet'}", "--out", str(out), "--max-doc-chars", "1500",
+                "--split", "0.8,0.1,0.1", "--no-dedup", "--no-near-dedup"])
+    return rows, out, json.loads((out / "stats.json").read_text())
+
+
+def test_text_corpus_round_trips_through_prepare(zh_books_prepared):
+    from utils.cleaning import normalize_text, split_document, text_of
+    rows, out, stats = zh_books_prepared
+    df = load(out)
+    got = [text_of(p, r) for p, r in zip(df.prompt, df.response)]
+    assert set(df.source) == {"text"} and max(map(len, got)) <= 1500
+    expected = {}
+    for i, row in enumerate(rows):
+        text = normalize_text(row["text"])
+        assert "".join(text.split()) == "".join(row["text"].split())  # normalization moved white space only
+        pieces = split_document(text, 1500).pieces
+        assert_pieces_cover(text, pieces)
+        for p in pieces:
+            expected.setdefault(p, set()).add(i)
+    assert Counter(got) == Counter({p: len(docs) for p, docs in expected.items()})
+    # the pretraining document (trainer/data.py: prompt + "\n" + response) is the piece itself when it has a line
+    multi = [(p, r, g) for p, r, g in zip(df.prompt, df.response, got) if r]
+    assert all(f"{p}\n{r}" == g for p, r, g in multi) and len(multi) > 0.8 * len(got)
+    # every document's pieces sit in one split
+    split_of = {}
+    for split in ("train", "valid", "test"):
+        for p, r in zip(load(out, split).prompt, load(out, split).response):
+            for doc in expected[text_of(p, r)]:
+                split_of.setdefault(doc, set()).add(split)
+    assert len(split_of) == len(rows) and all(len(s) == 1 for s in split_of.values())
+    assert stats["splits"]["valid"] > 0 and stats["splits"]["test"] > 0
+
+
+def test_text_corpus_stats_count_documents_pieces_and_cuts(zh_books_prepared):
+    rows, out, stats = zh_books_prepared
+    c = stats["corpora"]["text"]
+    assert c["format"] == "text" and c["read"] == c["documents"] == len(rows) == 150
+    assert c["kept"] == c["pieces"] == stats["total"]["kept"] == sum(stats["splits"].values())
+    assert c["dropped"] == {} and c["characters"] == sum(len(p) + len(r) + (r != "") for p, r in
+                                                       zip(load(out).prompt, load(out).response))
+    assert 0 < c["split_documents"] < len(rows) and c["cuts"]["paragraph"] > c["cuts"]["sentence"]
+    assert sum(c["cuts"].values()) == c["pieces"] - c["documents"]
+    assert stats["config"]["clean"]["max_doc_chars"] == 1500 and stats["config"]["read"]["text_field"] == "text"
+
+
+def test_text_corpus_tokenizes_as_pretraining_documents(zh_books_prepared, tmp_path):
+    """The prepared text corpus feeds the tokenizer and the pretraining token cache as they are."""
+    from trainer.data import build_token_cache
+    from utils.tokenizer import Tokenizer, train_tokenizer
+    _, out, stats = zh_books_prepared
+    train_tokenizer(out, 600, tmp_path / "tok", sample_bytes=300_000)
+    tok = Tokenizer.load(tmp_path / "tok")
+    cache = build_token_cache(sorted(out.glob("train-*.parquet")), tok, tmp_path / "cache", "train")
+    assert cache.n_docs == stats["splits"]["train"]
+    df = load(out, "train")
+    first = tok.decode(cache.document(0).tolist()[:-1])
+    assert first == f"{df.prompt[0]}\n{df.response[0]}" and cache.document(0)[-1] == tok.eos_id
+
+
+def test_text_prose_passes_the_question_answer_filters(tmp_path):
+    docs = {"short.txt": "好。",                                    # shorter than every minimum length
+            "translate.txt": "请翻译这段话。\nTranslate it.",          # a translation task, to belle's filter
+            "table.md": "| 年 | 事 |\n|---|---|\n| 184 | 黄巾起义 |",  # a markdown table
+            "long.txt": "天下大势，分久必合，合久必分。" * 60,           # 900 characters: over --max-len 512
+            "spaces.txt": "说\u3000明\n他说： 好。。。"}                 # the Q&A normalization would change these
+    (tmp_path / "in").mkdir()
+    for name, text in docs.items():
+        (tmp_path / "in" / name).write_text(text, encoding="utf-8")
+    stats = prepare_corpora([("text", tmp_path / "in")], tmp_path / "o",
+                            PrepareConfig(split=(1, 0, 0), dedup=DedupConfig(near=False)))
+    c = stats["corpora"]["text"]
+    assert c["read"] == 5 and c["kept"] == 5 and c["dropped"] == {} and c["split_documents"] == 0
+    from utils.cleaning import text_of
+    df = load(tmp_path / "o")
+    assert sorted(text_of(p, r) for p, r in zip(df.prompt, df.response)) == sorted(docs.values())
+
+
+def test_text_duplicates_and_empty_documents_are_dropped_by_reason(tmp_path):
+    base = [f"第{i}回：" + "天下大势，分久必合，合久必分。" * 20 + f"\n此回说的是第{i}件事，" + "玄德引兵而去。" * 20
+            for i in range(6)]
+    docs = base + [base[0], base[1].replace("玄德", "玄德公", 1), "\x00\u200b \n\t", base[2] + "\n" + base[3]]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs),
+                                      encoding="utf-8")
+    stats = prepare_corpora([("text", tmp_path / "d.jsonl")], tmp_path / "o",
+                            PrepareConfig(split=(1, 0, 0), clean=CleanConfig(max_doc_chars=400)))
+    c = stats["corpora"]["text"]
+    # base[0] again: its pieces are exact duplicates; base[1] with one word more: near duplicates; the control
+    # characters: an empty document; base[2] + base[3]: pieces equal to theirs
+    assert c["documents"] == 10 and c["dropped"]["empty_text"] == 1
+    assert c["dropped"]["duplicate"] >= 2 and c["dropped"]["near_duplicate"] >= 1
+    assert c["kept"] + c["dropped"]["duplicate"] + c["dropped"]["near_duplicate"] == c["pieces"]
+
+
+def test_text_bad_files_are_named_or_skipped(tmp_path, capsys):
+    d = tmp_path / "books"
+    d.mkdir()
+    (d / "a.txt").write_text("第一回\n话说天下大势。\n", encoding="utf-8")
+    (d / "README.md").write_text("not part of the corpus\n", encoding="utf-8")  # left out of the listing
+    (d / "empty.md").write_text("")
+    bad = {"nul.txt": b"\x00\x01" * 100, "undecodable.txt": b"\xff\xfe\xfa\xfb\n" * 20}
+    for name, data in bad.items():
+        (d / name).write_bytes(data)
+    pq.write_table(pa.table({"content": ["第二回"]}), d / "nocol.parquet")
+    names = [d / "nul.txt", d / "undecodable.txt", d / "nocol.parquet"]
+    with pytest.raises(ValueError) as e:
+        prepare_corpora([("text", d)], tmp_path / "o")
+    text = str(e.value)
+    assert text.startswith("3 problems with the corpora (pass --skip-bad-files") and "README" not in text
+    for f in names:
+        assert f"no readable text record in {f}" in text
+    assert "binary_file" in text and "undecodable" in text and "no column ['text']; its columns: ['content']" in text
+    train.main(["prepare", "--corpus", f"text={d}", "--out", str(tmp_path / "o"), "--skip-bad-files",
+                "--split", "1,0,0"])
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    c = stats["corpora"]["text"]
+    assert c["files"] == [str(d / "a.txt"), str(d / "empty.md")] and c["dropped"] == {"empty_file": 1}
+    assert sorted(s["file"] for s in c["skipped_files"]) == sorted(map(str, names)) and c["kept"] == 1
+    report = capsys.readouterr().out
+    assert "skipped 3 bad files" in report and "text: 2 documents -> 1 pieces" not in report
+    assert "text: 1 documents -> 1 pieces" in report
+
+
+def test_text_options_on_the_command_line(tmp_path, samples_dir):
+    out = tmp_path / "o"
+    (tmp_path / "docs.txt").write_text("第一篇。\n\n第二篇。\n\n第三篇。\n", encoding="utf-8")
+    train.main(["prepare", "--corpus", f"text={tmp_path / 'docs.txt'}", "--corpus", f"text={samples_dir / 'text'}",
+                "--doc-sep", "blank", "--max-doc-chars", "800", "--out", str(out), "--split", "1,0,0"])
+    stats = json.loads((out / "stats.json").read_text())
+    assert set(stats["corpora"]) == {"text:docs.txt", "text:text"}
+    assert stats["corpora"]["text:docs.txt"]["documents"] == 3 and stats["corpora"]["text:text"]["documents"] == 2
+    assert stats["corpora"]["text:text"]["split_documents"] == 2 and stats["config"]["read"]["doc_sep"] == "blank"
+    assert max(len(p) + len(r) + 1 for p, r in zip(load(out).prompt, load(out).response)) <= 801
+    for bad in (["--max-doc-chars", "0"], ["--doc-sep", ""], ["--text-field", ""]):
+        with pytest.raises(ValueError):
+            train.main(["prepare", "--corpus", f"text={tmp_path / 'docs.txt'}", "--out", str(tmp_path / "x"), *bad])
+
+
+def test_bundled_sources_leave_the_text_sample_out(samples_dir):
+    assert (samples_dir / "text").is_dir()
+    assert "text" not in {name for name, _ in prep.bundled_sources()}
+
+
+def test_split_keeps_documents_whole():
+    cfg = PrepareConfig(split=(0.8, 0.1, 0.1), seed=5)
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 6, 400)
+    groups = np.repeat(np.arange(400) * 3, sizes)  # ids need not be dense
+    n = len(groups)
+    rank, bounds = prep._assign(n, cfg, groups)
+    assert sorted(rank) == list(range(n))
+    split_of_row = np.searchsorted([b[1] for b in bounds[1:]], rank, side="right")
+    for g in np.unique(groups):
+        assert len(set(split_of_row[groups == g])) == 1
+    assert [b[2] for b in bounds] == [int((split_of_row == k).sum()) for k in range(3)]
+    assert abs(bounds[1][2] - round(n * 0.1)) <= 5 and abs(bounds[2][2] - round(n * 0.1)) <= 5
+    again, _ = prep._assign(n, cfg, groups)
+    assert (again == rank).all()
+    # one row per document: the plain permutation, as before documents were tracked
+    plain, _ = prep._assign(n, cfg)
+    assert (prep._assign(n, cfg, np.arange(n))[0] == plain).all()

@@ -9,10 +9,17 @@
 - Dice similarity of two empty strings is 0;
 - BELLE's `input` is part of the prompt (see corpora.py); the translation filter matches TRANSLATION_WORDS;
 - lengths have one cap (max_len): cut or drop.
+
+Prose (the `text` format) gets its own rules, which change no character of the text itself: line breaks made `\n`,
+control characters removed, Unicode NFC, trailing spaces and runs of blank lines trimmed (`normalize_text`); then a
+long document is split into pieces at paragraph ends (`split_document`), each piece one row (`text_fields`). None
+of the question/answer rules above (punctuation, lengths, translation, tables) applies to it.
 """
 from __future__ import annotations
 
 import re
+import unicodedata
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -114,6 +121,11 @@ def has_table(prompt: str, response: str) -> bool:
     return "表格" in prompt or _TABLE.search(prompt) is not None or _TABLE.search(response) is not None
 
 
+# text format: characters per piece. About 730 tokens of a 32k BPE trained on zh_books (1.36 characters a token), so
+# a piece fits a 1024-token row; the pretraining packer drops what overflows a row, so longer pieces waste more of
+# a corpus (docs/data.md has the measured fractions)
+MAX_DOC_CHARS = 1000
+
 # (min prompt chars, min response chars) per corpus (3 / 3 for the rest). Instruction formats need only non-empty
 # fields: their short answers ("没有", a label) are valid.
 SEED_MIN_LENGTHS: dict[str, tuple[int, int]] = {
@@ -128,6 +140,7 @@ class CleanConfig:
     min_lengths: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(SEED_MIN_LENGTHS))
     default_min_lengths: tuple[int, int] = (3, 3)
     max_len: int = 512                          # per field, in characters
+    max_doc_chars: int = MAX_DOC_CHARS          # text format: the longest piece a document is split into
     overlong: str = "cut"                       # "cut" to max_len or "drop"
     drop_translation: tuple[str, ...] = ("belle",)  # corpora whose translation tasks are dropped
     drop_tables: tuple[str, ...] = ("belle",)       # corpora whose tables are dropped
@@ -135,6 +148,8 @@ class CleanConfig:
     def __post_init__(self) -> None:
         if self.overlong not in ("cut", "drop"):
             raise ValueError(f"overlong must be 'cut' or 'drop', got {self.overlong!r}")
+        if self.max_doc_chars < 1:
+            raise ValueError(f"max_doc_chars must be at least 1, got {self.max_doc_chars}")
 
 
 def clean_record(rec: Record, corpus: str, cfg: CleanConfig) -> str | None:
@@ -158,3 +173,102 @@ def clean_record(rec: Record, corpus: str, cfg: CleanConfig) -> str | None:
             return "too_long"
         rec.prompt, rec.response = rec.prompt[:cfg.max_len], rec.response[:cfg.max_len]
     return None
+
+
+# ----------------------------------------------------------------------------------------------- prose (text format)
+
+_LINE_BREAK = re.compile("\r\n?|[\x0b\x0c\x85\u2028\u2029]")  # CR LF, CR, VT, FF, NEL, LS, PS -> \n
+# C0 but tab and LF, DEL, C1 (but NEL), BOM / zero width no-break space, zero width space, word joiner, noncharacters
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u200b\u2060\ufeff\ufffe\uffff]")
+_TRAILING_WS = re.compile(r"[ \t\u3000\u00a0]+(?=\n|\Z)")
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[^\S\n]*\n)+")
+_PARAGRAPH_BREAK = re.compile(r"\n+")
+# a sentence end: 。！？!? (or an ellipsis, or a full stop before a space) and the closing quotes or brackets after it
+_SENTENCE_END_RUN = re.compile("(?:[。！？!?]|……|\\.(?=\\s))[”’」』）)】》\"']*")
+
+
+def normalize_text(text: str, normalize: bool = True) -> str:
+    """A prose document cleaned for pretraining, its words untouched: every line break becomes `\\n` and control
+    characters (C0 but tab and newline, DEL, C1, BOM / zero-width no-break space, zero-width space, word joiner) are
+    removed; with `normalize`, also Unicode NFC (never NFKC: it would turn full-width ，。 into ASCII), spaces at
+    line ends removed and runs of blank lines cut to one. Leading blank lines and trailing white space go; the
+    indentation of lines (full-width spaces in Chinese prose) stays. Empty: nothing but white space was left."""
+    if _LINE_BREAK.search(text):
+        text = _LINE_BREAK.sub("\n", text)
+    if _CONTROL.search(text):
+        text = _CONTROL.sub("", text)
+    if normalize:
+        if not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        text = _TRAILING_WS.sub("", text)
+        if "\n\n\n" in text:
+            text = _BLANK_LINES.sub("\n\n", text)
+    text = _LEADING_BLANK_LINES.sub("", text).rstrip()
+    return text
+
+
+@dataclass
+class Split:
+    """A document's pieces and how many cuts of each kind made them (paragraph end, sentence end, anywhere)."""
+    pieces: list[str]
+    paragraph: int = 0
+    sentence: int = 0
+    hard: int = 0
+
+
+def split_document(text: str, max_chars: int) -> Split:
+    """Cut a (normalized) document into pieces of at most `max_chars` characters, in order.
+
+    A cut goes at a paragraph end (a line break), the first one past an even share of the document
+    (len / ceil(len / max_chars)) that keeps the piece within `max_chars`, so the pieces come out about equally long;
+    the line break(s) at a cut are left out. A paragraph longer than `max_chars` is cut at its last sentence end
+    (。！？!?…… and closing quotes) that fits, and a sentence longer than that is cut at `max_chars`; spaces at such a
+    cut are left out. So the pieces are substrings of `text`, in order, and what lies between two of them is white
+    space only: `"".join(pieces)` is `text` less the white space at the cuts."""
+    n = len(text)
+    if n <= max_chars:
+        return Split([text] if text else [])
+    breaks = [(m.start(), m.end()) for m in _PARAGRAPH_BREAK.finditer(text)]
+    starts = [b for b, _ in breaks]
+    target = -(-n // -(-n // max_chars))  # an even share: n / (the fewest pieces)
+    out = Split([])
+    a = 0
+    while n - a > max_chars:
+        limit = a + max_chars
+        lo, hi = bisect_right(starts, a), bisect_right(starts, limit) - 1  # breaks inside (a, limit]
+        if lo <= hi:
+            j = min(bisect_left(starts, a + target, lo, hi + 1), hi)
+            end, nxt = breaks[j]
+            out.paragraph += 1
+        else:
+            end = 0
+            for m in _SENTENCE_END_RUN.finditer(text, a, limit):
+                end = m.end()
+            if end > a:
+                out.sentence += 1
+            else:
+                end = limit
+                out.hard += 1
+            nxt = end
+            while nxt < n and text[nxt] in " \t\u3000\u00a0":
+                nxt += 1
+        piece = text[a:end].rstrip()
+        if piece.strip():
+            out.pieces.append(piece)
+        a = nxt
+    if text[a:].strip():
+        out.pieces.append(text[a:])
+    return out
+
+
+def text_fields(piece: str) -> tuple[str, str]:
+    """The (prompt, response) row of a text piece: its first line and the rest. The loaders build a pretraining
+    document as prompt + "\\n" + response, which is the piece itself whenever it holds a line break; a one-line piece
+    is (piece, "") and gains a trailing "\\n" there (see `text_of`)."""
+    prompt, _, response = piece.partition("\n")
+    return prompt, response
+
+
+def text_of(prompt: str, response: str) -> str:
+    """A text piece back from its row (the inverse of `text_fields`)."""
+    return f"{prompt}\n{response}" if response else prompt

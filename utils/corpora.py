@@ -4,16 +4,20 @@ A reader is `fn(path, opts, tally) -> Iterator[Record]` for one file. It never h
 never raises on bad input: a malformed line, undecodable bytes or a missing field is counted in `tally` with its
 file and line, and the reader goes on. `read_corpus` expands a directory into the files its reader understands.
 Later stages (LoRA instruction data) reuse `READERS` / `read_corpus` / `read_file`.
+
+The `text` reader (plain prose for pretraining) yields one record per document, its text in `response`; `prepare`
+cleans it and splits it into pieces (utils/cleaning.py).
 """
 from __future__ import annotations
 
 import codecs
 import csv
+import fnmatch
 import json
 import re
 import zlib
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,6 +33,7 @@ class Record:
     source: str = ""
     history: list[tuple[str, str]] = field(default_factory=list)  # earlier (q, a) turns, oldest first
     system: str = ""
+    continued: bool = False  # text format: this record goes on with the previous record's document (a long file)
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Tally:
     dropped: Counter = field(default_factory=Counter)
     examples: list[dict] = field(default_factory=list)
     max_examples: int = 3
+    counts: Counter = field(default_factory=Counter)  # other numbers of a stage (text: documents split, pieces)
 
     def drop(self, reason: str, where: str = "", detail: str = "") -> None:
         self.dropped[reason] += 1
@@ -53,6 +59,14 @@ class ReaderOptions:
     hc3_answers: str = "both"        # hc3: "human", "chatgpt" or "both"
     wiki_max_chars: int = 512        # wiki: answer = first paragraphs up to this many characters
     seed: int = 23333                # wiki: question template choice
+    text_field: str = "text"         # text: the field / column holding a document (JSON lines, parquet)
+    doc_sep: str = "file"            # text, plain files: "file" (one document), "blank" (blank lines) or a line
+
+    def __post_init__(self) -> None:
+        if not self.text_field:
+            raise ValueError("text_field must name a field")
+        if not self.doc_sep.strip():
+            raise ValueError("doc_sep must be 'file', 'blank' or a separator line, got an empty string")
 
 
 # drop reasons that judge content rather than readability (a file holding only these is still readable)
@@ -65,6 +79,8 @@ Reader = Callable[[Path, ReaderOptions, Tally], Iterator[Record]]
 class ReaderSpec:
     fn: Reader
     patterns: tuple[str, ...]        # which files of a directory this reader takes
+    prose: bool = False              # records are whole documents to clean and split (the text format)
+    skip: tuple[str, ...] = ()       # file names (glob) a directory's listing leaves out
 
 
 READERS: dict[str, ReaderSpec] = {}
@@ -72,9 +88,10 @@ JSON_PATTERNS = ("*.json", "*.jsonl", "*.txt")
 READ_BUFFER = 1 << 22
 
 
-def register(name: str, patterns: tuple[str, ...] = JSON_PATTERNS) -> Callable[[Reader], Reader]:
+def register(name: str, patterns: tuple[str, ...] = JSON_PATTERNS, prose: bool = False,
+             skip: tuple[str, ...] = ()) -> Callable[[Reader], Reader]:
     def wrap(fn: Reader) -> Reader:
-        READERS[name] = ReaderSpec(fn, patterns)
+        READERS[name] = ReaderSpec(fn, patterns, prose, skip)
         return fn
     return wrap
 
@@ -95,8 +112,9 @@ def detect_encoding(path: Path, sample_bytes: int = 1 << 20) -> str:
     return "utf-8"  # mostly undecodable: every bad line is counted
 
 
-def text_lines(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) for each line that decodes; the others are counted as `undecodable`."""
+def text_lines(path: Path, opts: ReaderOptions, tally: Tally, count_read: bool = True) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) for each line that decodes; the others are counted as `undecodable` (and as read
+    rows unless `count_read` is off: for the text reader a line is not a row)."""
     enc = opts.encoding or detect_encoding(path)
     # big reads: every read releases the GIL, and getting it back from the hashing thread can cost a switch interval
     with open(path, "rb", buffering=READ_BUFFER) as f:
@@ -104,7 +122,7 @@ def text_lines(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tuple[
             try:
                 yield n, raw.decode(enc)
             except UnicodeDecodeError as e:
-                tally.read += 1
+                tally.read += count_read
                 tally.drop("undecodable", f"{path}:{n}", f"{enc}: {e.reason} at byte {e.start}")
 
 
@@ -446,7 +464,8 @@ def parquet_rows(path: Path, columns: list[str], tally: Tally, batch_rows: int =
     if missing:
         tally.read += f.metadata.num_rows
         tally.dropped["missing_field"] += f.metadata.num_rows
-        tally.examples.append({"reason": "missing_field", "where": str(path), "detail": f"no column {missing}"})
+        tally.examples.append({"reason": "missing_field", "where": str(path),
+                               "detail": f"no column {missing}; its columns: {sorted(names)}"})
         return
     n = 0
     for batch in f.iter_batches(batch_size=batch_rows, columns=[c for c in columns if c in names]):
@@ -699,6 +718,117 @@ def read_wiki(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]
         yield Record(template.format(title), answer, "wiki")
 
 
+# ----------------------------------------------------------------------------------------------- text (prose)
+
+TEXT_PATTERNS = ("*.txt", "*.md", "*.jsonl", "*.json", "*.parquet")
+TEXT_SKIP = ("README*", "LICENSE*", "LICENCE*")  # a corpus folder's own notes are not its text (a file named is read)
+TEXT_BLOCK_CHARS = 1 << 20  # a longer plain-text document is handed on in blocks of about this size, cut at line ends
+_MAGIC = ((b"%PDF", "PDF"), (b"PK\x03\x04", "zip (docx, epub, ...)"), (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"),
+          (b"\xfd7zXZ", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"7z\xbc\xaf", "7z"), (b"\x89PNG", "PNG"),
+          (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"PAR1", "parquet"), (b"SQLite format", "SQLite"))
+_BINARY_CONTROL = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\ufffd]")
+
+
+def binary_file(path: Path, opts: ReaderOptions, sample_bytes: int = 1 << 13) -> str | None:
+    """Why a file that should hold text is binary (a known magic number, NUL bytes, or over 30% control or
+    undecodable characters in its first 8 KB), or None."""
+    with open(path, "rb") as f:
+        head = f.read(sample_bytes)
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return f"a {kind} file, not text"
+    if b"\x00" in head:
+        return "NUL bytes: a binary file (or UTF-16 / UTF-32 text: convert it to UTF-8)"
+    text = head.decode(opts.encoding or detect_encoding(path), errors="replace")
+    if len(_BINARY_CONTROL.findall(text)) > 0.3 * len(text):
+        return "mostly control or undecodable bytes: a binary file"
+    return None
+
+
+def _text_value(value, where: str, field_name: str, tally: Tally) -> str | None:
+    """A document from a JSON / parquet field: a string (bytes are decoded as UTF-8); anything else is counted."""
+    if value is None:
+        tally.drop("missing_field", where, f"{field_name!r} is null")
+    elif isinstance(value, str):
+        return value
+    elif isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            tally.drop("undecodable", where, f"utf-8: {e.reason} at byte {e.start}")
+    else:
+        tally.drop("bad_field", where, f"{field_name} is a {type(value).__name__}, not text")
+    return None
+
+
+def _json_text_file(path: Path, opts: ReaderOptions) -> bool:
+    """Whether a plain-text file is really JSON lines: its first line is an object with the text field."""
+    with open(path, "rb") as f:
+        for raw in iter(lambda: f.readline(1 << 16), b""):
+            line = raw.decode(opts.encoding or detect_encoding(path), errors="replace").strip().lstrip("\ufeff")
+            if line:
+                try:
+                    obj = json.loads(line) if line.startswith("{") else None
+                except ValueError:
+                    return False
+                return isinstance(obj, dict) and opts.text_field in obj
+    return False
+
+
+def _plain_documents(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """The documents of a plain-text file: the whole file, or the runs of lines between blank lines (doc_sep
+    "blank") or between lines that read doc_sep. A document longer than TEXT_BLOCK_CHARS goes on in further records
+    (`continued`), each cut at a line end, so memory stays bounded whatever the file size."""
+    sep = opts.doc_sep
+    lines: list[str] = []
+    size, continued = 0, False
+    for _, line in text_lines(path, opts, tally, count_read=False):
+        if sep != "file" and (not line.strip() if sep == "blank" else line.strip().lstrip("\ufeff") == sep):
+            if lines:
+                yield Record("", "".join(lines), "text", continued=continued)
+            lines, size, continued = [], 0, False
+            continue
+        if not lines and not continued:
+            tally.read += 1  # a document starts
+        lines.append(line)
+        size += len(line)
+        if size >= TEXT_BLOCK_CHARS:
+            yield Record("", "".join(lines), "text", continued=continued)
+            lines, size, continued = [], 0, True
+    if lines:
+        yield Record("", "".join(lines), "text", continued=continued)
+
+
+@register("text", patterns=TEXT_PATTERNS, prose=True, skip=TEXT_SKIP)
+def read_text(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
+    """Plain prose for pretraining, one record per document (the text in `response`; prepare cleans it and splits
+    it into pieces). .parquet: the `text_field` column, a row a document; .json / .jsonl (an array or lines): the
+    `text_field` of each object; .txt / .md and any other name: see `_plain_documents`, unless the first line is a
+    JSON object holding `text_field` (JSON lines named .txt). A binary file is counted as `binary_file`, a row
+    without the field as `missing_field`, an undecodable line (plain text) as `undecodable`."""
+    suffix = path.suffix.lower()
+    field_name = opts.text_field
+    if suffix == ".parquet":
+        rows = parquet_rows(path, [field_name], tally, batch_rows=256)  # documents are large: small batches
+    else:
+        opts = replace(opts, encoding=opts.encoding or detect_encoding(path))  # detected once, not per helper
+        if problem := binary_file(path, opts):
+            tally.read += 1
+            tally.drop("binary_file", str(path), problem)
+            return
+        if suffix not in (".json", ".jsonl") and not _json_text_file(path, opts):
+            yield from _plain_documents(path, opts, tally)
+            return
+        rows = json_objects(path, opts, tally)
+    for where, row in rows:
+        if field_name not in row:
+            tally.drop("missing_field", where, f"no field {field_name!r}; its fields: {sorted(row)[:20]}")
+            continue
+        text = _text_value(row[field_name], where, field_name, tally)
+        if text is not None:
+            yield Record("", text, "text")
+
+
 # ----------------------------------------------------------------------------------------------- corpus level
 
 def get_reader(name: str) -> ReaderSpec:
@@ -709,14 +839,16 @@ def get_reader(name: str) -> ReaderSpec:
 
 def list_files(name: str, path: str | Path) -> list[Path]:
     """The files of a corpus: `path` itself, or the files under a directory that match the reader's patterns
-    (recursively, sorted, hidden files skipped). Raises for a path that does not exist or holds no such file."""
+    (recursively, sorted; hidden files and names matching the reader's `skip`, case-insensitive, left out). Raises
+    for a path that does not exist or holds no such file."""
     spec, path = get_reader(name), Path(path)
     if not path.exists():
         raise FileNotFoundError(f"corpus {name}: {path} does not exist")
     if path.is_file():
         return [path]
     files = sorted({p for pat in spec.patterns for p in path.rglob(pat)
-                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)})
+                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                    and not any(fnmatch.fnmatch(p.name.upper(), s.upper()) for s in spec.skip)})
     if not files:
         raise FileNotFoundError(f"corpus {name}: no {' / '.join(spec.patterns)} files under {path}")
     return files

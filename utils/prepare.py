@@ -5,6 +5,11 @@ kept rows to temporary parquet chunks, and remembers per row only a source id, a
 (computed on a worker thread; numpy releases the GIL). Dedup then runs on those arrays, a seeded permutation
 assigns every surviving row a shard and a slot, and pass 2 scatters the spool into per-shard buckets that are
 sorted into their final order. Everything is built in a temporary sibling directory renamed into place at the end.
+
+Plain prose (the `text` format) is cleaned by its own rules and each document is split into pieces of at most
+`max_doc_chars` characters, one row each: prompt = the piece's first line, response = the rest, so that the
+pretraining document `prompt + "\n" + response` is the piece itself (utils/cleaning.py `text_fields`). The pieces of
+one document share a document id, and the split keeps them together: no document has pieces in two splits.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from utils.cleaning import CleanConfig, clean_record
+from utils.cleaning import CleanConfig, clean_record, normalize_text, split_document, text_fields
 from utils.corpora import FILTER_REASONS, READERS, ReaderOptions, Record, Tally, is_blank_file, list_files, read_file
 from utils.dedup import DedupConfig, chunk_keys, first_occurrence, near_duplicates
 from utils.io import atomic_dir, write_json
@@ -40,6 +45,7 @@ class PrepareConfig:
     split: tuple[float, float, float] = (0.98, 0.01, 0.01)
     shard_rows: int = 100_000
     chunk_rows: int = 20_000
+    chunk_chars: int = 4_000_000  # a spool chunk also ends at this many characters (text pieces are long rows)
     worker: str = "thread"      # where chunks are hashed and spooled: "thread", "process" (faster) or "inline"
     multi_turn: str = "first"   # records with history: "first" turn only, every turn as its own row, or "drop"
     overwrite: bool = False
@@ -58,7 +64,10 @@ class PrepareConfig:
 
 
 def bundled_sources() -> list[tuple[str, Path]]:
-    return [(d.name, d) for d in sorted(SAMPLES.iterdir()) if d.is_dir() and d.name in READERS]
+    """The question/answer samples of data/samples (the plain-text sample, data/samples/text, is for pretraining
+    only: `--corpus text=data/samples/text`; SFT on the default output would learn it as questions and answers)."""
+    return [(d.name, d) for d in sorted(SAMPLES.iterdir())
+            if d.is_dir() and d.name in READERS and not READERS[d.name].prose]
 
 
 def single_turns(rec: Record, policy: str) -> list[Record]:
@@ -71,6 +80,29 @@ def single_turns(rec: Record, policy: str) -> list[Record]:
     if policy == "first":
         turns = turns[:1]
     return [Record(q, a, rec.source) for q, a in turns]
+
+
+def text_rows(raw: Record, clean: CleanConfig, tally: Tally, where: str) -> list[Record]:
+    """The rows of one text document (or block of one, `raw.continued`): cleaned (normalize_text) and split
+    (split_document) into pieces, each mapped by text_fields. Counted in `tally`: a document cleaned to nothing as
+    dropped `empty_text`; pieces, characters, documents split and cuts by kind in `tally.counts`."""
+    text = normalize_text(raw.response, clean.normalize)
+    if not text:
+        if not raw.continued:
+            tally.drop("empty_text", where, "nothing but white space and control characters")
+        return []
+    split = split_document(text, clean.max_doc_chars)
+    c = tally.counts
+    if raw.continued:  # the reader cut a long document at a line end: a paragraph cut
+        c["paragraph_cuts"] += 1
+    elif len(split.pieces) > 1:  # (a document read in blocks has more than one piece in its first block)
+        c["split_documents"] += 1
+    c["pieces"] += len(split.pieces)
+    c["characters"] += sum(map(len, split.pieces))
+    c["paragraph_cuts"] += split.paragraph
+    c["sentence_cuts"] += split.sentence
+    c["hard_cuts"] += split.hard
+    return [Record(*text_fields(p), raw.source) for p in split.pieces]
 
 
 def corpus_labels(sources: list[tuple[str, Path]]) -> list[str]:
@@ -175,7 +207,7 @@ class _Spool:
     overlaps well because numpy releases the GIL; a (spawned) process overlaps fully and is ~20% faster on 2 cores,
     but needs an importable __main__ (not `python - < script`)."""
 
-    def __init__(self, tmp: Path, cfg: PrepareConfig, n_sources: int):
+    def __init__(self, tmp: Path, cfg: PrepareConfig, n_sources: int, track_docs: bool = False):
         self.tmp, self.cfg = tmp, cfg
         self.prompts: list[str] = []
         self.responses: list[str] = []
@@ -184,14 +216,21 @@ class _Spool:
         self.source_ids: list[np.ndarray] = []
         self.dtype = np.uint8 if n_sources < 256 else np.uint16
         self.current: list[int] = []
+        self.chars = 0
+        self.track_docs = track_docs  # keep a document id per row (text corpora: the split keeps a document whole)
+        self.doc_ids: list[np.ndarray] = []
+        self.docs: list[int] = []
         self.pool = (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if cfg.worker == "process"
                      else ThreadPoolExecutor(1) if cfg.worker == "thread" else None)
 
-    def add(self, rec: Record, source_id: int) -> None:
+    def add(self, rec: Record, source_id: int, doc: int = 0) -> None:
         self.prompts.append(rec.prompt)
         self.responses.append(rec.response)
         self.current.append(source_id)
-        if len(self.prompts) >= self.cfg.chunk_rows:
+        if self.track_docs:
+            self.docs.append(doc)
+        self.chars += len(rec.prompt) + len(rec.response)
+        if len(self.prompts) >= self.cfg.chunk_rows or self.chars >= self.cfg.chunk_chars:
             self.flush()
 
     def flush(self) -> None:
@@ -202,6 +241,8 @@ class _Spool:
         path = self.tmp / f"spool-{len(self.files):05d}.parquet"
         self.files.append(path)
         self.source_ids.append(np.asarray(self.current, dtype=self.dtype))
+        if self.track_docs:
+            self.doc_ids.append(np.asarray(self.docs, dtype=np.int64))
         args = (path, self.prompts, self.responses, self.cfg.dedup)
         if self.pool:
             self.parts.append(self.pool.submit(_spool_chunk, *args))
@@ -209,7 +250,8 @@ class _Spool:
             done: Future = Future()
             done.set_result(_spool_chunk(*args))
             self.parts.append(done)
-        self.prompts, self.responses, self.current = [], [], []
+        self.prompts, self.responses, self.current, self.docs = [], [], [], []
+        self.chars = 0
 
     def arrays(self):
         self.flush()
@@ -219,20 +261,41 @@ class _Spool:
         self.close()
         exact, bands, has = zip(*parts)
         near = self.cfg.dedup.near
+        docs = np.concatenate([np.empty(0, np.int64), *self.doc_ids]) if self.track_docs else None
         return (np.concatenate([np.empty(0, self.dtype), *self.source_ids]), np.concatenate(exact),
-                np.concatenate(bands) if near else None, np.concatenate(has) if near else None)
+                np.concatenate(bands) if near else None, np.concatenate(has) if near else None, docs)
 
     def close(self) -> None:
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
 
 
-def _assign(n: int, cfg: PrepareConfig) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+def _assign(n: int, cfg: PrepareConfig, groups: np.ndarray | None = None
+            ) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
     """Rank of every kept row in a seeded permutation, and (split, first rank, row count) per split. The split
-    sizes are exact fractions of n, so they do not vary with the draw."""
-    rank = np.random.default_rng(cfg.seed).permutation(n)
+    sizes are exact fractions of n, so they do not vary with the draw.
+
+    With `groups` (a document id per kept row, equal ids adjacent) where some document has several rows (the pieces
+    of a text document), the documents are drawn instead: in a seeded order, each goes to the split its middle row
+    falls in, so every split holds whole documents and its size is off the exact fraction by less than a document;
+    the rows of each split are then shuffled. Without such a document, the plain permutation above (same output as
+    before documents were tracked)."""
+    rng = np.random.default_rng(cfg.seed)
     n_valid, n_test = round(n * cfg.split[1]), round(n * cfg.split[2])
     sizes = (n - n_valid - n_test, n_valid, n_test)
+    if groups is not None and n > 1 and bool((groups[1:] == groups[:-1]).any()):
+        gid = np.cumsum(np.r_[True, groups[1:] != groups[:-1]]) - 1
+        gsize = np.bincount(gid)
+        order = rng.permutation(len(gsize))
+        middle = np.empty(len(gsize), dtype=np.float64)
+        middle[order] = np.cumsum(gsize[order]) - gsize[order] / 2
+        split_of = np.searchsorted([sizes[0], sizes[0] + sizes[1]], middle, side="right")[gid]
+        rows = np.lexsort((rng.permutation(n), split_of))  # by split, shuffled inside each
+        rank = np.empty(n, dtype=np.int64)
+        rank[rows] = np.arange(n)
+        sizes = tuple(int(c) for c in np.bincount(split_of, minlength=3))
+    else:
+        rank = rng.permutation(n)
     bounds, start = [], 0
     for name, size in zip(SPLITS, sizes):
         bounds.append((name, start, size))
@@ -241,9 +304,9 @@ def _assign(n: int, cfg: PrepareConfig) -> tuple[np.ndarray, list[tuple[str, int
 
 
 def _write_shards(tmp: Path, out: Path, spool_files: list[Path], keep: np.ndarray, sources: np.ndarray,
-                  names: list[str], cfg: PrepareConfig) -> dict[str, int]:
+                  names: list[str], cfg: PrepareConfig, docs: np.ndarray | None = None) -> dict[str, int]:
     """Pass 2: scatter spooled rows into per-shard buckets by rank, then sort each bucket into its shard."""
-    rank_of_kept, bounds = _assign(int(keep.sum()), cfg)
+    rank_of_kept, bounds = _assign(int(keep.sum()), cfg, None if docs is None else docs[keep])
     rank = np.full(len(keep), -1, dtype=np.int64)
     rank[keep] = rank_of_kept
     shard_of: list[tuple[str, int, int]] = []  # (split, shard index, first rank) in rank order
@@ -304,8 +367,10 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
     tallies = [Tally() for _ in plan]
     times, kept_clean = [0.0] * len(plan), [0] * len(plan)
     t_start = time.perf_counter()
+    prose = [READERS[name].prose for name, _ in plan]
+    doc = -1  # a running document id: every row of a question/answer corpus, or every text document, gets one
     with atomic_dir(out_dir) as tmp:
-        spool = _Spool(tmp, cfg, len(plan))
+        spool = _Spool(tmp, cfg, len(plan), track_docs=any(prose))
         bar = progress_bar(transient=True) if progress else None
         task = bar.add_task("reading", total=None) if bar else None
         if bar:
@@ -317,6 +382,14 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
                     bar.update(task, description=f"reading {labels[i]}")
                 for f in files:
                     for n, raw in enumerate(read_file(name, f, cfg.read, tally)):
+                        if bar and n % 2048 == 0:
+                            bar.update(task, completed=sum(t.read for t in tallies))
+                        if prose[i]:  # none of the question/answer rules: see text_rows
+                            doc += not raw.continued
+                            for rec in text_rows(raw, cfg.clean, tally, str(f)):
+                                spool.add(rec, i, doc)
+                                kept_clean[i] += 1
+                            continue
                         turns = single_turns(raw, cfg.multi_turn)
                         if not turns:
                             tally.drop("multi_turn", str(f), "multi-turn record dropped (multi_turn=drop)")
@@ -325,12 +398,11 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
                             if reason:
                                 tally.drop(reason, str(f), rec.prompt[:60])
                             else:
-                                spool.add(rec, i)
+                                doc += 1
+                                spool.add(rec, i, doc)
                                 kept_clean[i] += 1
-                        if bar and n % 2048 == 0:
-                            bar.update(task, completed=sum(t.read for t in tallies))
                 times[i] = time.perf_counter() - t0
-            sources_arr, exact, bands, has = spool.arrays()
+            sources_arr, exact, bands, has, docs = spool.arrays()
         finally:
             spool.close()
             if bar:
@@ -346,11 +418,12 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
                 if c := int((mask & mine).sum()):
                     tally.dropped[reason] += c
         t_write = time.perf_counter()
-        counts = _write_shards(tmp, tmp, spool.files, keep, sources_arr, labels, cfg)
+        counts = _write_shards(tmp, tmp, spool.files, keep, sources_arr, labels, cfg, docs)
         stats = {
             "corpora": {labels[i]: {
                 "format": name, "files": [str(f) for f in files], "read": tallies[i].read,
                 "kept": int((keep & (sources_arr == i)).sum()), "dropped": dict(tallies[i].dropped.most_common()),
+                **(_text_stats(tallies[i]) if prose[i] else {}),
                 "skipped_files": skipped[i],
                 "seconds": round(times[i], 3), "examples": tallies[i].examples,
             } for i, (name, files) in enumerate(plan)},
@@ -366,6 +439,15 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
     return stats
 
 
+
+
+def _text_stats(tally: Tally) -> dict:
+    """What stats.json says of a text corpus beyond read / kept / dropped: `read` counts documents, `kept` and the
+    duplicate drops count pieces."""
+    c = tally.counts
+    return {"documents": tally.read, "pieces": c["pieces"], "characters": c["characters"],
+            "split_documents": c["split_documents"],
+            "cuts": {"paragraph": c["paragraph_cuts"], "sentence": c["sentence_cuts"], "hard": c["hard_cuts"]}}
 
 
 def print_stats(stats: dict) -> None:
@@ -384,6 +466,14 @@ def print_stats(stats: dict) -> None:
                   style="bold")
     console = Console()
     console.print(table)
+    for name, c in stats["corpora"].items():
+        if "pieces" in c:
+            cuts = c["cuts"]
+            console.print(f"{name}: {c['documents']:,} documents -> {c['pieces']:,} pieces of at most "
+                          f"{stats['config']['clean']['max_doc_chars']:,} characters ({c['split_documents']:,} "
+                          f"documents split: {cuts['paragraph']:,} cuts at paragraph ends, {cuts['sentence']:,} at "
+                          f"sentence ends, {cuts['hard']:,} elsewhere); kept {c['kept']:,} pieces",
+                          markup=False, highlight=False)
     console.print("splits: " + ", ".join(f"{k} {v:,}" for k, v in stats["splits"].items()))
     if n := stats["total"].get("skipped_files"):
         console.print(f"skipped {n:,} bad file{'s' if n > 1 else ''} (--skip-bad-files; listed in stats.json):",
@@ -434,9 +524,21 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="skip (and count in stats.json) a directory's unreadable files and files with no "
                              "readable record, instead of stopping with the list of them")
     parser.add_argument("--seed", type=int, default=d.seed, help="shuffle / split seed")
-    parser.add_argument("--split", type=_split_arg, default=d.split, help="train,valid,test fractions")
+    parser.add_argument("--split", type=_split_arg, default=d.split,
+                        help="train,valid,test fractions (text corpora: whole documents are drawn, so the split "
+                             "sizes are off by less than a document)")
     parser.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per output parquet shard")
     parser.add_argument("--encoding", default=r.encoding, help="input encoding (default: detect UTF-8 / GB18030)")
+    parser.add_argument("--text-field", default=r.text_field, metavar="NAME",
+                        help="text format: the field (JSON lines, JSON array) or column (parquet) holding a document")
+    parser.add_argument("--doc-sep", default=r.doc_sep, metavar="file|blank|LINE",
+                        help="text format, .txt / .md files: a file is one document (file), documents are separated "
+                             "by blank lines (blank), or by a line that reads LINE (e.g. '<|endoftext|>')")
+    parser.add_argument("--max-doc-chars", type=int, default=c.max_doc_chars, metavar="N",
+                        help="text format: a longer document is split into pieces of at most N characters, at "
+                             "paragraph ends (a longer paragraph at sentence ends, then anywhere), one row each; "
+                             "the pretraining packer drops what overflows a row, so keep N well under --seq-len "
+                             "tokens x about 1.36 characters a token (32k BPE on Chinese prose)")
     parser.add_argument("--min-star", type=int, default=r.min_star, help="webtext: minimum answer stars")
     parser.add_argument("--dice", type=float, default=r.dice_threshold,
                         help="baike/medical: title and question this similar (Dice) are not both kept")
@@ -444,11 +546,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="hc3: which answers become rows")
     parser.add_argument("--min-len", action="append", type=_min_len_arg, default=[], metavar="CORPUS=P,R",
                         help=f"minimum prompt,response characters for a corpus (repeatable); seed defaults "
-                             f"{c.min_lengths}, others {c.default_min_lengths}")
-    parser.add_argument("--max-len", type=int, default=c.max_len, help="maximum characters per field")
+                             f"{c.min_lengths}, others {c.default_min_lengths} (not the text format)")
+    parser.add_argument("--max-len", type=int, default=c.max_len,
+                        help="maximum characters per field (question/answer formats; text: --max-doc-chars)")
     parser.add_argument("--overlong", choices=("cut", "drop"), default=c.overlong, help="what to do beyond --max-len")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=c.normalize,
-                        help="normalize punctuation and whitespace")
+                        help="normalize punctuation and whitespace (text format: Unicode NFC, spaces at line ends, "
+                             "runs of blank lines; line breaks and control characters are cleaned either way)")
     parser.add_argument("--worker", choices=("thread", "process", "inline"), default=d.worker,
                         help="where chunks are hashed and spooled while reading goes on")
     parser.add_argument("--multi-turn", choices=("first", "turns", "drop"), default=d.multi_turn,
@@ -463,13 +567,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
-    clean = CleanConfig(normalize=args.normalize, max_len=args.max_len, overlong=args.overlong)
+    clean = CleanConfig(normalize=args.normalize, max_len=args.max_len, overlong=args.overlong,
+                        max_doc_chars=args.max_doc_chars)
     clean.min_lengths.update(dict(args.min_len))
     return PrepareConfig(
         seed=args.seed, split=args.split, shard_rows=args.shard_rows, multi_turn=args.multi_turn, worker=args.worker,
         overwrite=args.overwrite, skip_bad_files=args.skip_bad_files, clean=clean,
         read=ReaderOptions(encoding=args.encoding, min_star=args.min_star, dice_threshold=args.dice,
-                           hc3_answers=args.hc3_answers),
+                           hc3_answers=args.hc3_answers, text_field=args.text_field, doc_sep=args.doc_sep),
         dedup=DedupConfig(exact=args.dedup, near=args.near_dedup, threshold=args.threshold,
                           num_perm=args.num_perm, ngram=args.ngram))
 
