@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("trainer.args", "pretrain a decoder on packed documents"),
     "sft": ("trainer.args", "supervised fine-tuning with the prompt masked out of the loss"),
     "lora": ("trainer.args", "train a LoRA / QLoRA adapter on a base model"),
+    "dpo": ("trainer.args", "direct preference optimization on chosen/rejected answer pairs"),
     "merge": ("trainer.args", "merge a LoRA adapter into its base model"),
     "eval": ("utils.metrics", "CMMLU / C-Eval / GAOKAO accuracy, bits per character, answer loss and BLEU / ROUGE"),
     "synth": ("utils.synth", "build instruction data through an OpenAI-compatible API (topics, dialogues, style)"),

@@ -23,11 +23,15 @@ which is exactly PEFT-on-Baichuan, in training too: the attention module becomes
 `project_qkv` gets q, k, v from one `W_pack.project` call, so the three share one dropout mask and one A x, as the
 fused layer does in PEFT (calling each slice alone would draw its own).
 
+`adapters_disabled(model)` runs the base alone (every update and its dropout skipped): DPO's reference for a LoRA
+run, with no second copy of the base.
+
 Adapter directories hold `adapter_config.json` and `adapter_model.safetensors` with PEFT's keys:
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -125,7 +129,7 @@ class LoRAAdapter(nn.Module):
         """The outputs of `slices` (the LoRASlices of this adapter) from ONE update over all of B's rows, split by
         rows: PEFT's fused-layer math (one dropout mask, one A x), which calling each slice cannot give."""
         results = [s.base_layer(x) for s in slices]
-        if slices[0].merged:  # `_merge` flips every slice of an adapter together
+        if slices[0].merged or slices[0].disabled:  # both are set on every slice of an adapter together
             return results
         update = self.delta(x)
         return [y + update[..., s.rows].to(y.dtype) for y, s in zip(results, slices)]
@@ -146,6 +150,7 @@ class LoRALinear(LoRAAdapter):
                          device=_base_device(base_layer), dtype=dtype)
         self.base_layer = base_layer
         self.merged = False
+        self.disabled = False
 
     @property
     def adapter(self) -> LoRAAdapter:
@@ -164,6 +169,7 @@ class LoRASlice(nn.Module):
         self.base_layer, self.rows = base_layer, rows
         self._adapter = (adapter,)  # a tuple, so the shared adapter is registered (and saved) once, at W_pack
         self.merged = False
+        self.disabled = False
 
     @property
     def adapter(self) -> LoRAAdapter:
@@ -185,7 +191,7 @@ class PackedAttention(Attention):
 
 def _lora_forward(layer: LoRAWrapped, x: torch.Tensor) -> torch.Tensor:
     result = layer.base_layer(x)
-    if layer.merged:
+    if layer.merged or layer.disabled:
         return result
     return result + layer.adapter.delta(x, layer.rows).to(result.dtype)
 
@@ -305,6 +311,26 @@ def set_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source
             if v.shape != own[k].shape:
                 raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
             params[k].copy_(v)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block `model` computes as its base: every LoRA layer skips its update, so its dropout draws no
+    random numbers either. `model` may be wrapped (DDP, FSDP, torch.compile). Merged adapters live in the weights and
+    cannot be skipped: unmerge them first."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if not layers:
+        raise ValueError("model has no LoRA layers to disable")
+    if any(layer.merged for layer in layers):
+        raise ValueError("cannot disable merged LoRA adapters (they are in the base weights): unmerge_lora first")
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was
 
 
 # ---- merging -----------------------------------------------------------------------------------------------------

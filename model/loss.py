@@ -1,5 +1,6 @@
 """Cross-entropy fused with the output projection, a chunk of tokens at a time, so the [tokens, vocab] logits are
-never materialized whole (Liger-Kernel's fused linear cross-entropy, in plain PyTorch).
+never materialized whole (Liger-Kernel's fused linear cross-entropy, in plain PyTorch); and, the same way, each
+labelled token's log-probability (DPO's sequence scores, `linear_log_probs`).
 
 For hidden states h [N, d], the head W [V, d] and targets y (IGNORE_INDEX rows skipped), n labelled rows:
 
@@ -14,6 +15,11 @@ A chunk's softmax, loss and gradient: on a GPU with Triton, one kernel that writ
 (model/loss_kernel.py; eager or compiled). Elsewhere, PyTorch ops that torch.compile fuses into one pass per chunk:
 the one-hot is written over the target column afterwards, since a scatter into the fp32 probabilities makes
 inductor write them out and read them back.
+
+Per-token log-probabilities (log p_i = -loss_i) have a gradient dz_i = g_i (onehot(y_i) - p_i) whose row weights g_i
+(from the DPO loss) exist only in the backward, so dh and dW cannot be formed ahead as above: the forward keeps no
+logits, and the backward forms each chunk's logits again and runs the same softmax (kernel or PyTorch ops) with n = 1,
+scaling its rows by -g_i. One more matmul than the mean loss, and still a peak of one chunk's logits.
 """
 from __future__ import annotations
 
@@ -58,8 +64,8 @@ def uses_kernel(t: torch.Tensor) -> bool:
 
 
 def _softmax_cross_entropy_torch(logits: torch.Tensor, labels: torch.Tensor, n: torch.Tensor, write_grad: bool):
-    """(summed loss, gradient of the mean over n in the logits' dtype or None) of one chunk, in PyTorch ops: the
-    path for CPUs, and for GPUs without Triton."""
+    """(per-row loss [rows] in fp32, 0 on unlabelled rows; gradient of the mean over n in the logits' dtype or None)
+    of one chunk, in PyTorch ops: the path for CPUs, and for GPUs without Triton."""
     dtype, acc = logits.dtype, torch.promote_types(logits.dtype, torch.float32)
     # one kernel from the compute-dtype logits to fp32 log-probabilities: no fp32 copy of the logits and no
     # logsumexp temporaries (eager logsumexp is several full-size passes)
@@ -68,16 +74,25 @@ def _softmax_cross_entropy_torch(logits: torch.Tensor, labels: torch.Tensor, n: 
     labelled = labels != IGNORE_INDEX
     target = labels.clamp(min=0)[:, None]
     picked = logp.gather(1, target)
-    total = -(picked.squeeze(1) * labelled).sum()
+    rows = -(picked.squeeze(1) * labelled)
     if not write_grad:
-        return total, None
+        return rows, None
     # p / n everywhere, then the target column overwritten with (p - 1) / n: the same values as subtracting the
     # one-hot in fp32, with the full-size pass left as one fused kernel under torch.compile (see above)
     scale = (labelled.to(acc) / n)[:, None]
     grad = logp.exp_().mul_(scale).to(dtype)
     del logp  # the fp32 chunk goes before the caller's matmuls (unless it is the same tensor as grad)
     grad.scatter_(1, target, (picked.exp() - 1).mul_(scale).to(dtype))
-    return total, grad
+    return rows, grad
+
+
+def _chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, n: torch.Tensor, write_grad: bool):
+    """(per-row loss, gradient of the mean over n over the logits or None) of the chunk h, its logits formed here."""
+    if uses_kernel(h):
+        logits = F.linear(h, weight)  # the kernel writes the gradient over the logits
+        return _softmax_cross_entropy_cuda(logits, labels, n, write_grad), logits if write_grad else None
+    # the logits go in as a temporary, so the function can free them once it has their softmax
+    return _softmax_cross_entropy_torch(F.linear(h, weight), labels, n, write_grad)
 
 
 def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, n: torch.Tensor,
@@ -90,16 +105,11 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
     rows = chunk_rows(weight.shape[0], chunk_logits)
     total = hidden.new_zeros((), dtype=acc)
-    want_grad, kernel = want_hidden or want_weight, uses_kernel(hidden)
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], rows):
-            h, y = hidden[start:start + rows].to(dtype), labels[start:start + rows]
-            if kernel:
-                grad = F.linear(h, weight_c)  # the kernel writes the gradient over the logits
-                total = total + _softmax_cross_entropy_cuda(grad, y, n, want_grad).sum()
-            else:  # the logits go in as a temporary, so the function can free them once it has their softmax
-                chunk_loss, grad = _softmax_cross_entropy_torch(F.linear(h, weight_c), y, n, want_grad)
-                total = total + chunk_loss
+            h = hidden[start:start + rows].to(dtype)
+            chunk_loss, grad = _chunk(h, weight_c, labels[start:start + rows], n, want_hidden or want_weight)
+            total = total + chunk_loss.sum()
             if want_hidden:
                 grad_hidden[start:start + rows] = grad @ weight_c
             if want_weight:
@@ -137,3 +147,54 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, labels, n, chunk_logits)
     return _loss_and_grads(hidden, weight, labels, n, chunk_logits, False, False)[0] / n
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_logits):
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk_logits = chunk_logits
+        return _log_probs(hidden, weight, labels, chunk_logits)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        dtype = compute_dtype(weight)
+        weight_c = weight.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
+        rows, one = chunk_rows(weight.shape[0], ctx.chunk_logits), hidden.new_ones((), dtype=torch.int64)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                h = hidden[start:start + rows].to(dtype)
+                _, grad = _chunk(h, weight_c, labels[start:start + rows], one, True)  # p - onehot, 0 unlabelled
+                grad.mul_(-grad_out[start:start + rows, None].to(dtype))
+                if want_hidden:
+                    grad_hidden[start:start + rows] = grad @ weight_c
+                if want_weight:
+                    grad_weight += (grad.T @ h).to(acc)
+                del grad
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_logits: int) -> torch.Tensor:
+    dtype = compute_dtype(weight)
+    weight_c, one = weight.to(dtype), hidden.new_ones((), dtype=torch.int64)
+    rows = chunk_rows(weight.shape[0], chunk_logits)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return -torch.cat([_chunk(hidden[start:start + rows].to(dtype), weight_c, labels[start:start + rows], one,
+                                  False)[0] for start in range(0, hidden.shape[0], rows)])
+
+
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     chunk_logits: int = CHUNK_LOGITS) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[label] of each row in fp32, labels.shape, 0 where the label is IGNORE_INDEX.
+    hidden [..., d], weight [V, d]; about `chunk_logits` logits are formed at a time, in the forward and again in
+    the backward (see the module docstring)."""
+    shape = labels.shape
+    hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearLogProbs.apply(hidden, weight, labels, chunk_logits).view(shape)
+    return _log_probs(hidden, weight, labels, chunk_logits).view(shape)

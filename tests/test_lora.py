@@ -12,6 +12,7 @@ from model import load_model, save_model
 from model.lora import (
     LoRALinear,
     LoRASlice,
+    adapters_disabled,
     apply_lora,
     load_adapter,
     lora_state_dict,
@@ -221,6 +222,30 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(hf_dir):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 3 * 2
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k])
+
+
+@pytest.mark.parametrize("baichuan", [False, True])
+def test_disabled_adapters_compute_the_base_and_draw_no_random_numbers(tmp_path, baichuan):
+    """DPO's reference for LoRA: inside `adapters_disabled` the model is its base bit for bit (split and Baichuan's
+    packed q/k/v alike), its adapter dropout draws nothing, nesting is harmless; after it the adapters are back.
+    Merged adapters cannot be disabled."""
+    baichuan_dir(tmp_path) if baichuan else hf_model("llama").save_pretrained(tmp_path)
+    model = load_model(tmp_path).train()
+    with torch.no_grad():
+        base = model(IDS)
+    apply_lora(model, r=4, alpha=8, dropout=0.5, targets=["W_pack", "o_proj"] if baichuan else "all-linear")
+    randomize_lora(model)
+    rng = torch.get_rng_state()
+    with torch.no_grad(), adapters_disabled(model):
+        with adapters_disabled(model):
+            torch.testing.assert_close(model(IDS), base, rtol=0, atol=0)
+        torch.testing.assert_close(model(IDS), base, rtol=0, atol=0)
+        assert torch.equal(torch.get_rng_state(), rng)
+        adapted = model.eval()(IDS)
+    assert (model(IDS) - base).abs().max() > 1e-3 and torch.equal(adapted, base)
+    merge_lora(model)
+    with pytest.raises(ValueError, match="unmerge"), adapters_disabled(model):
+        pass
 
 
 # ---- Baichuan: one W_pack adapter over our split q/k/v ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The fused, chunked linear cross-entropy (model/loss.py) against autograd through F.cross_entropy on full logits."""
+"""The fused, chunked linear cross-entropy and per-token log-probabilities (model/loss.py) against autograd through
+F.cross_entropy / log_softmax on full logits."""
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import model.loss
 import model.loss_kernel
 import model.transformer
 from model import ModelConfig, Transformer
-from model.loss import CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY, IGNORE_INDEX, linear_cross_entropy
+from model.loss import CHUNK_LOGITS, CHUNK_LOGITS_LOW_MEMORY, IGNORE_INDEX, linear_cross_entropy, linear_log_probs
 from trainer.activations import ActivationPolicy, apply_activation_policy
 
 
@@ -95,6 +96,49 @@ def test_confident_predictions_keep_their_small_gradient_in_bf16():
                                rtol=2e-2, atol=1e-5)
 
 
+def log_probs_reference(hidden, weight, labels):
+    logits = hidden @ weight.T
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    return logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != IGNORE_INDEX)
+
+
+def log_prob_grads(fn, hidden, weight, labels, upstream):
+    """(per-token log-probs, dh, dW) of sum(upstream x log-probs): row weights that only the backward knows."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = fn(h, w, labels)
+    (logp * upstream).sum().backward()
+    return logp.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 7, 10_000])
+def test_log_probs_and_their_gradients_equal_autograd_in_float64(data, rows_per_chunk):
+    """DPO's per-token log-probabilities: the values, and dh, dW under per-row upstream gradients, chunk by chunk;
+    unlabelled rows give 0 and get no gradient (the prompt contributes nothing)."""
+    upstream = torch.randn(data[2].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ours = log_prob_grads(partial(linear_log_probs, chunk_logits=rows_per_chunk * 53), *data, upstream)
+    for a, b in zip(ours, log_prob_grads(log_probs_reference, *data, upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert ours[0].shape == data[2].shape and ours[0][0, :11].abs().max() == 0 and ours[1][0, :11].abs().max() == 0
+    hidden, weight, labels = data
+    h = hidden.clone().requires_grad_()
+    (linear_log_probs(h, weight, labels) * upstream).sum().backward()  # a frozen head (LoRA): dh only
+    torch.testing.assert_close(h.grad, ours[1], rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_log_probs(hidden, weight, labels), ours[0], rtol=1e-12, atol=1e-12)
+
+
+def test_log_probs_under_bf16_autocast_match_autograd_through_bf16_logits(data):
+    hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in data)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = log_prob_grads(linear_log_probs, hidden, weight, labels, upstream)
+        ref = log_prob_grads(log_probs_reference, hidden, weight, labels, upstream)
+    assert ours[0].dtype == torch.float32 and ours[2].dtype == torch.float32
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours[1:], ref[1:]):  # bf16 products of order 1 (not / n): compared as a whole
+        assert ((a - b).norm() / b.norm()).item() < 5e-3
+
+
 @pytest.mark.parametrize("grad_enabled", [True, False])
 def test_eager_holds_one_chunk_at_a_time(data, monkeypatch, grad_enabled):
     """When a chunk's logits are formed, the previous chunk's fp32 log-probabilities and its gradient are freed
@@ -165,8 +209,8 @@ def test_kernel_equals_the_torch_path(interpreted, monkeypatch, vocab, block):
     monkeypatch.setattr(interpreted, "BLOCK", block)
     logits, labels, n = chunk(12, vocab)
     loss, grad = run_kernel(interpreted, logits, labels, n)
-    ref_total, ref_grad = model.loss._softmax_cross_entropy_torch(logits.clone(), labels, n, True)
-    torch.testing.assert_close(loss.sum(), ref_total, rtol=1e-6, atol=2e-3)  # fp32 spacing at row 1's 1e4: 1e-3
+    ref_rows, ref_grad = model.loss._softmax_cross_entropy_torch(logits.clone(), labels, n, True)
+    torch.testing.assert_close(loss, ref_rows, rtol=1e-6, atol=2e-3)  # fp32 spacing at row 1's 1e4: 1e-3
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8)
     assert loss[2::5].abs().max() == 0 and grad[2::5].abs().max() == 0
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
@@ -177,7 +221,7 @@ def test_kernel_without_gradient_leaves_the_logits(interpreted):
     logits, labels, n = chunk(8, 700)
     loss, after = run_kernel(interpreted, logits, labels, n, write_grad=False)
     assert torch.equal(after, logits)
-    torch.testing.assert_close(loss.sum(), model.loss._softmax_cross_entropy_torch(logits, labels, n, False)[0])
+    torch.testing.assert_close(loss, model.loss._softmax_cross_entropy_torch(logits, labels, n, False)[0])
 
 
 def test_kernel_in_bf16_matches_to_bf16_rounding(interpreted):
@@ -185,9 +229,9 @@ def test_kernel_in_bf16_matches_to_bf16_rounding(interpreted):
     nearest, hence one bf16 step of tolerance.)"""
     logits, labels, n = chunk(8, 3000, torch.bfloat16)
     loss, grad = run_kernel(interpreted, logits, labels, n)
-    ref_total, ref_grad = model.loss._softmax_cross_entropy_torch(logits.clone(), labels, n, True)
+    ref_rows, ref_grad = model.loss._softmax_cross_entropy_torch(logits.clone(), labels, n, True)
     assert grad.dtype == torch.bfloat16
-    torch.testing.assert_close(loss.sum(), ref_total, rtol=1e-6, atol=2e-3)
+    torch.testing.assert_close(loss, ref_rows, rtol=1e-6, atol=2e-3)
     torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2**-7, atol=1e-9)
 
 
@@ -206,6 +250,20 @@ def test_linear_cross_entropy_through_the_kernel_equals_autograd(interpreted, mo
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), ref[0], rtol=1e-5, atol=1e-6)
     assert launches[12:] == [False]  # one chunk, loss only
+
+
+def test_log_probs_through_the_kernel_equal_autograd(interpreted, monkeypatch, data):
+    """Per-token log-probabilities with the kernel's op: the forward reads each chunk once (no gradient written),
+    the backward forms each chunk's logits again and has the kernel write p - onehot over them."""
+    launches, launch = [], interpreted.launch
+    monkeypatch.setattr(model.loss, "uses_kernel", lambda t: True)
+    monkeypatch.setattr(interpreted, "launch", lambda *args: launches.append(args[-1]) or launch(*args))
+    hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in data)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2))
+    ours = log_prob_grads(partial(linear_log_probs, chunk_logits=10 * 53), hidden, weight, labels, upstream)
+    assert launches == [False] * 12 + [True] * 12
+    for a, b in zip(ours, log_prob_grads(log_probs_reference, hidden, weight, labels, upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or model.loss._softmax_cross_entropy_cuda is None,

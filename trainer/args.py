@@ -14,6 +14,7 @@ STAGES: dict[str, tuple[type, str]] = {
     "pretrain": (configs.PretrainConfig, "trainer.stages:pretrain"),
     "sft": (configs.SFTConfig, "trainer.stages:sft"),
     "lora": (configs.LoraConfig, "trainer.stages:lora"),
+    "dpo": (configs.DPOConfig, "trainer.stages:dpo"),
     "merge": (configs.MergeConfig, "trainer.stages:merge"),
     "demo": (configs.DemoConfig, "trainer.demo:demo"),
 }

@@ -10,6 +10,7 @@ from model.config import PRESETS
 
 TEMPLATE_CHOICES = ["chatml", "qwen", "wenda", "human_assistant", "llama2", "raw"]
 RECORD_FORMATS = ["qa", "instruct", "alpaca", "sharegpt", "parquet"]
+DPO_LOSSES = ["sigmoid", "ipo", "hinge"]
 
 
 def option(default: Any = None, help: str = "", **argparse_kwargs) -> Any:
@@ -48,6 +49,7 @@ class TrainConfig:
     log_every: int = option(10, "log every N optimizer steps")
     eval_every: int = option(0, "evaluate every N steps (0 = only at the end)")
     eval_batches: int = option(50, "batches per evaluation")
+    eval_at_start: bool = option(False, "evaluate (and print the sample answers) once before the first step")
     eval_tasks: str | None = option(None, "knowledge benchmarks scored at each evaluation, comma-separated (cmmlu, "
                                           "ceval): centered accuracy goes to the log and TensorBoard")
     eval_tasks_data: str = option("data/eval", "the folder that holds each --eval-tasks benchmark as it ships "
@@ -107,13 +109,9 @@ class SFTConfig(SFTDataConfig, TrainConfig):
 
 
 @dataclass(kw_only=True)
-class LoraConfig(SFTDataConfig, TrainConfig):
-    base: str = option(help="base model directory (ours, Llama, Qwen2/Qwen1.5, Baichuan)", required=True)
-    data: str = option(help="instruction data file or directory", required=True)
-    format: str = option("alpaca", "record format of --data", choices=RECORD_FORMATS)
-    eval_data: str | None = option(None, "optional held-out file in the same format")
-    template: str = option("chatml", "chat template", choices=TEMPLATE_CHOICES)
-    tokenizer: str | None = option(None, "tokenizer directory; unset = --base")
+class LoraAdapterConfig:
+    """LoRA / QLoRA adapters on a frozen base (lora, dpo --lora)."""
+
     r: int = option(8, "LoRA rank")
     alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
     dropout: float = option(0.05, "dropout on the LoRA input")
@@ -122,9 +120,19 @@ class LoraConfig(SFTDataConfig, TrainConfig):
                                            "lm_head)")
     rslora: bool = option(False, "scale = alpha / sqrt(r) (rank-stabilized LoRA)")
     qlora: bool = option(False, "quantize the base linears to NF4 (double quantization) while loading")
-    init_adapter: str | None = option(None, "start from this adapter instead of fresh LoRA layers")
     dtype: str = option("auto", "base weights dtype; auto = bfloat16 on a GPU, float32 on the CPU",
                         choices=["auto", "float32", "bfloat16"])
+
+
+@dataclass(kw_only=True)
+class LoraConfig(SFTDataConfig, LoraAdapterConfig, TrainConfig):
+    base: str = option(help="base model directory (ours, Llama, Qwen2/Qwen1.5, Baichuan)", required=True)
+    data: str = option(help="instruction data file or directory", required=True)
+    format: str = option("alpaca", "record format of --data", choices=RECORD_FORMATS)
+    eval_data: str | None = option(None, "optional held-out file in the same format")
+    template: str = option("chatml", "chat template", choices=TEMPLATE_CHOICES)
+    tokenizer: str | None = option(None, "tokenizer directory; unset = --base")
+    init_adapter: str | None = option(None, "start from this adapter instead of fresh LoRA layers")
     max_seq_length: int = 2048
     out_dir: str = "runs/lora"
     lr: float = 2e-4
@@ -134,6 +142,45 @@ class LoraConfig(SFTDataConfig, TrainConfig):
     weight_decay: float = 0.0
     save_every: int = 200
     save_total_limit: int = 2
+
+
+@dataclass(kw_only=True)
+class DPOConfig(LoraAdapterConfig, TrainConfig):
+    init: str | None = option(None, "model directory to train whole (e.g. runs/sft/latest)")
+    base: str | None = option(None, "with --lora: the frozen base model directory (ours, Llama, Qwen2/Qwen1.5, "
+                                    "Baichuan)")
+    lora: bool = option(False, "train LoRA adapters on --base; the reference is the base with the adapters disabled")
+    data: str = option(help="preference pairs: a JSON / JSON-lines / parquet file or a folder of them (sharegpt, "
+                            "alpaca, prompt/chosen/rejected, question/response_chosen/response_rejected, chosen/"
+                            "rejected message lists), or a prepared folder of train-* / valid-* shards", required=True)
+    eval_data: str | None = option(None, "held-out pairs for evaluation (any format of --data)")
+    valid_fraction: float = option(0.05, "share of --data held out for evaluation when there is no --eval-data or "
+                                         "valid-* shard (0: none)")
+    ref: str | None = option(None, "reference model directory; unset = --init, frozen (not with --lora)")
+    precompute_ref: bool = option(False, "score every pair with the reference once before training, then free it")
+    beta: float = option(0.1, "how far from the reference the policy may go (larger: closer); IPO's tau")
+    loss: str = option("sigmoid", "sigmoid (DPO), ipo, or hinge (SLiC)", choices=DPO_LOSSES)
+    label_smoothing: float = option(0.0, "with --loss sigmoid: the assumed share of flipped labels, in [0, 0.5) "
+                                         "(conservative DPO)")
+    template: str | None = option(None, "chat template; unset = the tokenizer's own", choices=TEMPLATE_CHOICES)
+    tokenizer: str | None = option(None, "tokenizer directory; unset = the model's (--init or --base)")
+    max_seq_length: int = option(512, "tokens per sequence (prompt + answer); the two of a pair share a row")
+    skip_overlength: bool = option(False, "drop pairs longer than --max-seq-length instead of cutting the answers")
+    dropout: float = 0.0  # a dropped-out policy would be scored against an intact reference (TRL turns it off too)
+    eval_at_start: bool = True
+    out_dir: str = "runs/dpo"
+    lr: float = 5e-6
+    warmup_steps: int = 10
+    epochs: float = 1.0
+    batch_size: int = 4
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora != bool(self.base) or bool(self.init) == bool(self.base):
+            raise ValueError("give --init DIR (every weight trains) or --base DIR --lora (adapters on a frozen base)")
+        if self.lora and self.ref:
+            raise ValueError("--ref is for --init runs: a LoRA run's reference is its base with the adapters disabled")
 
 
 @dataclass(kw_only=True)

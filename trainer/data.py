@@ -1,14 +1,15 @@
-"""Training data: a packed, resumable pretraining stream over a cached token file, and packed SFT examples.
+"""Training data: a packed, resumable pretraining stream over a cached token file, packed SFT examples, and packed
+preference pairs for DPO (each pair's chosen and rejected sequences side by side in one row).
 
 Pretraining documents (`prompt + "\\n" + response + <eos>`) are tokenized once into a memory-mapped token file with
 document offsets, cached under a key of (data files, tokenizer, format version). SFT conversations are rendered with a
 chat template segment by segment, so the label mask is exact: only assistant answers and their end-of-turn token are
 learned (unless `train_on_prompt`).
 
-Both loaders pack variable-length items into fixed-capacity rows with the same best-fit packer (nanochat style): a
+The loaders pack variable-length items into fixed-capacity rows with the same best-fit packer (nanochat style): a
 row starts at an item boundary and is filled with the largest buffered item that still fits. Pretraining rows crop
-the last item to fill the row exactly (no padding); SFT rows never cut an example and pad the remainder, and carry
-`segment_ids` so attention stays inside each example.
+the last item to fill the row exactly (no padding); SFT and pair rows never cut an item and pad the remainder, and
+carry `segment_ids` so attention stays inside each sequence.
 
 Resumption is exact because everything an epoch yields is a pure function of (seed, epoch): the item order is a
 permutation drawn from `seed + epoch`, the packing is deterministic, and the loader state is just
@@ -22,7 +23,7 @@ import fcntl
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -31,10 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.generation import resolve_template
 from model.loss import IGNORE_INDEX  # the label the loss skips
 from utils.io import atomic_dir, find_shards, iter_parquet, num_rows
+from utils.pairs import Pair
 from utils.progress import progress_bar
-from utils.templates import Record, SFTExamples, get_template, to_messages, tokenize_sft
+from utils.templates import (
+    ENCODE_BATCH,
+    Record,
+    SFTExamples,
+    encode_segments,
+    ends_turn_with_token,
+    to_messages,
+    tokenize_sft,
+)
 
 PAD_SEGMENT = -1  # segment id of the padding at the end of a packed SFT row
 CACHE_FORMAT_VERSION = 2  # bump when the document format or the cache layout changes (2: special=False)
@@ -340,16 +351,20 @@ class _RowLoader(ABC):
     def eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Finite pass over the whole split in file order (no shuffling), this rank's share; the last batch may be
         smaller. Rows beyond a multiple of world_size are left out so all ranks yield the same number of batches."""
-        if self._eval_plan is None:
-            self._eval_plan = best_fit_pack(self.lengths, self.capacity, range(len(self.lengths)), self.buffer_size,
-                                            self.crop)
-        plan = self._eval_plan
+        plan = self.eval_plan()
         n = plan.n_rows // self.world_size * self.world_size
         mine = np.arange(self.rank, n, self.world_size)
         for k, start in enumerate(range(0, len(mine), self.batch_size)):
             if max_batches is not None and k >= max_batches:
                 return
             yield self._batch(plan, mine[start:start + self.batch_size])
+
+    def eval_plan(self) -> PackPlan:
+        """The whole split packed in file order (evaluation's rows)."""
+        if self._eval_plan is None:
+            self._eval_plan = best_fit_pack(self.lengths, self.capacity, range(len(self.lengths)), self.buffer_size,
+                                            self.crop)
+        return self._eval_plan
 
     # --- state
     def state_dict(self) -> dict[str, Any]:
@@ -445,14 +460,22 @@ class SFTLoader(_RowLoader):
         for b, r in enumerate(rows):
             pos = 0
             for seg, p in enumerate(range(plan.row_ptr[r], plan.row_ptr[r + 1])):
-                x, m = self.examples.example(plan.items[p])
-                n = len(x) - 1
-                input_ids[b, pos:pos + n] = x[:-1]
-                labels[b, pos:pos + n] = np.where(m[1:], x[1:], IGNORE_INDEX)
-                segment_ids[b, pos:pos + n] = seg
-                pos += n
+                pos = _place((input_ids[b], labels[b], segment_ids[b]), pos, *self.examples.example(plan.items[p]),
+                             seg)
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
                 "segment_ids": torch.from_numpy(segment_ids)}
+
+
+def _place(row: tuple[np.ndarray, np.ndarray, np.ndarray], pos: int, x: np.ndarray, trainable: np.ndarray,
+           segment: int) -> int:
+    """Lay the sequence x into a row's (input_ids, labels, segment_ids) from `pos`: inputs x[:-1], labels x[1:] where
+    trainable; returns where the next sequence starts."""
+    input_ids, labels, segment_ids = row
+    end = pos + len(x) - 1
+    input_ids[pos:end] = x[:-1]
+    labels[pos:end] = np.where(trainable[1:], x[1:], IGNORE_INDEX)
+    segment_ids[pos:end] = segment
+    return end
 
 
 def load_sft_records(data_dir: str | Path, split: str) -> list[dict[str, str]]:
@@ -477,8 +500,7 @@ def sft_loader(records_or_data_dir: str | Path | Sequence[Record], tokenizer: An
         raise ValueError("give exactly one of batch_size or tokens_per_batch")
     if batch_size is None:
         batch_size = max(1, tokens_per_batch // max_seq_len)
-    if template is None or isinstance(template, str):
-        template = get_template(template or tokenizer.default_template)
+    template = resolve_template(template, tokenizer)
     if isinstance(records_or_data_dir, (str, Path)):
         records: Sequence[Record] = load_sft_records(records_or_data_dir, split)
         source = f"{records_or_data_dir} ({split})"
@@ -489,3 +511,162 @@ def sft_loader(records_or_data_dir: str | Path | Sequence[Record], tokenizer: An
     convs = [to_messages(r, f"{source}[{i}]") for i, r in enumerate(records)]
     examples = tokenize_sft(convs, tokenizer, template, max_seq_len, skip_overlength, train_on_prompt)
     return SFTLoader(examples, tokenizer.pad_id, max_seq_len, batch_size, rank, world_size, seed, buffer_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preference pairs (DPO)
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class PairExamples:
+    """Tokenized preference pairs: pair p is its prompt's tokens, its chosen answer's, then its rejected answer's
+    (each answer with its end-of-turn token), at tokens[offsets[p]:offsets[p + 1]]."""
+
+    tokens: np.ndarray  # int32
+    offsets: np.ndarray  # int64 [n + 1]
+    prompt_lengths: np.ndarray  # int64 [n]
+    chosen_lengths: np.ndarray  # int64 [n]
+    stats: dict
+
+    @classmethod
+    def build(cls, triples: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+              stats: dict) -> "PairExamples":
+        """From (prompt, chosen answer, rejected answer) token lists."""
+        lengths = np.array([len(p) + len(c) + len(r) for p, c, r in triples], dtype=np.int64)
+        tokens = np.fromiter(chain.from_iterable(chain(*t) for t in triples), dtype=np.int32, count=int(lengths.sum()))
+        return cls(tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                   np.array([len(p) for p, _, _ in triples], dtype=np.int64),
+                   np.array([len(c) for _, c, _ in triples], dtype=np.int64), stats)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def pair(self, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prompt, chosen answer, rejected answer) tokens of pair p."""
+        s, t = self.offsets[p], self.offsets[p + 1]
+        a, b = s + self.prompt_lengths[p], s + self.prompt_lengths[p] + self.chosen_lengths[p]
+        return self.tokens[s:a], self.tokens[a:b], self.tokens[b:t]
+
+    def positions(self) -> np.ndarray:
+        """Row positions each pair fills: prompt + chosen and prompt + rejected, each one shorter (its inputs)."""
+        return np.diff(self.offsets) + self.prompt_lengths - 2
+
+
+def _last_answer(x: list[int], trainable: list[bool]) -> tuple[list[int], list[int]]:
+    """(prompt, answer) of an encoded conversation: the answer is its last run of trainable tokens, the prompt all
+    before it; what follows the answer (the template's text after a turn) is left out."""
+    end = len(trainable) - trainable[::-1].index(True)
+    start = end
+    while start > 0 and trainable[start - 1]:
+        start -= 1
+    return x[:start], x[start:end]
+
+
+def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, template: Any, max_seq_len: int,
+                   skip_overlength: bool = False) -> PairExamples:
+    """Each pair's two conversations through the chat template, piece by piece as SFT's (`encode_segments`): the
+    answer is the last assistant turn with its end-of-turn token (eos for templates without one), the prompt every
+    token before it (system, history, question, the assistant's prefix), the same for both answers.
+
+    A sequence (prompt + answer) longer than max_seq_len positions loses its answer's tail (TRL's `keep_start`), or
+    the pair is skipped (`skip_overlength`); a pair whose prompt leaves no answer token is skipped. Both counted."""
+    template = resolve_template(template, tokenizer)
+    append_eos = not ends_turn_with_token(template, tokenizer)
+    stats = {"pairs": len(pairs), "truncated": 0, "skipped_overlength": 0, "skipped_long_prompt": 0}
+    triples = []
+    with progress_bar() as progress:
+        task = progress.add_task("tokenizing preference pairs", total=len(pairs))
+        for start in range(0, len(pairs), ENCODE_BATCH):
+            chunk = pairs[start:start + ENCODE_BATCH]
+            convs = [template.pieces(to_messages(pair.record(answer))) for pair in chunk
+                     for answer in (pair.chosen, pair.rejected)]
+            encoded = encode_segments(tokenizer, convs, append_eos)
+            for chosen_conv, rejected_conv in zip(encoded[::2], encoded[1::2]):
+                (prompt, chosen), (other, rejected) = _last_answer(*chosen_conv), _last_answer(*rejected_conv)
+                assert prompt == other, "the pieces before an answer encode alike"
+                room = max_seq_len + 1 - len(prompt)  # answer tokens that fit a sequence
+                if max(len(chosen), len(rejected)) > room:
+                    outcome = ("skipped_overlength" if skip_overlength else
+                               "skipped_long_prompt" if room < 1 else "truncated")
+                    stats[outcome] += 1
+                    if outcome != "truncated":
+                        continue
+                triples.append((prompt, chosen[:room], rejected[:room]))
+            progress.advance(task, len(chunk))
+    if not triples:
+        raise ValueError(f"no usable preference pairs out of {len(pairs)} ({stats})")
+    stats["kept"] = len(triples)
+    return PairExamples.build(triples, stats)
+
+
+class PairLoader(_RowLoader):
+    """Rows of 2 x max_seq_len positions packed with whole pairs, each pair as two sequences side by side: prompt +
+    chosen, then prompt + rejected (segments 2k and 2k + 1 of its row: attention stays inside each, positions
+    restart), so one forward scores both answers of every pair. Besides SFT's tensors a batch holds `pair_ids` [P]
+    (its pairs' indices), `sequence_ids` [B, T] (which of its 2P sequences a position scores: 2p for the chosen
+    answer of its p-th pair, 2p + 1 for the rejected; 0 on padding, which scores nothing) and, once
+    `precompute_reference` ran, `ref_logps` [P, 2]."""
+
+    crop = False
+
+    def __init__(self, examples: PairExamples, pad_id: int, max_seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, buffer_size: int = 1000):
+        super().__init__(examples.positions(), batch_size, rank, world_size, seed, buffer_size)
+        self.examples, self.pad_id, self.max_seq_len = examples, pad_id, max_seq_len
+        self.capacity = 2 * max_seq_len
+        self.reference: np.ndarray | None = None  # [n, 2] reference log-probs (chosen, rejected)
+        h = hashlib.sha256(examples.tokens.tobytes())
+        for a in (examples.offsets, examples.prompt_lengths, examples.chosen_lengths):
+            h.update(a.tobytes())
+        self._data_hash = h.hexdigest()[:20]
+
+    @property
+    def report(self) -> dict[str, float]:
+        rep = super().report
+        rep.update(self.examples.stats)
+        return rep
+
+    def _fingerprint(self) -> str:
+        return f"{self._data_hash}/len{self.max_seq_len}/buf{self.buffer_size}"
+
+    def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        B, T = len(rows), self.capacity
+        input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        segment_ids = np.full((B, T), PAD_SEGMENT, dtype=np.int64)
+        sequence_ids = np.zeros((B, T), dtype=np.int64)
+        pair_ids = []
+        for b, r in enumerate(rows):
+            pos = 0
+            for k, p in enumerate(range(plan.row_ptr[r], plan.row_ptr[r + 1])):
+                prompt, *answers = self.examples.pair(plan.items[p])
+                for side, answer in enumerate(answers):
+                    x = np.concatenate([prompt, answer])
+                    trainable = np.arange(len(x)) >= len(prompt)
+                    end = _place((input_ids[b], labels[b], segment_ids[b]), pos, x, trainable, 2 * k + side)
+                    sequence_ids[b, pos:end] = 2 * len(pair_ids) + side
+                    pos = end
+                pair_ids.append(plan.items[p])
+        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                 "segment_ids": torch.from_numpy(segment_ids), "sequence_ids": torch.from_numpy(sequence_ids),
+                 "pair_ids": torch.tensor(pair_ids, dtype=torch.int64)}
+        if self.reference is not None:
+            batch["ref_logps"] = torch.from_numpy(self.reference[pair_ids])
+        return batch
+
+    def precompute_reference(self, score: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
+        """`score(batch)` -> [P, 2] reference log-probs of a batch's pairs, for every pair once (all rows, on every
+        rank, in evaluation's packing); every batch after carries them as `ref_logps`."""
+        plan, reference = self.eval_plan(), np.zeros((len(self.examples), 2), dtype=np.float32)
+        for start in range(0, plan.n_rows, self.batch_size):
+            batch = self._batch(plan, np.arange(start, min(start + self.batch_size, plan.n_rows)))
+            reference[batch["pair_ids"].numpy()] = score(batch).float().cpu().numpy()
+        self.reference = reference
+
+
+def pair_loader(pairs: Sequence[Pair], tokenizer: Any, template: Any = None, max_seq_len: int = 512,
+                batch_size: int = 8, rank: int = 0, world_size: int = 1, seed: int = 0,
+                skip_overlength: bool = False, buffer_size: int = 1000) -> PairLoader:
+    """Packed DPO batches of `pairs` (utils/pairs.py); template: a ChatTemplate, a name, or None for the tokenizer's
+    default; max_seq_len: positions per sequence (prompt + answer)."""
+    examples = tokenize_pairs(pairs, tokenizer, template, max_seq_len, skip_overlength)
+    return PairLoader(examples, tokenizer.pad_id, max_seq_len, batch_size, rank, world_size, seed, buffer_size)

@@ -1,10 +1,12 @@
-"""The training loop shared by pretraining, SFT and LoRA.
+"""The training loop shared by pretraining, SFT, LoRA and DPO.
 
 One `accelerate.Accelerator` handles devices, mixed precision, gradient accumulation and DDP / FSDP (from an
 accelerate config file). The loop itself is plain: a resumable batch iterator, AdamW with weight decay on matrices
 only, warmup + cosine (or constant) learning rate, gradient clipping, periodic evaluation, atomic checkpoints with
 rotation and a `latest` pointer, exact resume, and a clean stop on SIGINT / SIGTERM or a non-finite loss. The host
 reads each step's loss one step behind the GPU (no device sync per step), so a stop lands one step after its cause.
+What a step minimizes is an `Objective`: language modelling (the mean cross-entropy over labelled tokens) unless a
+stage gives another (DPO's, trainer/dpo.py), whose statistics are logged beside the loss.
 
 Checkpoints are whole whatever the topology: under FSDP the weights and the optimizer state are gathered to rank 0
 (torch.distributed.checkpoint's full state dicts, keyed by parameter name), so a run saved on 8 sharded GPUs is an
@@ -77,6 +79,46 @@ class BatchLoader(Protocol):
     def __iter__(self): ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class Objective(Protocol):
+    """What the loop minimizes: a mean over each batch's units, with statistics logged beside it."""
+
+    unit: str  # what the units are, in words
+    stat_names: tuple[str, ...]
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        """The batch's units, counted on the host (its tensors are still on the CPU: no device sync)."""
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the mean loss over the batch's units, its statistics summed over them [len(stat_names)], detached)."""
+
+    def eval_metrics(self, loss: float, stats: list[float]) -> dict[str, float]:
+        """An evaluation's metrics from its mean loss and mean statistics."""
+
+
+@dataclass
+class LanguageModeling:
+    """Mean cross-entropy over the labelled tokens (pretraining, SFT, LoRA); evaluation adds perplexity and, given
+    the split's characters per token, bits per character."""
+
+    chars_per_token: float | None = None
+    unit = "labelled tokens"
+    stat_names = ()
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        rest = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+        loss = model(batch["input_ids"], batch["labels"], **rest)
+        return loss, torch.zeros(0, device=loss.device)
+
+    def eval_metrics(self, loss: float, stats: list[float]) -> dict[str, float]:
+        metrics = {"loss": loss, "ppl": math.exp(min(loss, 50))}
+        if self.chars_per_token:
+            metrics["bits_per_char"] = loss / math.log(2) / self.chars_per_token
+        return metrics
 
 
 class WeightsIO(Protocol):
@@ -157,7 +199,7 @@ class StepRecord:
     lr: float
     tokens: int  # per rank
     seq_len: int
-    summary: torch.Tensor  # [global mean loss, stop votes], readable after `ready` fired
+    summary: torch.Tensor  # [global mean loss, stop votes, global mean statistics...], readable after `ready` fired
     ready: torch.cuda.Event | None
 
 
@@ -323,7 +365,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # ---- the loop ------------------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, model: Transformer, train_loader: BatchLoader, cfg: TrainConfig, weights_io: WeightsIO,
-                 eval_loader: Callable[[], Iterable[dict]] | None = None, chars_per_token: float | None = None,
+                 eval_loader: Callable[[], Iterable[dict]] | None = None, objective: Objective | None = None,
                  sample_fn: Callable[[nn.Module], list[tuple[str, str]]] | None = None,
                  knowledge_fn: Callable[[nn.Module], dict[str, float]] | None = None,
                  accelerator: Accelerator | None = None, run_info: dict | None = None):
@@ -339,7 +381,7 @@ class Trainer:
         self.console = Console(stderr=True, quiet=not self.accelerator.is_main_process)
         self.raw_model = model  # the module whose parameters train (DDP / FSDP / compile wrap this same object)
         self.train_loader, self.eval_loader = train_loader, eval_loader
-        self.chars_per_token = chars_per_token
+        self.objective = objective or LanguageModeling()
         self.sample_fn = None if self.sharded else sample_fn  # one rank cannot generate from sharded weights
         self.knowledge_fn = None if self.sharded else knowledge_fn  # nor score benchmarks
         self.weights_io = weights_io
@@ -349,6 +391,7 @@ class Trainer:
         self._last_batch: dict[str, torch.Tensor] | None = None  # checked again before a save
         check_run_dir(self.run_dir, cfg.resume, cfg.overwrite)
         self.resume_from = self._load_resumed_weights(model, resolve_resume(self.run_dir, cfg.resume))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.trainable = model.num_parameters(trainable_only=True)
 
         if self.sharded and cfg.offload_activations:
@@ -443,7 +486,7 @@ class Trainer:
             batch = {k: v.to(acc.device) for k, v in self._last_batch.items()}
             self.prepared.eval()  # no dropout: the check draws no random numbers, so a resumed run stays exact
             with acc.autocast():
-                loss = self.prepared(batch.pop("input_ids"), batch.pop("labels"), **batch)
+                loss, _ = self.objective(self.prepared, batch)
             self.prepared.train()
             bad += (~torch.isfinite(loss.float())).float()
         if acc.num_processes > 1:
@@ -483,29 +526,25 @@ class Trainer:
     # -- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        model = self.model
+        model, objective = self.model, self.objective
         model.eval()
-        total = torch.zeros(2, device=self.accelerator.device)  # summed loss, tokens
+        total = torch.zeros(2 + len(objective.stat_names), device=self.accelerator.device)  # loss, units, statistics
         for i, batch in enumerate(self.eval_loader()):
             if i >= self.cfg.eval_batches:
                 break
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            n = (batch["labels"] != -100).sum()
+            n = objective.units(batch)
             with self.accelerator.autocast():
-                loss = model(batch.pop("input_ids"), batch.pop("labels"), **batch)
-            total += torch.stack([loss.float() * n, n.float()])
+                loss, stats = objective(model, {k: v.to(self.accelerator.device) for k, v in batch.items()})
+            total += torch.cat([torch.stack([loss.float() * n, torch.full_like(total[0], n)]), stats])
         total = self.accelerator.reduce(total, reduction="sum")
         model.train()
-        loss, tokens = total.tolist()
-        if tokens == 0:  # no metric from nothing
-            self.log(f"warning: evaluation found no labelled tokens in {self.cfg.eval_batches} batches (an empty valid "
-                     f"split, or every example dropped)")
+        loss, units, *stats = total.tolist()
+        if units == 0:  # no metric from nothing
+            self.log(f"warning: evaluation found no {objective.unit} in {self.cfg.eval_batches} batches (an empty "
+                     f"valid split, or every example dropped)")
             return {}
-        loss /= tokens
-        metrics = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50))}
-        if self.chars_per_token:
-            metrics["eval/bits_per_char"] = loss / math.log(2) / self.chars_per_token
-        return metrics
+        metrics = objective.eval_metrics(loss / units, [s / units for s in stats])
+        return {f"eval/{k}": v for k, v in metrics.items()}
 
     # -- signals
     def _handle_signal(self, signum, frame) -> None:
@@ -514,7 +553,6 @@ class Trainer:
     # -- train
     def train(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         acc.init_trackers("tensorboard")
         if self.resume_from is not None:
             self.load_training_state(self.resume_from)
@@ -534,7 +572,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         if record.ready is not None:
             record.ready.synchronize()
-        train_loss, stop_votes = record.summary.tolist()
+        train_loss, stop_votes, *stats = record.summary.tolist()
         if not math.isfinite(train_loss):  # the same global value on every rank: all stop together
             raise NonFiniteLoss(f"non-finite training loss ({train_loss}) at step {record.step}; stopped without "
                                 f"saving. {self.last_good()}")
@@ -543,7 +581,9 @@ class Trainer:
         self._window = (tokens, since)
         if record.step % cfg.log_every == 0 or record.step == self.total_steps:
             tok_s = tokens * acc.num_processes / seconds_between(since, record.ready)
-            self._metrics = {"train/loss": train_loss, "train/lr": record.lr, "train/tokens_per_s": tok_s}
+            named = dict(zip(self.objective.stat_names, stats))
+            self._metrics = {"train/loss": train_loss, **{f"train/{k}": v for k, v in named.items()},
+                             "train/lr": record.lr, "train/tokens_per_s": tok_s}
             info = f"loss {train_loss:.4f} lr {record.lr:.2e} {tok_s:,.0f} tok/s"
             if self.peak_flops:
                 mfu = tok_s * flops_per_token(self.raw_model, record.seq_len) / (self.peak_flops * acc.num_processes)
@@ -552,7 +592,7 @@ class Trainer:
             if acc.device.type == "cuda":  # this rank's high-water mark since the start
                 info += f" peak {torch.cuda.max_memory_allocated(acc.device) / 2**30:.2f} GiB"
             acc.log(self._metrics, step=record.step)
-            self.log(f"step {record.step} {info}")
+            self.log(f"step {record.step} {info}" + "".join(f" {k} {v:.4f}" for k, v in named.items()))
             self._progress.update(self._task, info=info)
             self._window = (0, record.ready if record.ready is not None else time.perf_counter())
         self._progress.update(self._task, completed=record.step)
@@ -580,35 +620,39 @@ class Trainer:
         with self._progress:
             self._task = self._progress.add_task("train", total=self.total_steps, completed=self.step, info="")
             evaluated = False  # at the step just finished
+            if cfg.eval_at_start and self.eval_loader and self.step == 0:
+                self._eval_and_log(self.raw_model)
             while self.step < self.total_steps:
                 lr = learning_rate(self.step, self.total_steps, cfg)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
                 self._last_batch = micro[-1]
-                counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in micro]  # CPU tensors: no device sync
-                # One token-weighted mean over the window and all ranks (micro-batches with few answer tokens do not
-                # weigh as much as full ones): accelerate divides each backward by grad_accum and DDP averages over
-                # ranks, so micro-batch i's mean loss is scaled by n_i * grad_accum * world / N. Exactly 1 when every
-                # micro-batch has the same count (pretraining). torch.full, not torch.tensor: a fill kernel, where a
-                # host-to-device copy would wait for the GPU.
+                counts = [self.objective.units(b) for b in micro]  # CPU tensors: no device sync
+                # One unit-weighted mean over the window and all ranks (micro-batches with few answer tokens, or
+                # pairs, do not weigh as much as full ones): accelerate divides each backward by grad_accum and DDP
+                # averages over ranks, so micro-batch i's mean loss is scaled by n_i * grad_accum * world / N.
+                # Exactly 1 when every micro-batch has the same count (pretraining). torch.full, not torch.tensor: a
+                # fill kernel, where a host-to-device copy would wait for the GPU.
                 window = torch.full((), float(sum(counts)), device=acc.device)
                 if acc.num_processes > 1:
                     window = acc.reduce(window, reduction="sum")
                 window = window.clamp(min=1)
                 weighted = torch.zeros((), device=acc.device)
+                stat_sums = torch.zeros(len(self.objective.stat_names), device=acc.device)
                 for batch, n in zip(micro, counts):
                     batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
                     with acc.accumulate(self.model), acc.autocast():
-                        loss = self.model(batch.pop("input_ids"), batch.pop("labels"), **batch)
+                        loss, stats = self.objective(self.model, batch)
                         acc.backward(loss * (n * cfg.grad_accum * acc.num_processes / window))
                         if acc.sync_gradients and cfg.grad_clip > 0:
                             acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     weighted += loss.detach().float() * n
+                    stat_sums += stats
                 stop = torch.full((), float(self._stop_signal is not None), device=acc.device)
-                summary = torch.stack([weighted / window, stop])
+                summary = torch.cat([torch.stack([weighted / window, stop]), stat_sums / window])
                 if acc.num_processes > 1:  # the loss over all ranks, and whether any rank was signalled
                     summary = acc.reduce(summary, reduction="sum")
                 self.step += 1
@@ -642,7 +686,7 @@ class Trainer:
             metrics |= self.knowledge_fn(unwrapped)  # restores train mode itself
         self.accelerator.log(metrics, step=self.step)
         self._last_eval = metrics
-        self.log(f"eval step {self.step}: " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items()))
+        self.log(f"eval step {self.step}: " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items()))
         if self.sample_fn and self.accelerator.is_main_process:
             unwrapped.eval()
             for question, answer in self.sample_fn(unwrapped):

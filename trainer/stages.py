@@ -4,8 +4,8 @@
     pretrain(PretrainConfig(data="data/corpus", tokenizer="data/tokenizer", preset="tiny", max_steps=100))
 
 `pretrain` and `sft` train every weight and checkpoint whole model directories; `lora` trains LoRA / QLoRA adapters
-on a frozen base (ours or a 7B HF checkpoint) and checkpoints PEFT-format adapter directories; `merge` folds an
-adapter into its base.
+on a frozen base (ours or a 7B HF checkpoint) and checkpoints PEFT-format adapter directories; `dpo` does either on
+preference pairs (trainer/dpo.py); `merge` folds an adapter into its base.
 """
 from __future__ import annotations
 
@@ -28,13 +28,16 @@ from model.lora import (
 from model.transformer import Transformer
 from utils.corpora import read_records
 from utils.knowledge import load_questions, score
+from utils.pairs import pair_splits
 from utils.tokenizer import Tokenizer
 
-from .config import LoraConfig, MergeConfig, PretrainConfig, SFTConfig, TrainConfig
-from .data import pretrain_loader, sft_loader, tokenizer_fingerprint
-from .loop import Trainer, make_accelerator, set_seed_everywhere, weights_device
+from .config import DPOConfig, LoraAdapterConfig, LoraConfig, MergeConfig, PretrainConfig, SFTConfig, TrainConfig
+from .data import pair_loader, pretrain_loader, sft_loader, tokenizer_fingerprint
+from .dpo import DPOObjective, FrozenReference, PreferenceLoss, as_scorer, base_reference, precompute_reference
+from .loop import LanguageModeling, Trainer, make_accelerator, set_seed_everywhere, weights_device
 
-__all__ = ["LoraConfig", "MergeConfig", "PretrainConfig", "SFTConfig", "lora", "merge", "pretrain", "sft"]
+__all__ = ["DPOConfig", "LoraConfig", "MergeConfig", "PretrainConfig", "SFTConfig", "dpo", "lora", "merge", "pretrain",
+           "sft"]
 
 DEFAULT_SAMPLE_PROMPTS = ["什么是机器学习？", "感冒了应该注意什么？", "请介绍一下长城。"]
 
@@ -144,7 +147,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                acc.num_processes, cfg.seed, cfg.cache_dir) for split in ("train", "valid")]
     train, valid = loaders
     trainer = Trainer(model, train, cfg, FullModelIO(tokenizer), eval_loader=valid.eval_batches,
-                      chars_per_token=valid.chars_per_token, accelerator=acc,
+                      objective=LanguageModeling(valid.chars_per_token), accelerator=acc,
                       knowledge_fn=knowledge_fn(cfg, tokenizer, template=None),
                       run_info={"command": "pretrain", "data": str(cfg.data), "packing": train.report})
     return trainer.train()
@@ -186,23 +189,30 @@ def parse_targets(text: str) -> list[str] | str:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def lora(cfg: LoraConfig) -> dict:
-    acc = make_accelerator(cfg)
-    set_seed_everywhere(cfg.seed)
+def adapted_base(cfg: LoraAdapterConfig, base: str, tokenizer: Tokenizer, seq_len: int, acc,
+                 init_adapter: str | None = None) -> Transformer:
+    """The frozen base (NF4 with --qlora) with trainable LoRA adapters: fresh ones, or `init_adapter`'s."""
     on_gpu = acc.device.type == "cuda"
     dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.dtype]
     if cfg.qlora and not on_gpu:
         acc.print("note: --qlora on the CPU works but is slow; it is meant for CUDA")
-    tokenizer = Tokenizer.load(cfg.tokenizer or cfg.base)
-    check_same_tokenizer(cfg.base, cfg.tokenizer, resize=False)
-    model = load_base(cfg.base, dtype, weights_device(acc, cfg.qlora), cfg.qlora)
-    check_fits(model, tokenizer, cfg.max_seq_length, cfg.base)  # a frozen base cannot learn new tokens' rows
-    if cfg.init_adapter:
-        load_adapter(model, cfg.init_adapter, trainable=True)
+    model = load_base(base, dtype, weights_device(acc, cfg.qlora), cfg.qlora)
+    check_fits(model, tokenizer, seq_len, base)  # a frozen base cannot learn new tokens' rows
+    if init_adapter:
+        load_adapter(model, init_adapter, trainable=True)
     else:
         apply_lora(model, cfg.r, cfg.alpha, cfg.dropout, parse_targets(cfg.targets), use_rslora=cfg.rslora,
-                   base_model_name_or_path=str(cfg.base))
+                   base_model_name_or_path=str(base))
+    return model
+
+
+def lora(cfg: LoraConfig) -> dict:
+    acc = make_accelerator(cfg)
+    set_seed_everywhere(cfg.seed)
+    tokenizer = Tokenizer.load(cfg.tokenizer or cfg.base)
+    check_same_tokenizer(cfg.base, cfg.tokenizer, resize=False)
+    model = adapted_base(cfg, cfg.base, tokenizer, cfg.max_seq_length, acc, cfg.init_adapter)
     common = _sft_data(cfg, tokenizer, cfg.template, acc)
     train = sft_loader(read_records(cfg.format, cfg.data), **common)
     eval_records = read_records(cfg.format, cfg.eval_data) if cfg.eval_data else []
@@ -213,6 +223,52 @@ def lora(cfg: LoraConfig) -> dict:
                       knowledge_fn=knowledge_fn(cfg, tokenizer, cfg.template),
                       run_info={"command": "lora", "base": str(cfg.base), "data": str(cfg.data),
                                 "template": cfg.template, "qlora": cfg.qlora, "packing": train.report})
+    return trainer.train()
+
+
+def dpo(cfg: DPOConfig) -> dict:
+    """DPO of a whole model (--init; the reference a frozen copy, or --ref) or of LoRA adapters on a frozen base
+    (--base --lora; the reference the base with the adapters disabled)."""
+    if not cfg.sample_prompts:
+        cfg = dataclasses.replace(cfg, sample_prompts=list(DEFAULT_SAMPLE_PROMPTS))
+    acc = make_accelerator(cfg)
+    set_seed_everywhere(cfg.seed)
+    source = cfg.base if cfg.lora else cfg.init
+    tokenizer = Tokenizer.load(cfg.tokenizer or source)
+    template = cfg.template or tokenizer.default_template
+    check_same_tokenizer(source, cfg.tokenizer, resize=False)
+    if cfg.lora:
+        model = adapted_base(cfg, cfg.base, tokenizer, cfg.max_seq_length, acc)
+        reference, weights_io = base_reference, AdapterIO(str(cfg.base))
+    else:
+        model = load_model(cfg.init, dtype=torch.float32)
+        check_fits(model, tokenizer, cfg.max_seq_length, cfg.init)
+        model.config.eos_token_id = list(default_stop_ids(tokenizer, template))  # stop at the end of a turn too
+        frozen = load_model(cfg.ref or cfg.init, dtype=torch.float32)
+        if frozen.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"--ref {cfg.ref}: {frozen.config.vocab_size} embedding rows, the model "
+                             f"{model.config.vocab_size}: the reference must share the model's tokenizer")
+        reference = FrozenReference(as_scorer(frozen).to(acc.device).eval().requires_grad_(False))
+        weights_io = FullModelIO(tokenizer)
+    as_scorer(model)
+    train_pairs, valid_pairs, tally = pair_splits(cfg.data, cfg.eval_data, cfg.valid_fraction, cfg.seed)
+    common = dict(tokenizer=tokenizer, template=template, max_seq_len=cfg.max_seq_length, batch_size=cfg.batch_size,
+                  rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
+                  skip_overlength=cfg.skip_overlength)
+    train = pair_loader(train_pairs, **common)
+    valid = pair_loader(valid_pairs, **common) if valid_pairs else None
+    objective = DPOObjective(PreferenceLoss(cfg.beta, cfg.loss, cfg.label_smoothing), reference)
+    read = {"read": tally.read, "dropped": dict(tally.dropped), "train": len(train_pairs), "valid": len(valid_pairs)}
+    trainer = Trainer(model, train, cfg, weights_io, eval_loader=valid.eval_batches if valid else None,
+                      objective=objective, accelerator=acc,
+                      sample_fn=sample_fn(tokenizer, template, cfg.sample_prompts),
+                      knowledge_fn=knowledge_fn(cfg, tokenizer, template),
+                      run_info={"command": "dpo", "model": str(source), "lora": cfg.lora, "data": str(cfg.data),
+                                "template": template, "pairs": read, "packing": train.report})
+    trainer.log(f"pairs: {read}; train split tokenized: {train.examples.stats}")
+    if cfg.precompute_ref:
+        precompute_reference(objective, trainer.prepared, [train, *([valid] if valid else [])], acc.autocast)
+        trainer.log(f"reference log-probabilities precomputed for {len(train_pairs) + len(valid_pairs)} pairs")
     return trainer.train()
 
 
