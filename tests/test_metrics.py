@@ -16,6 +16,7 @@ import torch
 import train
 from model import ModelConfig, Transformer, load_model, save_model
 from model.generation import SamplingConfig, chat_prompt, default_stop_ids, generate
+from utils.cleaning import text_of
 from utils.metrics import answer_loss, bleu4, char_tokens, evaluate, rouge_l
 from utils.templates import get_template, to_messages, tokenize_sft
 from utils.tokenizer import Tokenizer, train_tokenizer
@@ -303,7 +304,7 @@ def test_eval_cli_bpc_equals_transformers_per_document(workdir):
     report = json.loads((workdir / "model" / "eval-bpc-test.json").read_text(encoding="utf-8"))
     hf = transformers.LlamaForCausalLM.from_pretrained(workdir / "model", torch_dtype=torch.float32).eval()
     tok = Tokenizer.load(workdir / "model")
-    docs = [f"{q}\n{a}" for q, a in QA[:3] + [LONG] + QA[3:]]  # the file's order; the null row is skipped
+    docs = [text_of(q, a) for q, a in QA[:3] + [LONG] + QA[3:]]  # the file's order; the null row is skipped
     nats, count = 0.0, 0
     for doc in docs:
         seq = [tok.eos_id, *tok.encode(doc, special=False), tok.eos_id]

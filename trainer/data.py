@@ -1,10 +1,10 @@
 """Training data: a packed, resumable pretraining stream over a cached token file, packed SFT examples, and packed
 preference pairs for DPO (each pair's chosen and rejected sequences side by side in one row).
 
-Pretraining documents (`prompt + "\\n" + response + <eos>`) are tokenized once into a memory-mapped token file with
-document offsets, cached under a key of (data files, tokenizer, format version). SFT conversations are rendered with a
-chat template segment by segment, so the label mask is exact: only assistant answers and their end-of-turn token are
-learned (unless `train_on_prompt`).
+Pretraining documents (`prompt + "\\n" + response + <eos>`; a piece of prose with no second line is the prompt
+alone) are tokenized once into a memory-mapped token file with document offsets, cached under a key of (data files,
+tokenizer, format version). SFT conversations are rendered with a chat template segment by segment, so the label
+mask is exact: only assistant answers and their end-of-turn token are learned (unless `train_on_prompt`).
 
 The loaders pack variable-length items into fixed-capacity rows with the same best-fit packer (nanochat style): a
 row starts at an item boundary and is filled with the largest buffered item that still fits. Pretraining rows crop
@@ -34,6 +34,7 @@ import torch
 
 from model.generation import resolve_template
 from model.loss import IGNORE_INDEX  # the label the loss skips
+from utils.cleaning import text_of
 from utils.io import atomic_dir, find_shards, iter_parquet, num_rows
 from utils.pairs import Pair
 from utils.progress import progress_bar
@@ -48,7 +49,7 @@ from utils.templates import (
 )
 
 PAD_SEGMENT = -1  # segment id of the padding at the end of a packed SFT row
-CACHE_FORMAT_VERSION = 2  # bump when the document format or the cache layout changes (2: special=False)
+CACHE_FORMAT_VERSION = 3  # bump when the document format or the cache layout changes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def _write_token_cache(files: Sequence[Path], tokenizer: Any, out: Path, key: st
                 if p is None or r is None:
                     n_null += 1
                 else:
-                    docs.append(f"{p}\n{r}")
+                    docs.append(text_of(p, r))
             progress.advance(task, len(cols["prompt"]))
             if not docs:
                 continue

@@ -52,6 +52,7 @@ from torch.nn.attention import sdpa_kernel
 from model.generation import DECODE_SDPA_BACKENDS, SamplingConfig, context_budget, generate_answers, resolve_template
 from model.loss import IGNORE_INDEX
 from model.transformer import Transformer
+from utils.cleaning import text_of
 from utils.io import find_shards, iter_parquet, write_json
 from utils.progress import progress_bar
 from utils.templates import TEMPLATES, ChatTemplate, to_messages, tokenize_sft
@@ -189,7 +190,7 @@ def document_bits_per_char(model: Transformer, tokenizer, records: Sequence[dict
     target scored once) are sorted by length and right-padded into batches of at most batch_tokens positions."""
     if not records:
         raise ValueError("no records to evaluate")
-    docs = [f"{r['prompt']}\n{r['response']}" for r in records]
+    docs = [text_of(r["prompt"], r["response"]) for r in records]  # the document as pretraining reads it
     first = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     window = model.config.max_position_embeddings
     rows: list[list[int]] = []  # each: inputs row[:-1], targets row[1:]
