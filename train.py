@@ -1,6 +1,6 @@
 """Chat-LM-small: the one command line.
 
-    python train.py {prepare,tokenizer,pretrain,sft,lora,merge,eval,synth,demo} --help
+    python train.py {prepare,tokenizer,pretrain,sft,lora,dpo,merge,eval,synth,demo} --help
 
 A user error prints one line and exits 2; add --debug anywhere for its traceback.
 

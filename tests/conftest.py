@@ -1,5 +1,5 @@
-"""Shared fixtures. Real corpora live in ../shared/corpora beside the checkout; tests that read them skip with a
-reason when that folder is absent (the repository never copies them)."""
+"""Shared fixtures. Real corpora, tokenizers and benchmark files live in ../shared beside the checkout; tests that
+read them skip with a reason when their folder is absent (the repository never copies them)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # One slow test, its fixtures included, may take this long (the demo on a 2-core machine other work shares); a fast
 # test has pytest.ini's --timeout. Subprocesses that a slow test starts give up a little earlier, with their output.
 SLOW_TIMEOUT = 1800
-SHARED_CORPORA = REPO.parent / "shared" / "corpora"
+SHARED = REPO.parent / "shared"
 SAMPLES = REPO / "data" / "samples"
 
 
@@ -29,11 +29,17 @@ def triton_interpreter() -> None:
         pytest.skip("Triton's interpreter is off (a CUDA machine): the kernels' CUDA tests run instead")
 
 
+def shared_dir(rel: str, what: str) -> Path:
+    """The folder ../shared/`rel` beside the checkout; skips the test, saying where `what` belongs, when absent."""
+    path = SHARED / rel
+    if not path.is_dir():
+        pytest.skip(f"{what} not found at {path}: put ../shared/{rel} beside the checkout to run this test")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_corpora() -> Path:
-    if not SHARED_CORPORA.is_dir():
-        pytest.skip(f"real corpora samples not found at {SHARED_CORPORA} (../shared/corpora beside the checkout)")
-    return SHARED_CORPORA
+    return shared_dir("corpora", "real corpora samples")
 
 
 @pytest.fixture(scope="session")

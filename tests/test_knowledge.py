@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import shared_dir
 
 import train
 from model import ModelConfig, Transformer
@@ -21,13 +22,10 @@ from model.chat import load_chat_model
 from utils import knowledge as K
 from utils.tokenizer import Tokenizer, train_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-CMMLU = SHARED / "eval" / "cmmlu"
-TOKENIZERS = SHARED / "corpora" / "tokenizers"
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two on a busy two-core machine."""
+    """One torch thread for this module's tests: the tiny models here run fastest on one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -175,15 +173,14 @@ def _make_model_dir(kind: str, path: Path, our_tokenizer: Path) -> Path:
         tok = Tokenizer.load(our_tokenizer)
         tok.save(path)
         return save_hf("llama", tok.vocab_size, path)
-    if not TOKENIZERS.is_dir():
-        pytest.skip(f"the real tokenizers are not at {TOKENIZERS} (../shared beside the checkout)")
+    tokenizers = shared_dir("corpora/tokenizers", "the real tokenizers")
     if kind == "llama-sp":
-        shutil.copy(TOKENIZERS / "llama" / "tokenizer.model", path / "tokenizer.model")
+        shutil.copy(tokenizers / "llama" / "tokenizer.model", path / "tokenizer.model")
         (path / "tokenizer_config.json").write_text(json.dumps({  # Llama-2-7b-hf's
             "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None}))
         return save_hf("llama", 32000, path)
-    for f in (TOKENIZERS / "qwen2").iterdir():
+    for f in (tokenizers / "qwen2").iterdir():
         shutil.copy(f, path / f.name)
     return save_hf("qwen2", 151646, path)
 
@@ -484,9 +481,7 @@ def test_aggregate_figures_by_hand(data):
 # ---- the real CMMLU files -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cmmlu_dir() -> Path:
-    if not CMMLU.is_dir():
-        pytest.skip(f"the CMMLU files are not at {CMMLU} (../shared/eval/cmmlu beside the checkout)")
-    return CMMLU
+    return shared_dir("eval/cmmlu", "the CMMLU files")
 
 
 @pytest.fixture(scope="module")

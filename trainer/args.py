@@ -1,4 +1,4 @@
-"""`train.py pretrain | sft | lora | merge | demo`: command-line options generated from the dataclass configs
+"""`train.py pretrain | sft | lora | dpo | merge | demo`: command-line options generated from the dataclass configs
 (trainer/config.py), then the stage function called with the config they make."""
 from __future__ import annotations
 

@@ -273,6 +273,14 @@ def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarra
     return np.asarray(flat[idx])
 
 
+def _digest(*arrays: np.ndarray) -> str:
+    """A short sha256 of the arrays' bytes (C order), in turn: identifies a loader's data."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Loaders
 # ---------------------------------------------------------------------------------------------------------------------
@@ -381,6 +389,32 @@ class _RowLoader(ABC):
         self.epoch, self.row = int(state["epoch"]), int(state["row"])
 
 
+class _PaddedLoader(_RowLoader):
+    """Rows of `capacity` positions packed with whole sequences and padded (SFT, pairs); `segment_ids` keep the
+    sequences apart (0, 1, ... per row, PAD_SEGMENT on the padding, whose labels are IGNORE_INDEX)."""
+
+    crop = False
+    examples: SFTExamples | PairExamples
+    max_seq_len: int
+    pad_id: int
+    _data_hash: str
+
+    @property
+    def report(self) -> dict[str, float]:
+        rep = super().report
+        rep.update(self.examples.stats)
+        return rep
+
+    def _fingerprint(self) -> str:
+        return f"{self._data_hash}/len{self.max_seq_len}/buf{self.buffer_size}"
+
+    def _padding(self, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, labels, segment_ids) of n_rows rows that are all padding, for `_place` to fill."""
+        shape = (n_rows, self.capacity)
+        return (np.full(shape, self.pad_id, dtype=np.int64), np.full(shape, IGNORE_INDEX, dtype=np.int64),
+                np.full(shape, PAD_SEGMENT, dtype=np.int64))
+
+
 class PackedLoader(_RowLoader):
     """Pretraining rows of seq_len + 1 tokens cut into input_ids = row[:-1], labels = row[1:]; no padding."""
 
@@ -394,7 +428,7 @@ class PackedLoader(_RowLoader):
         self.capacity = seq_len + 1
         # the documents' token counts identify the data, not the cache key: a copied data dir (new mtimes, so a
         # rebuilt cache) still resumes
-        self._data_hash = hashlib.sha256(np.ascontiguousarray(cache.offsets).tobytes()).hexdigest()[:20]
+        self._data_hash = _digest(cache.offsets)
 
     @property
     def chars_per_token(self) -> float:
@@ -428,36 +462,18 @@ def pretrain_loader(data_dir: str | Path, tokenizer: Any, split: str, seq_len: i
 # ---------------------------------------------------------------------------------------------------------------------
 # SFT
 # ---------------------------------------------------------------------------------------------------------------------
-class SFTLoader(_RowLoader):
-    """Rows of max_seq_len positions packed with whole examples; `segment_ids` keep examples apart (0, 1, ... per
-    row, PAD_SEGMENT on the padding, whose labels are IGNORE_INDEX)."""
-
-    crop = False
+class SFTLoader(_PaddedLoader):
+    """Rows of max_seq_len positions packed with whole examples, one segment each."""
 
     def __init__(self, examples: SFTExamples, pad_id: int, max_seq_len: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, buffer_size: int = 1000):
         super().__init__(np.diff(examples.offsets) - 1, batch_size, rank, world_size, seed, buffer_size)
-        self.examples = examples
-        self.pad_id = pad_id
+        self.examples, self.pad_id = examples, pad_id
         self.capacity = self.max_seq_len = max_seq_len
-        h = hashlib.sha256(examples.tokens.tobytes())
-        h.update(examples.trainable.tobytes())
-        self._data_hash = h.hexdigest()[:20]
-
-    @property
-    def report(self) -> dict[str, float]:
-        rep = super().report
-        rep.update(self.examples.stats)
-        return rep
-
-    def _fingerprint(self) -> str:
-        return f"{self._data_hash}/len{self.max_seq_len}/buf{self.buffer_size}"
+        self._data_hash = _digest(examples.tokens, examples.trainable)
 
     def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        B, T = len(rows), self.max_seq_len
-        input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
-        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-        segment_ids = np.full((B, T), PAD_SEGMENT, dtype=np.int64)
+        input_ids, labels, segment_ids = self._padding(len(rows))
         for b, r in enumerate(rows):
             pos = 0
             for seg, p in enumerate(range(plan.row_ptr[r], plan.row_ptr[r + 1])):
@@ -594,12 +610,14 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, template: Any, max_seq
                 triples.append((prompt, chosen[:room], rejected[:room]))
             progress.advance(task, len(chunk))
     if not triples:
-        raise ValueError(f"no usable preference pairs out of {len(pairs)} ({stats})")
+        fix = "raise it" + (" or leave out --skip-overlength" if skip_overlength else "")
+        raise ValueError(f"no usable preference pairs out of {len(pairs)}: each is too long for --max-seq-length "
+                         f"{max_seq_len} ({stats}); {fix}")
     stats["kept"] = len(triples)
     return PairExamples.build(triples, stats)
 
 
-class PairLoader(_RowLoader):
+class PairLoader(_PaddedLoader):
     """Rows of 2 x max_seq_len positions packed with whole pairs, each pair as two sequences side by side: prompt +
     chosen, then prompt + rejected (segments 2k and 2k + 1 of its row: attention stays inside each, positions
     restart), so one forward scores both answers of every pair. Besides SFT's tensors a batch holds `pair_ids` [P]
@@ -607,34 +625,17 @@ class PairLoader(_RowLoader):
     answer of its p-th pair, 2p + 1 for the rejected; 0 on padding, which scores nothing) and, once
     `precompute_reference` ran, `ref_logps` [P, 2]."""
 
-    crop = False
-
     def __init__(self, examples: PairExamples, pad_id: int, max_seq_len: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, buffer_size: int = 1000):
         super().__init__(examples.positions(), batch_size, rank, world_size, seed, buffer_size)
         self.examples, self.pad_id, self.max_seq_len = examples, pad_id, max_seq_len
         self.capacity = 2 * max_seq_len
         self.reference: np.ndarray | None = None  # [n, 2] reference log-probs (chosen, rejected)
-        h = hashlib.sha256(examples.tokens.tobytes())
-        for a in (examples.offsets, examples.prompt_lengths, examples.chosen_lengths):
-            h.update(a.tobytes())
-        self._data_hash = h.hexdigest()[:20]
-
-    @property
-    def report(self) -> dict[str, float]:
-        rep = super().report
-        rep.update(self.examples.stats)
-        return rep
-
-    def _fingerprint(self) -> str:
-        return f"{self._data_hash}/len{self.max_seq_len}/buf{self.buffer_size}"
+        self._data_hash = _digest(examples.tokens, examples.offsets, examples.prompt_lengths, examples.chosen_lengths)
 
     def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        B, T = len(rows), self.capacity
-        input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
-        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-        segment_ids = np.full((B, T), PAD_SEGMENT, dtype=np.int64)
-        sequence_ids = np.zeros((B, T), dtype=np.int64)
+        input_ids, labels, segment_ids = self._padding(len(rows))
+        sequence_ids = np.zeros_like(input_ids)
         pair_ids = []
         for b, r in enumerate(rows):
             pos = 0

@@ -19,7 +19,7 @@ import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow.parquet as pq
 
@@ -584,6 +584,14 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
           "bot": "assistant", "system": "system"}
 
 
+def message_role(message: Any) -> str | None:
+    """A message's role, user, assistant or system, from its "from" (ShareGPT's human, gpt, ...) or "role"; None
+    for any other role and for a message that is not an object."""
+    if not isinstance(message, dict):
+        return None
+    return _ROLES.get(str(message.get("from", message.get("role", ""))).lower())
+
+
 @register("sharegpt")
 def read_sharegpt(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
     """ShareGPT {"conversations": [{"from","value"}]} or {"messages": [{"role","content"}]}: the last
@@ -598,7 +606,7 @@ def read_sharegpt(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Rec
             if not isinstance(t, dict):
                 ok = False
                 break
-            role = _ROLES.get(str(t.get("from", t.get("role", ""))).lower())
+            role = message_role(t)
             text = str(t.get("value", t.get("content", "")) or "")
             if role == "system":
                 system = text

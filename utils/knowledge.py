@@ -302,7 +302,8 @@ def load_questions(task: str, data_dir: str | Path, split: str | None = None, su
             for i, q in enumerate(questions):
                 pool = [d for d in dev if not (split == "dev" and d.id == q.id)]
                 if len(pool) < shots:
-                    raise ValueError(f"{dev_files[s]}: {len(pool)} dev questions for {shots}-shot prompts")
+                    raise ValueError(f"{dev_files[s]}: only {len(pool)} dev questions for {shots}-shot prompts; use "
+                                     f"--shots {len(pool)} or fewer")
                 questions[i] = replace(q, shots=tuple(pool[:shots]))
     out = Questions(q for questions in per_subject.values() for q in questions)
     out.skipped = dict(skipped)

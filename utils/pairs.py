@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from utils.corpora import _ROLES, ReaderOptions, Tally, is_blank_file, json_objects, parquet_rows
+from utils.corpora import ReaderOptions, Tally, is_blank_file, json_objects, message_role, parquet_rows
 from utils.io import atomic_dir
 
 PATTERNS = ("*.json", "*.jsonl", "*.parquet")
@@ -75,7 +75,7 @@ def _dialogue(messages: Any, system: str = "") -> tuple[str, list[tuple[str, str
         raise Skip("missing_field", "no messages before the answers")
     history, pending = [], None
     for m in messages:
-        role = _ROLES.get(str(m.get("from", m.get("role", ""))).lower()) if isinstance(m, dict) else None
+        role = message_role(m)
         text = _text(m, "message") if role else ""
         if role == "system" and pending is None and not history:
             system = text
