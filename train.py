@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lora": ("trainer.args", "train a LoRA / QLoRA adapter on a base model"),
     "dpo": ("trainer.args", "direct preference optimization on chosen/rejected answer pairs"),
     "merge": ("trainer.args", "merge a LoRA adapter into its base model"),
-    "eval": ("utils.metrics", "CMMLU / C-Eval / GAOKAO accuracy, bits per character, answer loss and BLEU / ROUGE"),
+    "eval": ("utils.eval_cli", "CMMLU / C-Eval / GAOKAO accuracy, bits per character, answer loss and BLEU / ROUGE"),
     "synth": ("utils.synth", "build instruction data through an OpenAI-compatible API (topics, dialogues, style)"),
     "demo": ("trainer.args", "the whole pipeline on the bundled samples with the tiny preset"),
 }

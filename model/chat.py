@@ -16,6 +16,7 @@ from utils.templates import ChatTemplate
 from utils.tokenizer import Tokenizer
 
 from .checkpoint import load_base
+from .config import DTYPE_NAMES
 from .generation import (
     SamplingConfig,
     TextStream,
@@ -27,7 +28,7 @@ from .generation import (
 )
 from .transformer import Transformer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 

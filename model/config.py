@@ -11,6 +11,8 @@ from utils.io import read_json, write_json
 # Architectures we can read, by the `architectures[0]` / `model_type` of a Hugging Face config.json.
 LLAMA, QWEN2, BAICHUAN = "LlamaForCausalLM", "Qwen2ForCausalLM", "BaiChuanForCausalLM"
 SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, BAICHUAN)
+# weight dtypes a model loads in (--dtype), by torch's names: model/chat.py maps them to torch dtypes
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _MODEL_TYPES = {LLAMA: "llama", QWEN2: "qwen2", BAICHUAN: "baichuan"}
 
 
