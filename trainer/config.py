@@ -29,10 +29,17 @@ class TrainConfig:
     batch_size: int = option(8, "rows per micro-batch per process")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(3e-4, "peak learning rate")
-    min_lr_ratio: float = option(0.1, "cosine decays to lr x this")
+    min_lr_ratio: float = option(0.1, "cosine and wsd decay to lr x this")
     warmup_steps: int = option(100, "linear warmup steps")
-    schedule: str = option("cosine", "learning-rate schedule after warmup", choices=["cosine", "constant"])
-    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    schedule: str = option("cosine", "learning-rate schedule after warmup: cosine, constant, or wsd (warmup-stable-"
+                                     "decay: constant, then linear down to lr x --min-lr-ratio over the last "
+                                     "--decay-ratio of the steps)", choices=["cosine", "constant", "wsd"])
+    decay_ratio: float = option(0.2, "with --schedule wsd: the share of the steps that decays")
+    optimizer: str = option("adamw", "adamw, or muon: torch.optim.Muon for the decoder blocks' matrices (attention, "
+                                     "MLP), its update scaled to AdamW's RMS (adjust_lr_fn=match_rms_adamw) so --lr "
+                                     "and --weight-decay carry over, and AdamW for the rest; whole models in one "
+                                     "process or DDP (not LoRA, not FSDP)", choices=["adamw", "muon"])
+    weight_decay: float = option(0.1, "weight decay (matrices only)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
     grad_clip: float = option(1.0, "max gradient norm (0 disables clipping)")
@@ -66,10 +73,17 @@ class TrainConfig:
     cpu: bool = option(False, "train on the CPU even when a GPU is present")
     sample_prompts: list[str] = field(default_factory=list)  # answered greedily at each evaluation
 
+    trains_adapters = False  # only LoRA adapters train, on a frozen base
+
     def __post_init__(self) -> None:
         if self.offload_activations and not self.gradient_checkpointing:
             raise ValueError("offload_activations moves what checkpointed layers save: it needs gradient "
                              "checkpointing on (--gradient-checkpointing)")
+        if not 0 <= self.decay_ratio <= 1:
+            raise ValueError(f"--decay-ratio is a share of the steps, in [0, 1]: got {self.decay_ratio}")
+        if self.optimizer == "muon" and self.trains_adapters:
+            raise ValueError("--optimizer muon is for whole models (pretrain, sft, dpo --init): LoRA's low-rank A / B "
+                             "factors are not the hidden matrices Muon orthogonalizes; use --optimizer adamw")
 
 
 @dataclass(kw_only=True)
@@ -142,6 +156,7 @@ class LoraConfig(SFTDataConfig, LoraAdapterConfig, TrainConfig):
     weight_decay: float = 0.0
     save_every: int = 200
     save_total_limit: int = 2
+    trains_adapters = True
 
 
 @dataclass(kw_only=True)
@@ -174,6 +189,10 @@ class DPOConfig(LoraAdapterConfig, TrainConfig):
     epochs: float = 1.0
     batch_size: int = 4
     weight_decay: float = 0.0
+
+    @property
+    def trains_adapters(self) -> bool:
+        return self.lora
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -2,9 +2,11 @@
 
 One `accelerate.Accelerator` handles devices, mixed precision, gradient accumulation and DDP / FSDP (from an
 accelerate config file). The loop itself is plain: a resumable batch iterator, AdamW with weight decay on matrices
-only, warmup + cosine (or constant) learning rate, gradient clipping, periodic evaluation, atomic checkpoints with
-rotation and a `latest` pointer, exact resume, and a clean stop on SIGINT / SIGTERM or a non-finite loss. The host
-reads each step's loss one step behind the GPU (no device sync per step), so a stop lands one step after its cause.
+only (or Muon for the decoder blocks' matrices), warmup + cosine (constant, or warmup-stable-decay) learning rate,
+gradient clipping, periodic evaluation, atomic checkpoints with rotation and a `latest` pointer, exact resume, and a
+clean stop on SIGINT / SIGTERM or a non-finite loss. The host reads each step's loss one step behind the GPU (no
+device sync per step), so a stop lands one step after its cause. `build_optimizer` and `set_learning_rate` are
+public: a loop of one's own (bench/quality.py) gets the same optimizer and schedule from a TrainConfig.
 What a step minimizes is an `Objective`: language modelling (the mean cross-entropy over labelled tokens) unless a
 stage gives another (DPO's, trainer/dpo.py), whose statistics are logged beside the loss.
 
@@ -24,6 +26,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import inspect
 import io
 import json
 import math
@@ -139,23 +142,97 @@ class DamagedCheckpoint(ValueError):
                          f"--resume-fallback)")
 
 
-def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine to lr * min_lr_ratio at `total` (or constant)."""
+def lr_multiplier(step: int, total: int, cfg: TrainConfig) -> float:
+    """The schedule at 0-based `step` of `total`, as a fraction of the peak lr: linear warmup over cfg.warmup_steps,
+    then cosine down to cfg.min_lr_ratio at `total`, constant 1, or wsd (warmup-stable-decay): 1 until the last
+    cfg.decay_ratio of the steps, then linear down to cfg.min_lr_ratio at `total`."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
-        return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return 1.0
+    cosine = cfg.schedule == "cosine"
+    start = cfg.warmup_steps if cosine else max(cfg.warmup_steps, total - round(cfg.decay_ratio * total))
+    progress = min(1.0, max(0.0, (step - start) / max(1, total - start)))
+    fall = 0.5 * (1 + math.cos(math.pi * progress)) if cosine else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * fall
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; weight decay on matrices only (not norms, biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, total: int, cfg: TrainConfig) -> float:
+    """Set every param group's lr for 0-based `step` of `total`: cfg.lr x the schedule (lr_multiplier) x the group's
+    own "lr_scale" (1 unless set: Muon's and AdamW's groups may differ). Returns cfg.lr x the schedule, for the log.
+    The Trainer calls it before each step; so can a loop of one's own, with build_optimizer's optimizer."""
+    lr = cfg.lr * lr_multiplier(step, total, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon and torch.optim.AdamW stepped as one optimizer, so that accelerate wraps it (no step while
+    gradients accumulate, fp16 unscaling) and clipping, the schedule and checkpoints see one list of param_groups,
+    Muon's first. Its state dict has torch's layout over both, so DCP keys it by parameter name as it does AdamW's.
+    Like accelerate's own wrapper it skips Optimizer.__init__: the two optimizers hold the groups and the state."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.parts = (muon, adamw)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for part in self.parts for g in part.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {k: v for part in self.parts for k, v in part.state.items()}
+
+    def step(self, closure=None):
+        loss = self.parts[0].step(closure)
+        self.parts[1].step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups = {}, []
+        for part in self.parts:  # each part numbers its parameters from 0: shift them past the earlier part's
+            offset, saved = sum(len(g["params"]) for g in groups), part.state_dict()
+            state |= {i + offset: s for i, s in saved["state"].items()}
+            groups += [{**g, "params": [i + offset for i in g["params"]]} for g in saved["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict["param_groups"]
+        for part in self.parts:
+            mine, groups = groups[:len(part.param_groups)], groups[len(part.param_groups):]
+            ids = {i for g in mine for i in g["params"]}
+            part.load_state_dict({"state": {i: s for i, s in state_dict["state"].items() if i in ids},
+                                  "param_groups": mine})
+
+
+BLOCK_PARAMETER = re.compile(r"(^|\.)layers\.\d+\.")  # a decoder block's (model.layers.N.self_attn.q_proj.weight)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer over the trainable parameters. cfg.optimizer "adamw": AdamW (fused on CUDA), weight decay on
+    matrices only (not norms, biases). "muon": torch.optim.Muon over the decoder blocks' matrices (attention and MLP
+    weights), its update scaled to AdamW's RMS (adjust_lr_fn="match_rms_adamw") so that cfg.lr and cfg.weight_decay
+    carry over, and AdamW as above over the rest (embeddings, lm_head, norms, biases): one MuonWithAdamW. Meant for
+    whole models (TrainConfig refuses it for LoRA stages). Drive its lr with set_learning_rate."""
+    muon = cfg.optimizer == "muon"
+    if muon and "adjust_lr_fn" not in inspect.signature(getattr(torch.optim, "Muon", lambda: None)).parameters:
+        raise ValueError(f"--optimizer muon needs torch.optim.Muon with adjust_lr_fn (torch 2.9 or later); this is "
+                         f"torch {torch.__version__}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = {id(p): p for n, p in named if muon and p.ndim == 2 and BLOCK_PARAMETER.search(n)}
+    rest = [p for n, p in named if id(p) not in hidden]
+    groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    if not muon:
+        return adamw
+    return MuonWithAdamW(torch.optim.Muon([{"params": list(hidden.values()), "lr_scale": 1.0}], lr=cfg.lr,
+                                          weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"), adamw)
 
 
 def flops_per_token(model: Transformer, seq_len: int) -> float:
@@ -378,6 +455,9 @@ class Trainer:
             raise ValueError("DeepSpeed is not supported: for sharded training launch with an FSDP config "
                              "(accelerate_fsdp.yaml); DDP (accelerate.yaml) or one process otherwise")
         self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
+        if self.sharded and cfg.optimizer == "muon":
+            raise ValueError("--optimizer muon is for one process or DDP: under FSDP torch.optim.Muon sees sharded "
+                             "matrices (its updates differ from the whole matrices'); use --optimizer adamw")
         self.console = Console(stderr=True, quiet=not self.accelerator.is_main_process)
         self.raw_model = model  # the module whose parameters train (DDP / FSDP / compile wrap this same object)
         self.train_loader, self.eval_loader = train_loader, eval_loader
@@ -623,9 +703,7 @@ class Trainer:
             if cfg.eval_at_start and self.eval_loader and self.step == 0:
                 self._eval_and_log(self.raw_model)
             while self.step < self.total_steps:
-                lr = learning_rate(self.step, self.total_steps, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                lr = set_learning_rate(self.optimizer, self.step, self.total_steps, cfg)
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
                 self._last_batch = micro[-1]
                 counts = [self.objective.units(b) for b in micro]  # CPU tensors: no device sync
