@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import importlib.metadata
 import math
@@ -57,7 +56,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpu import LLAMA_7B, GiB, Measured, Report, build, free, library_versions, measure, quantize_blocks  # noqa: E402
+from gpu import LLAMA_7B, GiB, Measured, Report, build, free, measure, quantize_blocks  # noqa: E402
 
 from model import ModelConfig  # noqa: E402
 from model.lora import apply_lora  # noqa: E402
@@ -130,16 +129,6 @@ class Side:
     def notes(self, side: str) -> dict:
         return {f"{side}_tokens_per_s": round(self.measured.tokens_per_s), **self.measured.notes(side),
                 f"{side}_first_loss": round(self.first_loss, 4)}
-
-
-class HostReport(Report):
-    """Report's rows and files for the CPU smoke run: no GPU to name, no nvidia-smi to sample."""
-
-    def __init__(self, out: Path, commit: str):
-        self.out, self.rows, self.device, self.monitor = out, [], "cpu", None
-        self.common = {"device": "cpu", "commit": commit, "date": datetime.date.today().isoformat(),
-                       "versions": library_versions()}
-        out.mkdir(parents=True, exist_ok=True)
 
 
 def release(setup: Setup, what: str) -> None:
@@ -379,7 +368,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   iters=args.iters or (5 if cuda else 2))
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    report = Report(Path(args.out), args.commit) if cuda else HostReport(Path(args.out), args.commit)
+    report = Report(Path(args.out), args.commit)
     try:
         report.common["versions"]["trl"] = importlib.metadata.version("trl")
     except importlib.metadata.PackageNotFoundError:

@@ -44,7 +44,7 @@ LLAMA_7B = ModelConfig(vocab_size=VOCAB, hidden_size=4096, num_hidden_layers=32,
 class Report:
     def __init__(self, out: Path, commit: str):
         self.out, self.rows = out, []
-        self.device = torch.cuda.get_device_name()
+        self.device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # cpu: smoke runs
         self.common = {"device": self.device, "commit": commit, "date": datetime.date.today().isoformat(),
                        "versions": library_versions()}
         self.monitor = GpuMonitor()
@@ -172,8 +172,9 @@ def measure(report: Report, step, tokens: int, warmup: int, iters: int) -> Measu
 
 def free() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def causal_sdpa() -> str:

@@ -22,14 +22,7 @@ from model.chat import load_chat_model
 from utils import knowledge as K
 from utils.tokenizer import Tokenizer, train_tokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread for this module's tests: the tiny models here run fastest on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- small benchmark directories, laid out as each benchmark ships -------------------------------------------------

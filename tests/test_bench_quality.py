@@ -1,0 +1,75 @@
+"""bench/quality.py on the CPU: the time-to-loss reading, the recipe overrides, and a timed run of both kinds of side
+on a tiny model (the GPU run itself is the benchmark)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import quality  # noqa: E402
+
+from model import ModelConfig  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_seconds_to_interpolates_between_evaluations_and_says_never():
+    curve = [{"seconds": 0, "bits_per_char": 9.0}, {"seconds": 20, "bits_per_char": 5.0},
+             {"seconds": 40, "bits_per_char": 3.0}, {"seconds": 60, "bits_per_char": 3.5}]
+    assert quality.seconds_to(curve, 4.0) == pytest.approx(30.0)
+    assert quality.seconds_to(curve, 5.0) == pytest.approx(20.0)
+    assert quality.seconds_to(curve, 2.9) is None
+
+
+def test_best_overrides_take_each_options_type_and_refuse_unknown_keys():
+    assert quality.parse_overrides(["optimizer=muon", "lr=0.002", "warmup_steps=50", "compile=true"]) == {
+        "optimizer": "muon", "lr": 0.002, "warmup_steps": 50, "compile": True}
+    for bad in (["nope=1"], ["lr"], ["data=x"]):  # data has no default: not a recipe knob
+        with pytest.raises(SystemExit, match="KEY=VALUE"):
+            quality.parse_overrides(bad)
+
+
+def batches(vocab: int, seed: int):
+    """Rows that count up from a random start: the next token is learnable within a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        row = (torch.randint(0, vocab - 1, (2, 1), generator=g) + torch.arange(33)) % (vocab - 1) + 1
+        yield {"input_ids": row[:, :-1].contiguous(), "labels": row[:, 1:].contiguous()}
+
+
+@pytest.mark.parametrize("name", ["reference", "best"])
+def test_a_side_trains_for_its_budget_and_its_held_out_loss_falls(name, monkeypatch):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=64, max_position_embeddings=32)
+    short = {"warmup_steps": 2, "lr": 3e-3}  # a few steps must learn something
+    for key, value in short.items():
+        monkeypatch.setitem(quality.REFERENCE, key, value)
+    overrides = short | {"optimizer": "muon", "schedule": "wsd"} if name == "best" else {}
+    side = quality.Side(name, cfg, overrides, "cpu")
+    heldout = [next(batches(64, 1))]
+    curve = quality.train_side(side, batches(64, 0), heldout, 1 / math.log(2), budget_s=1.5, eval_every_s=0.5,
+                               sync_steps=2)
+    assert curve[0]["steps"] == 0 and curve[-1]["seconds"] >= 1.5 and curve[-1]["steps"] == side.steps
+    assert side.steps < side.total <= side.steps + 2  # the schedule ended with the budget
+    assert curve[-1]["bits_per_char"] < curve[0]["bits_per_char"]  # learned to count
+    assert side.settings["lr"] == 3e-3 and side.settings.get("optimizer", "muon") == "muon"
+
+
+def test_report_rows_and_plot(tmp_path):
+    def run(points):
+        return dict(curve=[{"seconds": s, "steps": 10 * s, "bits_per_char": b} for s, b in points], settings={},
+                    minutes=1.0, corpus="synthetic", batch="2x32", tokens_per_s=100.0)
+    runs = {"reference": run([(0, 9.0), (30, 5.0), (60, 4.0)]), "ours": run([(0, 9.0), (30, 4.0), (60, 3.5)])}
+    quality.write_report(runs, tmp_path, "test")
+    rows = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert rows["quality_ours"]["ours"] == 3.5 and rows["quality_ours"]["reference"] == 4.0
+    assert rows["time_to_reference_loss_ours"]["seconds"] == 30.0
+    assert rows["time_to_reference_loss_ours"]["ratio"] == 2.0 and rows["time_to_reference_loss_ours"]["reached"]
+    assert (tmp_path / "quality.png").stat().st_size > 1000
