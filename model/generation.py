@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from utils.progress import progress_bar
 from utils.templates import ChatTemplate, encode_segments, ends_turn_with_token, get_template
+from utils.tokenizer import TextDecoder
 
 from .transformer import KVCache, Transformer
 
@@ -25,7 +26,6 @@ from .transformer import KVCache, Transformer
 # backend builds an execution plan per shape, which costs more than the step. The flash / memory-efficient / math
 # kernels need no per-shape plan.
 DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder gives for an incomplete UTF-8 sequence
 
 
 @dataclass
@@ -289,9 +289,10 @@ def _held_back(text: str, stop_strings: Sequence[str]) -> int:
 
 class TextStream:
     """Iterator of text deltas of one answer. Only complete characters are emitted (a token that ends inside a
-    multi-byte UTF-8 character waits for the next one), and text that might be the start of a stop string is held
-    back until it is not. After iteration: `token_ids`, `text`, `finish_reason` ("stop", "length" or None while
-    running or when interrupted), and timings for tokens/s."""
+    multi-byte UTF-8 character waits for the next one; bytes that never form a character are dropped, never shown as
+    U+FFFD: utils.tokenizer.TextDecoder), and text that might be the start of a stop string is held back until it
+    is not. After iteration: `token_ids`, `text`, `finish_reason` ("stop", "length" or None while running or when
+    interrupted), and timings for tokens/s."""
 
     def __init__(self, model: Transformer, prompt_ids: Sequence[int], config: SamplingConfig, tokenizer,
                  stop_strings: Sequence[str] = (), compile: bool = False):
@@ -330,7 +331,8 @@ class TextStream:
 
     def _run(self) -> Iterator[str]:
         stops = set(self.config.stop_ids)
-        done, context, prefix, read = "", "", 0, 0  # done: the decoded text of token_ids[:read]
+        decoder = TextDecoder(self.tokenizer, skip_special_tokens=True)  # complete characters only, one token at a time
+        text = ""
         for step in self._steps:
             token = int(step[0])
             now = time.perf_counter()
@@ -340,25 +342,16 @@ class TextStream:
                 self.finish_reason = "stop"
                 break
             self.token_ids.append(token)
-            # Incremental detokenization (as vLLM does it): decode from `prefix`, the tokens added at the previous
-            # advance, so each token costs the same however long the answer. Both decodes start at the same token,
-            # so a SentencePiece leading-space rule treats them alike. Text ending inside a character (a trailing
-            # replacement character) is not emitted and does not advance the window.
-            window = self.tokenizer.decode(self.token_ids[prefix:], skip_special_tokens=True)
-            text = done + window[len(context):]
-            if not window.endswith(REPLACEMENT_CHAR) and len(window) > len(context):
-                done, prefix, read = text, read, len(self.token_ids)
-                context = self.tokenizer.decode(self.token_ids[prefix:read], skip_special_tokens=True)
-            stable = text.rstrip(REPLACEMENT_CHAR)
-            cut = truncate_at_stop_strings(stable, self.stop_strings)
-            if len(cut) < len(stable):  # a stop string completed
+            text += decoder.push([token])
+            cut = truncate_at_stop_strings(text, self.stop_strings)
+            if len(cut) < len(text):  # a stop string completed
                 self.finish_reason = "stop"
                 yield from self._emit(cut)
                 return
-            yield from self._emit(stable[:len(stable) - _held_back(stable, self.stop_strings)])
+            yield from self._emit(text[:len(text) - _held_back(text, self.stop_strings)])
         else:
             self.finish_reason = "length"
-        yield from self._emit(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        yield from self._emit(text + decoder.push((), final=True))  # bytes of a character never completed: dropped
 
     def _emit(self, text: str) -> Iterator[str]:
         if len(text) > len(self.text):
@@ -435,7 +428,8 @@ def generate_answers(model: Transformer, tokenizer, conversations: Sequence[list
 
     Each conversation (optional system message, then turns ending with a user message) is rendered with the template;
     prompts are sorted by length and generated in left-padded batches, so little padding is computed; each answer is
-    decoded without special tokens and cut at the template's stop strings (multi-token turn ends such as "\n问：").
+    decoded without special tokens (and without bytes that form no character: no U+FFFD) and cut at the template's stop
+    strings (multi-token turn ends such as "\n问：").
     """
     tpl = resolve_template(template, tokenizer)
     if not config.stop_ids:
@@ -456,7 +450,7 @@ def generate_answers(model: Transformer, tokenizer, conversations: Sequence[list
             batch = order[start:start + batch_size]
             for i, out in zip(batch, generate(model, [ids[i] for i in batch], config, pad_id=tokenizer.pad_id)):
                 n_tokens += len(out)
-                answers[i] = truncate_at_stop_strings(tokenizer.decode(out, skip_special_tokens=True),
-                                                      tpl.stop_strings)
+                answer = tokenizer.decode(out, skip_special_tokens=True, errors="ignore")
+                answers[i] = truncate_at_stop_strings(answer, tpl.stop_strings)
             bar.advance(task, len(batch))
     return answers, n_tokens

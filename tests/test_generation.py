@@ -212,8 +212,10 @@ def test_stream_yields_exactly_the_generated_text(tokenizer, chat_model, seed):
     for compile in (False, True):  # the console chat's --compile streams the same answer
         s = stream(chat_model, prompt, config, tokenizer, compile=compile)
         deltas = list(s)
-        assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True) == s.text
-        assert s.token_ids == ids and all(deltas)
+        # a random model's tokens often split characters wrongly: those bytes are dropped, the rest is decode()'s
+        assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True, errors="ignore") == s.text
+        assert s.text == tokenizer.decode(ids, skip_special_tokens=True).replace("\ufffd", "")
+        assert s.token_ids == ids and all(deltas) and "\ufffd" not in s.text
         assert s.finish_reason == ("length" if len(ids) == 60 else "stop")
 
 
@@ -240,6 +242,30 @@ def test_stream_never_emits_half_a_character(monkeypatch, tokenizer):
     deltas = list(s)
     assert deltas == ["你", "好", "😀", "o", "k"]
     assert s.finish_reason == "stop" and s.text == "你好😀ok"
+
+
+def test_stream_drops_bytes_that_never_form_a_character(monkeypatch, tokenizer):
+    """A character cut by the last token (the answer ran out of tokens), and one whose first bytes are followed by
+    another character: neither shows as U+FFFD, streamed or in the final text."""
+    emoji = byte_tokens(tokenizer, "😀")
+    scripted(monkeypatch, byte_tokens(tokenizer, "你好") + emoji[:3])
+    s = stream(None, [1], SamplingConfig(max_new_tokens=7), tokenizer)
+    assert list(s) == ["你", "好"] and s.text == "你好" and s.finish_reason == "length"
+    ni, hao = byte_tokens(tokenizer, "你"), byte_tokens(tokenizer, "好")
+    scripted(monkeypatch, ni[:2] + hao + emoji[:2] + [tokenizer.eos_id])
+    s = stream(None, [1], SamplingConfig(), tokenizer)
+    assert list(s) == ["好"] and s.text == "好" and s.finish_reason == "stop"
+    assert tokenizer.decode(s.token_ids) == "\ufffd好\ufffd"  # what tokenizers' own decode shows
+
+
+def test_generated_answers_hold_no_replacement_character(monkeypatch, tokenizer):
+    """The non-streamed path (eval, the console's batch mode) drops the same bytes."""
+    answer = byte_tokens(tokenizer, "你好😀")[:-1]
+    monkeypatch.setattr(generation, "generate", lambda model, prompts, config, pad_id=0: [answer for _ in prompts])
+    model = type("M", (), {"config": ModelConfig(max_position_embeddings=64)})()
+    answers, n = generation.generate_answers(model, tokenizer, [[{"role": "user", "content": "你好"}]] * 2, "chatml",
+                                             SamplingConfig(max_new_tokens=8))
+    assert answers == ["你好", "你好"] and n == 2 * len(answer)
 
 
 def test_stream_cuts_at_multi_token_stop_strings_and_holds_back_prefixes(monkeypatch, tokenizer):

@@ -3,6 +3,7 @@ equal transformers.AutoTokenizer on the real Qwen2 and LLaMA tokenizer files."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils.tokenizer import SPECIAL_TOKENS, Tokenizer, WordCounter, train_tokenizer
+from utils.tokenizer import SPECIAL_TOKENS, TextDecoder, Tokenizer, WordCounter, train_tokenizer
 
 MIXED = ("你好，世界！今天是2024年11月21日，气温 -3.5°C。Hello world, it's Qwen2 & LLaMA-2 🤗🚀 naïve café "
          "e\u0301 Ａ全角１２ 東京タワー 한국어\n\n  code:\tx = f(1)  # 注释\r\n<|im_start|>user\n问题<|im_end|>\n")
@@ -394,3 +395,121 @@ def test_documents_read_like_the_corpus_readers(tmp_path):
     bad.write_text('[{"a": "好"},\n {"a" "坏"}]', encoding="utf-8")
     with pytest.raises(ValueError, match="bad.json:2"):
         list(iter_documents(bad))
+
+
+# ---- decoding a stream: characters split across tokens -------------------------------------------------------------
+STREAMED = "你好，世界！今天天气很好😀🚀，我们一起去公园散步吧。Hello é 🤗"
+
+
+@pytest.fixture(scope="module")
+def samples_tok(tmp_path_factory, samples_dir) -> Tokenizer:
+    """Our byte-level BPE trained on the bundled samples (data/samples/text): no ../shared needed."""
+    out = tmp_path_factory.mktemp("samples_tok")
+    train_tokenizer([samples_dir / "text"], 1000, out)
+    return Tokenizer.load(out)
+
+
+def token_of_bytes(tok: Tokenizer) -> dict[bytes, int]:
+    return {tok.token_bytes(i): i for i in range(tok.vocab_size) if i not in tok.special_ids}
+
+
+def split_inside_characters(tok: Tokenizer, text: str, seed: int) -> list[int]:
+    """Ids spelling `text` whose boundaries fall inside characters: the UTF-8 bytes cut at random points, each piece
+    the token with exactly those bytes (shorter pieces, down to single bytes, where the vocabulary has none)."""
+    by_bytes = token_of_bytes(tok)
+    data, rng, ids, pos = text.encode("utf-8"), random.Random(seed), [], 0
+    while pos < len(data):
+        n = rng.randint(1, 6)
+        while data[pos:pos + n] not in by_bytes:
+            n -= 1
+        ids.append(by_bytes[data[pos:pos + n]])
+        pos += n
+    return ids
+
+
+def streamed(tok: Tokenizer, ids: list[int], **kwargs) -> list[str]:
+    """TextDecoder's piece after each id, then its final piece."""
+    decoder = TextDecoder(tok, **kwargs)
+    return [decoder.push([i]) for i in ids] + [decoder.push([], final=True)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stream_decoding_holds_back_split_characters(samples_tok, seed):
+    tok = samples_tok
+    ids = split_inside_characters(tok, STREAMED, seed)
+    ends = [len(b"".join(tok.token_bytes(i) for i in ids[:k + 1])) for k in range(len(ids))]
+    data = STREAMED.encode("utf-8")
+    assert any(data[:end].decode("utf-8", "ignore").encode("utf-8") != data[:end] for end in ends)  # a real split
+    assert tok.decode(ids) == STREAMED  # the whole sequence decodes right; its prefixes need not
+    assert any("\ufffd" in tok.decode(ids[:k]) for k in range(len(ids)))
+    pieces = streamed(tok, ids)
+    assert "".join(pieces) == STREAMED and not any("\ufffd" in p for p in pieces) and pieces[-1] == ""
+    # each character comes out with the token that completes it, not later
+    assert ["".join(pieces[:k + 1]) for k in range(len(ids))] == [data[:end].decode("utf-8", "ignore") for end in ends]
+
+
+def test_bytes_that_never_form_a_character_are_dropped(samples_tok):
+    """The choice: dropped (errors="ignore", the default and what answers show); "replace" marks them as U+FFFD,
+    as tokenizers' own decode does."""
+    tok = samples_tok
+    ids = split_inside_characters(tok, STREAMED, 0)
+    by_bytes = token_of_bytes(tok)
+    cut_emoji = [by_bytes[bytes([b])] for b in "😀".encode("utf-8")[:3]]  # three of its four bytes
+    assert tok.decode(ids + cut_emoji) == STREAMED + "\ufffd"
+    assert "".join(streamed(tok, ids + cut_emoji)) == STREAMED == tok.decode(ids + cut_emoji, errors="ignore")
+    assert "".join(streamed(tok, ids + cut_emoji, errors="replace")) == STREAMED + "\ufffd"
+    half_ni = [by_bytes[bytes([b])] for b in "你".encode("utf-8")[:2]]  # two of its three bytes, then a whole text
+    assert "".join(streamed(tok, half_ni + ids)) == STREAMED == tok.decode(half_ni + ids, errors="ignore")
+    assert tok.decode(half_ni + ids) == "\ufffd" + STREAMED
+
+
+def test_stream_decoding_equals_decode_on_any_ids(samples_tok):
+    """Byte for byte what tokenizers' decode gives (U+FFFD included, with errors="replace"), special tokens kept or
+    skipped, on random ids: single bytes, whole tokens and special tokens mixed."""
+    tok, rng = samples_tok, random.Random(0)
+    singles = [i for i in range(tok.vocab_size) if len(tok.token_bytes(i)) == 1]
+    for trial in range(500):
+        pool = singles if trial % 2 else range(tok.vocab_size)
+        ids = [rng.choice(pool) for _ in range(rng.randrange(1, 12))]
+        skip = trial % 3 == 0
+        assert "".join(streamed(tok, ids, skip_special_tokens=skip, errors="replace")) == tok.decode(ids, skip), ids
+        assert tok.decode(ids, skip, errors="ignore") == tok.decode(ids, skip).replace("\ufffd", "")
+
+
+def test_stream_decoding_of_qwen2_and_sentencepiece_llama(shared_corpora, llama):
+    """Qwen2's byte-level BPE, and LLaMA's SentencePiece (byte-fallback tokens `<0xF0>` for the emoji, the leading
+    space its decoder strips): the same text streamed piece by piece."""
+    qwen2 = Tokenizer.load(shared_corpora / "tokenizers" / "qwen2")
+    for tok in (qwen2, llama[0]):
+        for ids in (tok.encode(STREAMED), *(split_inside_characters(tok, STREAMED, seed) for seed in range(3))):
+            pieces = streamed(tok, ids)
+            assert tok.decode(ids) == "".join(pieces) == STREAMED and not any("\ufffd" in p for p in pieces)
+    assert any(llama[0].id_to_token(i).startswith("<0x") for i in llama[0].encode(STREAMED))
+    assert "".join(streamed(llama[0], llama[0].encode("Hello 你好"))) == "Hello 你好"  # "▁Hello": no leading space
+
+
+
+@pytest.mark.parametrize("decoder", ["metaspace_first", "metaspace_never", "sentencepiece", "none"])
+def test_stream_decoding_follows_each_sentencepiece_decoder(decoder):
+    """The decoders a tokenizer.json may carry besides ByteLevel, byte for byte as tokenizers' decode (a Metaspace
+    decoder drops every "▁" of the first token; no decoder joins the tokens with spaces), on random ids."""
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as HFTokenizer
+    vocab = {"<unk>": 0, "</s>": 1, "▁": 2, "a": 3, "b": 4, "▁a": 5, "▁b": 6, "▁▁": 7, "a▁b": 8, "<0xE4>": 9,
+             "<0xBD>": 10, "<0xA0>": 11}
+    backend = HFTokenizer(models.BPE(vocab, [("▁", "a"), ("▁", "b"), ("▁", "▁")], unk_token="<unk>"))
+    backend.decoder = {
+        "metaspace_first": decoders.Metaspace(replacement="▁", prepend_scheme="first"),
+        "metaspace_never": decoders.Metaspace(replacement="▁", prepend_scheme="never"),
+        "sentencepiece": decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                            decoders.Strip(content=" ", left=1)]),
+        "none": None}[decoder]
+    backend.add_special_tokens([AddedToken("</s>", special=True, normalized=False)])
+    tok, rng = Tokenizer(backend, eos="</s>"), random.Random(0)
+    for _ in range(300):  # no byte pieces: tokenizers marks each byte of a broken run, Python each broken sequence
+        ids = [rng.randrange(9) for _ in range(rng.randrange(1, 7))]
+        skip = rng.random() < 0.5
+        assert "".join(streamed(tok, ids, skip_special_tokens=skip, errors="replace")) == tok.decode(ids, skip), ids
+    if decoder == "sentencepiece":  # byte-fallback pieces of 你, split: held back, then the character
+        ids = [5, 9, 10, 11, 4]
+        assert streamed(tok, ids) == ["a", "", "", "你", "b", ""] and tok.decode(ids) == "a你b"

@@ -12,6 +12,7 @@ bounded twice: a corpus larger than `sample_bytes` is subsampled deterministical
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import tempfile
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
@@ -211,8 +212,44 @@ class Tokenizer:
         return tuple(b.encode(marker + "a", add_special_tokens=False).ids[1:] == plain
                      for b in (self.backend, self._continuation_backend))
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    def decode(self, ids, skip_special_tokens: bool = False, errors: str = "replace") -> str:
+        """The text of `ids`. A byte-level token may end inside a multi-byte UTF-8 character, so ids can hold bytes
+        that form no character (a character cut at the end, or its pieces out of order): errors="replace" shows them
+        as U+FFFD, as `tokenizers` does; "ignore" drops them (what a generated answer shows, through TextDecoder)."""
+        if errors == "replace":
+            return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return TextDecoder(self, skip_special_tokens, errors).push(ids, final=True)
+
+    def token_bytes(self, i: int, first: bool = False) -> bytes:
+        """The UTF-8 bytes token i adds to decoded text (first: as the first token of it, which a Metaspace decoder
+        treats apart; a leading-space Strip is TextDecoder's): byte-level tokens through the byte alphabet,
+        SentencePiece byte-fallback tokens (`<0xE4>`) as their byte."""
+        found = None if first else self._token_bytes.get(i)
+        if found is None:
+            token = self.backend.id_to_token(int(i))
+            found = b"" if token is None else self._byte_decoding[0](token, first)
+            if not first:
+                self._token_bytes[i] = found
+        return found
+
+    @cached_property
+    def _token_bytes(self) -> dict[int, bytes]:
+        return {}
+
+    @cached_property
+    def _byte_decoding(self) -> tuple[Callable[[str, bool], bytes], int]:
+        """(token text, first -> its bytes; leading spaces the decoder strips from the text), from the backend's
+        decoder. A decoder not known here decodes each token alone."""
+        decoder = self.backend.decoder
+        if decoder is None:  # tokenizers joins the tokens with spaces
+            return (lambda token, first: (b"" if first else b" ") + token.encode("utf-8")), 0
+        known = _byte_decoding(json.loads(decoder.__getstate__()))
+        return known or ((lambda token, first: decoder.decode([token]).encode("utf-8")), 0)
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special added tokens (what skip_special_tokens leaves out)."""
+        return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -272,6 +309,97 @@ class Tokenizer:
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.json, vocab.json + merges.txt, or tokenizer.model")
         return cls(backend, **_special_roles(backend, config, path))
+
+
+class TextDecoder:
+    """The text of token ids given a few at a time (a stream), in complete characters only. A byte-level token can
+    end inside a multi-byte UTF-8 character: its bytes wait for the rest of the character. Bytes that can never form
+    one (an invalid sequence, or a character still incomplete when the ids end: `final=True`) are dropped with
+    errors="ignore" (the default), shown as U+FFFD with "replace" (as `Tokenizer.decode` does). The pieces, joined,
+    equal `tokenizer.decode(ids, skip_special_tokens)` whenever that holds no U+FFFD (for the decoders of byte-level
+    BPE and SentencePiece tokenizers: `_byte_decoding`; any other decodes each token alone).
+
+        decoder = TextDecoder(tokenizer)
+        for token in tokens: print(decoder.push([token]), end="")
+        print(decoder.push([], final=True))
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, errors: str = "ignore"):
+        self.tokenizer = tokenizer
+        self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=errors)
+        self._strip = tokenizer._byte_decoding[1]  # leading spaces still to strip (SentencePiece's dummy prefix)
+        self._first = True
+
+    def push(self, ids: Iterable[int], final: bool = False) -> str:
+        """The complete characters that `ids` add (final: the last call; nothing is held back after it)."""
+        data = []
+        for i in ids:
+            if int(i) not in self._skip:
+                data.append(self.tokenizer.token_bytes(int(i), self._first))
+                self._first = False
+        text = self._utf8.decode(b"".join(data), final)
+        if self._strip and text:
+            n = min(self._strip, len(text) - len(text.lstrip(" ")))
+            text = text[n:]
+            self._strip = 0 if text else self._strip - n
+        return text
+
+
+def _byte_level_bytes() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: character -> the byte it stands for (printable bytes are themselves)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_decoding(spec: dict) -> tuple[Callable[[str, bool], bytes], int] | None:
+    """A tokenizer.json decoder as (token -> bytes, leading spaces stripped), for the decoders byte-level BPE and
+    SentencePiece models use: ByteLevel; Replace, ByteFallback, Fuse, Strip (a leading one) and Metaspace, alone or
+    in a Sequence. None for any other."""
+    steps = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
+    replaces: list[tuple[str, str]] = []
+    byte_level = byte_fallback = fused = False
+    metaspace: tuple[str, bool] | None = None
+    strip = 0
+    for step in steps:
+        kind = step.get("type")
+        if kind == "ByteLevel" and not (replaces or byte_fallback or metaspace):
+            byte_level = True
+        elif kind == "Replace" and "String" in step.get("pattern", {}) and not byte_level:
+            replaces.append((step["pattern"]["String"], step["content"]))
+        elif kind == "ByteFallback" and not byte_level:
+            byte_fallback = True
+        elif kind == "Fuse":
+            fused = True
+        elif kind == "Strip" and step.get("content") == " " and not step.get("stop") and fused:
+            strip += step.get("start", 0)
+        elif kind == "Metaspace" and not (byte_level or metaspace):
+            # the first token loses every replacement character (not only its first), later ones become spaces
+            metaspace = step.get("replacement", "▁"), step.get("prepend_scheme", "always") != "never"
+        else:
+            return None
+    if byte_level:
+        alphabet = _byte_level_bytes()
+
+        def token_bytes(token: str, first: bool) -> bytes:
+            try:
+                return bytes(alphabet[c] for c in token)
+            except KeyError:  # a token outside the alphabet (an added one): its own text, as tokenizers does
+                return token.encode("utf-8")
+        return token_bytes, strip
+
+    def piece_bytes(token: str, first: bool) -> bytes:
+        for old, new in replaces:
+            token = token.replace(old, new)
+        if metaspace:
+            token = token.replace(metaspace[0], "" if first and metaspace[1] else " ")
+        byte = _BYTE_PIECE.fullmatch(token) if byte_fallback else None
+        return bytes([int(byte.group(1), 16)]) if byte else token.encode("utf-8")
+    return piece_bytes, strip
 
 
 def _drop_first_word_prefix(spec: dict) -> bool:
