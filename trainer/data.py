@@ -7,14 +7,16 @@ tokenizer, format version). SFT conversations are rendered with a chat template 
 mask is exact: only assistant answers and their end-of-turn token are learned (unless `train_on_prompt`).
 
 The loaders pack variable-length items into fixed-capacity rows with the same best-fit packer (nanochat style): a
-row starts at an item boundary and is filled with the largest buffered item that still fits. Pretraining rows crop
-the last item to fill the row exactly (no padding); SFT and pair rows never cut an item and pad the remainder, and
+row is filled with the largest buffered item that still fits. Pretraining rows are filled exactly (no padding): the
+item that does not fit is split at the row's end and continued at the start of the next row, so no token is lost
+(but the last partial row of an epoch, counted); SFT and pair rows never cut an item and pad the remainder, and
 carry `segment_ids` so attention stays inside each sequence.
 
 Resumption is exact because everything an epoch yields is a pure function of (seed, epoch): the item order is a
 permutation drawn from `seed + epoch`, the packing is deterministic, and the loader state is just
-(epoch, global rows consumed). Rows are dealt out interleaved (rank r of W takes rows r, r+W, ... of each batch
-stride), so the rows consumed after k batches are always a prefix of the epoch's row order.
+(epoch, global rows consumed). The epochs' rows form one stream (an epoch's last batch is completed with the next
+epoch's first rows, so no row is skipped), dealt out interleaved (rank r of W takes rows r, r+W, ... of each batch
+stride), so the rows consumed after k batches are always a prefix of that stream.
 """
 from __future__ import annotations
 
@@ -172,10 +174,11 @@ def build_token_cache(files: Sequence[Path], tokenizer: Any, cache_dir: str | Pa
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class PackPlan:
-    """Rows of an epoch: row i holds pieces row_ptr[i]:row_ptr[i+1]; piece p is the first takes[p] units of item
-    items[p]. `order` is the order rows are served in."""
+    """Rows of an epoch: row i holds pieces row_ptr[i]:row_ptr[i+1]; piece p is units starts[p]:starts[p] + takes[p]
+    of item items[p]. `order` is the order rows are served in."""
 
     items: np.ndarray
+    starts: np.ndarray
     takes: np.ndarray
     row_ptr: np.ndarray
     order: np.ndarray
@@ -187,24 +190,27 @@ class PackPlan:
 
 
 def best_fit_pack(lengths: np.ndarray, capacity: int, order: Iterable[int], buffer_size: int = 1000,
-                  crop: bool = True) -> PackPlan:
-    """Pack items (taken from `order`) into rows of `capacity` units; every row starts with a whole item.
+                  split_items: bool = True, overlap: int = 0) -> PackPlan:
+    """Pack items (taken from `order`) into rows of `capacity` units.
 
     The packer keeps `buffer_size` upcoming items sorted by length and fills a row with the largest one that still
-    fits (an item longer than a row starts a row of its own and is cut). When none fits: with `crop`, the shortest
-    buffered item is cut to fill the row exactly (its tail is dropped and counted); without, the row is closed and
-    the remainder is padding. A final row that `crop` mode
-    cannot fill is dropped (counted), so cropped rows never contain padding.
+    fits. When none fits: with `split_items`, the longest buffered item fills the rest of the row and is continued
+    at the start of the next row (from `overlap` units before the cut; an item longer than a row goes on over as
+    many rows as it needs), so every unit is placed and rows are full; a final row the data cannot fill is dropped
+    (its units counted). Without `split_items`, the row is closed and the remainder is padding; an item longer than
+    a row is an error.
     """
-    if not crop and len(lengths) and int(np.max(lengths)) > capacity:
+    if split_items and not 0 <= overlap < capacity:
+        raise ValueError(f"overlap {overlap} must be in [0, capacity {capacity})")
+    if not split_items and len(lengths) and int(np.max(lengths)) > capacity:
         raise ValueError(f"an item of length {int(np.max(lengths))} exceeds the row capacity {capacity}")
     buf: list[tuple[int, int, int]] = []  # (length, arrival, item), sorted
     source = iter(order)
     arrivals = 0
-    items: list[int] = []
-    takes: list[int] = []
+    pieces: list[tuple[int, int, int]] = []  # (item, start, take)
     row_ptr = [0]
-    cropped = padded = dropped = total = 0
+    pending: tuple[int, int, int] | None = None  # (item, start, units left) of a split item: it opens the next row
+    padded = dropped = total = continued = 0
 
     def refill() -> None:
         nonlocal arrivals, total
@@ -219,51 +225,57 @@ def best_fit_pack(lengths: np.ndarray, capacity: int, order: Iterable[int], buff
 
     while True:
         refill()
-        if not buf:
+        if not buf and pending is None:
             break
         remaining = capacity
+        opens_continued = pending is not None
+        if pending is not None:
+            i, s, n = pending
+            take = min(n, capacity)
+            pieces.append((i, s, take))
+            remaining -= take
+            pending = (i, s + take - overlap, n - take + overlap) if take < n else None
         while remaining > 0:
             refill()
             if not buf:
                 break
             j = bisect.bisect_right(buf, (remaining, arrivals, 0)) - 1  # largest item with length <= remaining
-            if crop and remaining == capacity and buf[-1][0] > capacity:
-                # an over-long item fills a row of its own; left waiting, such items would clog the buffer and
-                # end up cut to fill the small gaps at the ends of rows
-                n, _, i = buf.pop()
-                take = capacity
-                cropped += n - capacity
-            elif j >= 0:
+            if j >= 0:
                 n, _, i = buf.pop(j)
                 take = n
-            elif crop:
-                n, _, i = buf.pop(0)
+            elif split_items:
+                n, _, i = buf.pop()
                 take = remaining
-                cropped += n - remaining
+                pending = (i, take - overlap, n - take + overlap)
             else:
                 break
-            items.append(i)
-            takes.append(take)
+            pieces.append((i, 0, take))
             remaining -= take
-        if remaining and crop:  # data ran out mid-row
-            dropped += capacity - remaining
-            del items[row_ptr[-1]:], takes[row_ptr[-1]:]
+        if remaining and split_items:  # data ran out mid-row: its units (less a repeated overlap) are not served
+            dropped = capacity - remaining - (overlap if opens_continued else 0)
+            del pieces[row_ptr[-1]:]
             break
         padded += remaining
-        row_ptr.append(len(items))
+        continued += opens_continued
+        row_ptr.append(len(pieces))
     n_rows = len(row_ptr) - 1
     stats = {"rows": n_rows, "capacity": capacity, "units": total, "used": n_rows * capacity - padded,
-             "cropped": cropped, "padded": padded, "dropped": dropped}
-    return PackPlan(np.asarray(items, dtype=np.int64), np.asarray(takes, dtype=np.int64),
-                    np.asarray(row_ptr, dtype=np.int64), np.arange(n_rows), stats)
+             "cropped": 0, "padded": padded, "dropped": dropped, "continued": continued,
+             "repeated": continued * overlap}
+    flat = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=3 * len(pieces))
+    items, starts, takes = flat.reshape(-1, 3).T.copy()
+    return PackPlan(items, starts, takes, np.asarray(row_ptr, dtype=np.int64), np.arange(n_rows), stats)
 
 
 def packing_report(stats: dict) -> dict[str, float]:
-    """Fractions a trainer can log: of all units, how many were cropped / dropped; of row capacity, how much padded."""
+    """Fractions a trainer can log: of all units, how many were cropped (never, since the packer continues a split
+    item; kept for comparison with older logs) / dropped (the last partial row); of row capacity, how much padded;
+    of rows, how many open with a continued item."""
     units = max(stats["units"], 1)
-    slots = max(stats["rows"] * stats["capacity"], 1)
+    rows = max(stats["rows"], 1)
     return {"rows": stats["rows"], "crop_fraction": stats["cropped"] / units,
-            "drop_fraction": stats["dropped"] / units, "pad_fraction": stats["padded"] / slots}
+            "drop_fraction": stats["dropped"] / units, "pad_fraction": stats["padded"] / (rows * stats["capacity"]),
+            "continued_fraction": stats["continued"] / rows}
 
 
 def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -271,6 +283,11 @@ def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarra
     ends = np.cumsum(lens)
     idx = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lens), lens)
     return np.asarray(flat[idx])
+
+
+def _each_row(parts: Sequence[tuple[PackPlan, np.ndarray]]) -> Iterator[tuple[PackPlan, int]]:
+    """(plan, row) for each row of (plan, rows) parts, in turn."""
+    return ((plan, int(r)) for plan, rows in parts for r in rows)
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -288,7 +305,8 @@ class _RowLoader(ABC):
     """Infinite, sharded, resumable iterator over the packed rows of each epoch (see the module docstring)."""
 
     capacity: int
-    crop: bool
+    split_items: bool  # continue an item that does not fit in the next row (pretraining) instead of padding the row
+    overlap = 0  # units a continued item repeats from the end of its previous piece
 
     def __init__(self, lengths: np.ndarray, batch_size: int, rank: int, world_size: int, seed: int,
                  buffer_size: int):
@@ -301,7 +319,7 @@ class _RowLoader(ABC):
         self.seed, self.buffer_size = seed, buffer_size
         self.epoch = 0
         self.row = 0  # rows consumed in this epoch, summed over all ranks
-        self._plan: tuple[int, PackPlan] | None = None
+        self._plans: dict[int, PackPlan] = {}  # by epoch: the current one and its neighbours
         self._eval_plan: PackPlan | None = None
 
     # --- what subclasses provide
@@ -310,52 +328,57 @@ class _RowLoader(ABC):
         """Identifies the data and packing, so a saved position is never applied to other data."""
 
     @abstractmethod
-    def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """The tensors of the given packed rows."""
+    def _batch(self, parts: Sequence[tuple[PackPlan, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """The tensors of the given packed rows: the rows of each (plan, rows) part, in turn."""
 
     # --- epochs
     def plan(self, epoch: int | None = None) -> PackPlan:
         """The packed rows of an epoch: items permuted with `seed + epoch`, packed, rows shuffled."""
         epoch = self.epoch if epoch is None else epoch
-        if self._plan is None or self._plan[0] != epoch:
+        if epoch not in self._plans:
             rng = np.random.default_rng(self.seed + epoch)
             plan = best_fit_pack(self.lengths, self.capacity, rng.permutation(len(self.lengths)),
-                                 self.buffer_size, self.crop)
+                                 self.buffer_size, self.split_items, self.overlap)
             plan.order = rng.permutation(plan.n_rows)
-            self._plan = (epoch, plan)
-        return self._plan[1]
+            self._plans = {e: p for e, p in self._plans.items() if abs(e - epoch) <= 1} | {epoch: plan}
+        return self._plans[epoch]
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches each rank gets in the current epoch (rows left over after the last full batch are skipped)."""
+        """Whole batches each rank gets in the current epoch (its last rows go into a batch that the next epoch's
+        first rows complete)."""
         return self.plan().n_rows // (self.batch_size * self.world_size)
 
     @property
     def report(self) -> dict[str, float]:
-        """Packing efficiency of the current epoch, including the rows that do not fill a last global batch."""
-        plan = self.plan()
-        stride = self.batch_size * self.world_size
-        served = self.batches_per_epoch * stride
-        rep = packing_report(plan.stats)
-        rep["unserved_row_fraction"] = (plan.n_rows - served) / max(plan.n_rows, 1)
+        """Packing efficiency of the current epoch."""
+        rep = packing_report(self.plan().stats)
         rep["batches_per_epoch"] = self.batches_per_epoch
         return rep
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        stride = self.batch_size * self.world_size
         while True:
-            plan = self.plan()
+            yield self._batch(self._next_rows())
+
+    def _next_rows(self) -> list[tuple[PackPlan, np.ndarray]]:
+        """This rank's share of the next batch_size x world_size rows of the stream of epochs, as (plan, rows)
+        parts; advances the state. An epoch's last rows are completed with the next epoch's first: no row is
+        skipped."""
+        stride = self.batch_size * self.world_size
+        epoch, row, parts, offset = self.epoch, self.row, [], 0
+        while offset < stride:
+            plan = self.plan(epoch)
             if plan.n_rows < stride:
                 raise ValueError(f"only {plan.n_rows} packed rows in an epoch, fewer than batch_size "
                                  f"{self.batch_size} x world_size {self.world_size}; use less data per batch")
-            if self.row + stride > plan.n_rows:
-                self.epoch, self.row = self.epoch + 1, 0
-                continue
-            rows = plan.order[self.row + self.rank:self.row + stride:self.world_size]
-            self.row += stride
-            if self.row + stride > plan.n_rows:  # epoch done: the state already points at the next one
-                self.epoch, self.row = self.epoch + 1, 0
-            yield self._batch(plan, rows)
+            rows = plan.order[row:row + stride - offset]
+            # stream positions rank, rank + world_size, ... of the batch
+            parts.append((plan, rows[(self.rank - offset) % self.world_size::self.world_size]))
+            offset, row = offset + len(rows), row + len(rows)
+            if row == plan.n_rows:
+                epoch, row = epoch + 1, 0
+        self.epoch, self.row = epoch, row
+        return parts
 
     def eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Finite pass over the whole split in file order (no shuffling), this rank's share; the last batch may be
@@ -366,13 +389,13 @@ class _RowLoader(ABC):
         for k, start in enumerate(range(0, len(mine), self.batch_size)):
             if max_batches is not None and k >= max_batches:
                 return
-            yield self._batch(plan, mine[start:start + self.batch_size])
+            yield self._batch([(plan, mine[start:start + self.batch_size])])
 
     def eval_plan(self) -> PackPlan:
         """The whole split packed in file order (evaluation's rows)."""
         if self._eval_plan is None:
             self._eval_plan = best_fit_pack(self.lengths, self.capacity, range(len(self.lengths)), self.buffer_size,
-                                            self.crop)
+                                            self.split_items, self.overlap)
         return self._eval_plan
 
     # --- state
@@ -393,7 +416,7 @@ class _PaddedLoader(_RowLoader):
     """Rows of `capacity` positions packed with whole sequences and padded (SFT, pairs); `segment_ids` keep the
     sequences apart (0, 1, ... per row, PAD_SEGMENT on the padding, whose labels are IGNORE_INDEX)."""
 
-    crop = False
+    split_items = False
     examples: SFTExamples | PairExamples
     max_seq_len: int
     pad_id: int
@@ -416,9 +439,18 @@ class _PaddedLoader(_RowLoader):
 
 
 class PackedLoader(_RowLoader):
-    """Pretraining rows of seq_len + 1 tokens cut into input_ids = row[:-1], labels = row[1:]; no padding."""
+    """Pretraining rows of seq_len + 1 tokens cut into input_ids = row[:-1], labels = row[1:]; no padding.
 
-    crop = True
+    A document that does not fit the rest of a row goes on at the start of the next row of the plan (rows are then
+    shuffled like the others), so no token is lost. Its next part starts with the last token of the part before
+    (`overlap` 1): that token is the row's first input, so the next one is predicted, and every token after a
+    document's first is a label exactly once. Nothing marks the continuation (the documents carry no BOS, only an
+    eos at their end) and positions restart at 0 in every row, as for any pretraining row: attention spans the whole
+    row, across the eos between documents, as it always has (no segment_ids: plain causal attention).
+    """
+
+    split_items = True
+    overlap = 1
 
     def __init__(self, cache: TokenCache, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, buffer_size: int = 1000):
@@ -440,13 +472,17 @@ class PackedLoader(_RowLoader):
         rep.update(docs=self.cache.n_docs, tokens=self.cache.n_tokens, chars_per_token=self.chars_per_token)
         return rep
 
-    def _fingerprint(self) -> str:
-        return f"{self._data_hash}/len{self.seq_len}/buf{self.buffer_size}"
+    def _fingerprint(self) -> str:  # "split": plans that continue documents (saved positions of cropping plans differ)
+        return f"{self._data_hash}/len{self.seq_len}/buf{self.buffer_size}/split"
 
-    def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        pieces = np.concatenate([np.arange(plan.row_ptr[r], plan.row_ptr[r + 1]) for r in rows])
-        flat = _gather(self.cache.tokens, self.cache.offsets[plan.items[pieces]], plan.takes[pieces])
-        batch = torch.from_numpy(flat.astype(np.int64)).view(len(rows), self.capacity)
+    def _batch(self, parts: Sequence[tuple[PackPlan, np.ndarray]]) -> dict[str, torch.Tensor]:
+        starts, takes = [], []
+        for plan, rows in parts:
+            pieces = np.concatenate([np.arange(plan.row_ptr[r], plan.row_ptr[r + 1]) for r in rows])
+            starts.append(self.cache.offsets[plan.items[pieces]] + plan.starts[pieces])
+            takes.append(plan.takes[pieces])
+        flat = _gather(self.cache.tokens, np.concatenate(starts), np.concatenate(takes))
+        batch = torch.from_numpy(flat.astype(np.int64)).view(-1, self.capacity)
         return {"input_ids": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
 
 
@@ -472,9 +508,9 @@ class SFTLoader(_PaddedLoader):
         self.capacity = self.max_seq_len = max_seq_len
         self._data_hash = _digest(examples.tokens, examples.trainable)
 
-    def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        input_ids, labels, segment_ids = self._padding(len(rows))
-        for b, r in enumerate(rows):
+    def _batch(self, parts: Sequence[tuple[PackPlan, np.ndarray]]) -> dict[str, torch.Tensor]:
+        input_ids, labels, segment_ids = self._padding(sum(len(rows) for _, rows in parts))
+        for b, (plan, r) in enumerate(_each_row(parts)):
             pos = 0
             for seg, p in enumerate(range(plan.row_ptr[r], plan.row_ptr[r + 1])):
                 pos = _place((input_ids[b], labels[b], segment_ids[b]), pos, *self.examples.example(plan.items[p]),
@@ -633,11 +669,11 @@ class PairLoader(_PaddedLoader):
         self.reference: np.ndarray | None = None  # [n, 2] reference log-probs (chosen, rejected)
         self._data_hash = _digest(examples.tokens, examples.offsets, examples.prompt_lengths, examples.chosen_lengths)
 
-    def _batch(self, plan: PackPlan, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        input_ids, labels, segment_ids = self._padding(len(rows))
+    def _batch(self, parts: Sequence[tuple[PackPlan, np.ndarray]]) -> dict[str, torch.Tensor]:
+        input_ids, labels, segment_ids = self._padding(sum(len(rows) for _, rows in parts))
         sequence_ids = np.zeros_like(input_ids)
         pair_ids = []
-        for b, r in enumerate(rows):
+        for b, (plan, r) in enumerate(_each_row(parts)):
             pos = 0
             for k, p in enumerate(range(plan.row_ptr[r], plan.row_ptr[r + 1])):
                 prompt, *answers = self.examples.pair(plan.items[p])
@@ -660,7 +696,7 @@ class PairLoader(_PaddedLoader):
         rank, in evaluation's packing); every batch after carries them as `ref_logps`."""
         plan, reference = self.eval_plan(), np.zeros((len(self.examples), 2), dtype=np.float32)
         for start in range(0, plan.n_rows, self.batch_size):
-            batch = self._batch(plan, np.arange(start, min(start + self.batch_size, plan.n_rows)))
+            batch = self._batch([(plan, np.arange(start, min(start + self.batch_size, plan.n_rows)))])
             reference[batch["pair_ids"].numpy()] = score(batch).float().cpu().numpy()
         self.reference = reference
 
