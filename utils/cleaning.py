@@ -121,9 +121,8 @@ def has_table(prompt: str, response: str) -> bool:
     return "表格" in prompt or _TABLE.search(prompt) is not None or _TABLE.search(response) is not None
 
 
-# text format: characters per piece. About 730 tokens of a 32k BPE trained on zh_books (1.36 characters a token), so
-# a piece fits a 1024-token row; the pretraining packer drops what overflows a row, so longer pieces waste more of
-# a corpus (docs/data.md has the measured fractions)
+# text format: characters per piece, about 730 tokens of a 32k BPE on Chinese prose (1.36 characters a token); the
+# pretraining packer continues a piece that overflows a row in the next row, so the length only bounds a row's text
 MAX_DOC_CHARS = 1000
 
 # (min prompt chars, min response chars) per corpus (3 / 3 for the rest). Instruction formats need only non-empty

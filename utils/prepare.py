@@ -536,9 +536,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "by blank lines (blank), or by a line that reads LINE (e.g. '<|endoftext|>')")
     parser.add_argument("--max-doc-chars", type=int, default=c.max_doc_chars, metavar="N",
                         help="text format: a longer document is split into pieces of at most N characters, at "
-                             "paragraph ends (a longer paragraph at sentence ends, then anywhere), one row each; "
-                             "the pretraining packer drops what overflows a row, so keep N well under --seq-len "
-                             "tokens x about 1.36 characters a token (32k BPE on Chinese prose)")
+                             "paragraph ends (a longer paragraph at sentence ends, then anywhere), one row each "
+                             "(the pretraining packer continues a piece that overflows a row in the next)")
     parser.add_argument("--min-star", type=int, default=r.min_star, help="webtext: minimum answer stars")
     parser.add_argument("--dice", type=float, default=r.dice_threshold,
                         help="baike/medical: title and question this similar (Dice) are not both kept")
