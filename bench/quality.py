@@ -63,13 +63,15 @@ def prepare(corpus: Path, work: Path, vocab_size: int) -> tuple[Path, Path]:
 
 def parse_overrides(pairs: list[str]) -> dict:
     """KEY=VALUE strings -> PretrainConfig overrides, each value parsed as its field's type."""
-    defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(PretrainConfig)}
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or key not in defaults or defaults[key] is None:
+        f = fields.get(key)
+        switch = f is not None and str(f.type).startswith("bool")  # --compile's default is None: auto
+        if not sep or f is None or (f.default is None and not switch):
             raise SystemExit(f"--best {pair!r}: expected KEY=VALUE with KEY a PretrainConfig option that has a default")
-        kind = type(defaults[key])
+        kind = bool if switch else type(f.default)
         overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return overrides
 

@@ -102,6 +102,50 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monk
     assert state["step"] == 6
 
 
+def test_a_resumed_run_keeps_its_batch_plan_whatever_memory_it_finds(corpus, tmp_path, monkeypatch):
+    """As on a GPU, the memory probe faked (its step run for real once): --tokens-per-batch 512 of 64-token rows
+    with room for 6 rows plans 4 rows x 2. A run stopped at step 2 and resumed where the probe finds room for 3 rows
+    (a fresh plan: 2 x 4) keeps the saved 4 x 2 and ends bitwise equal to a straight run."""
+    import trainer.loop as loop
+    from trainer.batching import MemoryProbe
+    room = {"rows": 6}
+
+    def probe_memory(step, device, extra_bytes):
+        step(2)  # the real probe step: it must move neither the weights nor the data
+        return MemoryProbe(2**20, 0, room["rows"] / 0.8 * 2**20)
+    monkeypatch.setattr(loop, "can_probe", lambda device: True)
+    monkeypatch.setattr(loop, "probe_memory", probe_memory)
+    args = [a for a in pretrain_args(corpus, tmp_path / "straight") if a not in ("--batch-size", "4")]
+    planned = ["--tokens-per-batch", "512", "--max-steps", "4"]
+    train.main(args + planned)
+
+    import trainer.data as datasets
+    original_iter = datasets.PackedLoader.__iter__
+
+    def iter_with_sigterm(self):
+        for n, batch in enumerate(original_iter(self)):
+            if n == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # during step 2
+            yield batch
+    monkeypatch.setattr(datasets.PackedLoader, "__iter__", iter_with_sigterm)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(TrainingStopped):
+        train.main([a if a != str(tmp_path / "straight") else str(resumed) for a in args] + planned)
+    monkeypatch.setattr(datasets.PackedLoader, "__iter__", original_iter)
+    room["rows"] = 3
+    train.main([a if a != str(tmp_path / "straight") else str(resumed) for a in args] + planned + ["--resume"])
+    for run in (tmp_path / "straight", resumed):
+        state = json.loads((run / "latest" / "training_state" / "trainer_state.json").read_text())
+        assert (state["step"], state["batch"]["rows"], state["batch"]["grad_accum"]) == (4, 4, 2)
+        assert (state["config"]["batch_size"], state["config"]["grad_accum"]) == (4, 2)
+    log = (resumed / "train.log").read_text()
+    assert "= 4 rows x 64 tokens x 2 micro-batches (budget --tokens-per-batch" in log
+    assert "4 rows x 64 tokens x 2 micro-batches (the plan saved with the checkpoint" in log
+    a, b = weights(tmp_path / "straight"), weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 MUON = ("--optimizer", "muon", "--schedule", "wsd", "--decay-ratio", "0.5")
 
 

@@ -18,7 +18,7 @@ STAGES: dict[str, tuple[type, str]] = {
     "merge": (configs.MergeConfig, "trainer.stages:merge"),
     "demo": (configs.DemoConfig, "trainer.demo:demo"),
 }
-_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
 
 
 def _metadata(cls: type, name: str) -> dict[str, Any]:
@@ -44,14 +44,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = meta.pop("help")
         if meta.pop("required", False):
             target.add_argument(*flags, dest=f.name, required=True, help=help_text, **meta)
-        elif f.type in ("bool", bool):
+        elif f.type in ("bool", bool, "bool | None"):  # None: auto (--compile / --no-compile decide)
             target.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text)
         elif "nargs" in meta:
             target.add_argument(*flags, dest=f.name, default=f.default, help=help_text, **meta)
         else:
-            target.add_argument(*flags, dest=f.name, type=_TYPES[str(f.type)], default=f.default, help=help_text,
-                                **meta)
+            kind = meta.pop("type", None) or _TYPES[str(f.type)]
+            target.add_argument(*flags, dest=f.name, type=kind, default=f.default, help=help_text, **meta)
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:

@@ -3,14 +3,28 @@
 the field again."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from model.config import PRESETS
 
 TEMPLATE_CHOICES = ["chatml", "qwen", "wenda", "human_assistant", "llama2", "raw"]
 RECORD_FORMATS = ["qa", "instruct", "alpaca", "sharegpt", "parquet"]
 DPO_LOSSES = ["sigmoid", "ipo", "hinge"]
+
+
+def tokens_or_auto(text: str) -> int | str:
+    """--tokens-per-batch: "auto" or a positive number of tokens."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive number of tokens, got {text!r}")
+    return value
 
 
 def option(default: Any = None, help: str = "", **argparse_kwargs) -> Any:
@@ -26,8 +40,17 @@ class TrainConfig:
     out_dir: str = option("runs/train", "run directory (checkpoints, logs, tensorboard)", flags=["--out", "--out-dir"])
     epochs: float = option(1.0, "passes over the training data (ignored when --max-steps > 0)")
     max_steps: int = option(0, "optimizer steps; 0 derives them from --epochs")
-    batch_size: int = option(8, "rows per micro-batch per process")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
+    batch_size: int | None = option(None, "rows per micro-batch per process; unset = planned from "
+                                          "--tokens-per-batch (on the CPU the stage's small default: 8, lora and "
+                                          "dpo 4)")
+    grad_accum: int | None = option(None, "micro-batches per optimizer step; unset = planned from "
+                                          "--tokens-per-batch (on the CPU 1)")
+    tokens_per_batch: int | str = option("auto", "tokens per optimizer step per process (rows x row length x "
+                                                 "accumulation; default auto: on a GPU the stage's budget, pretrain "
+                                                 "131072, sft 65536, lora and dpo 32768, lowered on small data, with "
+                                                 "rows per micro-batch fitted to 80%% of the free memory by a probe "
+                                                 "step; on the CPU the small default batch). --batch-size and "
+                                                 "--grad-accum win over it", type=tokens_or_auto)
     lr: float = option(3e-4, "peak learning rate")
     min_lr_ratio: float = option(0.1, "cosine and wsd decay to lr x this")
     warmup_steps: int = option(100, "linear warmup steps")
@@ -45,8 +68,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "max gradient norm (0 disables clipping)")
     mixed_precision: str = option("auto", "auto = bf16 on a GPU that supports it, else no",
                                   choices=["auto", "no", "bf16", "fp16"])
-    compile: bool = option(False, "torch.compile the model (a graph per decoder block with --offload-activations "
-                                  "or a 4-bit base)")
+    compile: bool | None = option(None, "torch.compile the model (a graph per decoder block with "
+                                        "--offload-activations or a 4-bit base); default auto: on for CUDA, off on "
+                                        "the CPU")
     gradient_checkpointing: bool = option(False, "recompute each decoder block in backward (less memory, ~30%% "
                                                  "more compute)")
     offload_activations: bool = option(False, "with --gradient-checkpointing, what recomputed blocks save goes to "
@@ -74,8 +98,29 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list)  # answered greedily at each evaluation
 
     trains_adapters = False  # only LoRA adapters train, on a frozen base
+    # The batch when --batch-size / --grad-accum are unset (trainer/batching.py): on the CPU `cpu_rows` rows per step,
+    # on a GPU a budget of `gpu_tokens_per_batch` tokens per step. Pretraining 128k (256 rows of 512): a quarter of
+    # nanoGPT's / nanochat's 0.5M, which suits runs of hours, so that a few-minute run of `small` still takes
+    # thousands of steps. SFT 64k (128 rows of 512, as fine-tuning recipes' 64-128 sequences per step). LoRA 32k (16
+    # rows of 2048, the PEFT recipes' 4 x 4 sequences; a step of a 7B model takes seconds). DPO 32k: about 64 pairs
+    # of ~250-token sequences, zephyr's 64 pairs per step (rows hold a pair's two sequences).
+    cpu_rows: ClassVar[int] = 8
+    gpu_tokens_per_batch: ClassVar[int] = 65536
+
+    @property
+    def start_rows(self) -> int:
+        """Rows per micro-batch the loaders are built with: --batch-size, else `cpu_rows` (the trainer's batch plan
+        may change the training loader's)."""
+        return self.batch_size or self.cpu_rows
 
     def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.tokens_per_batch != "auto" and not (isinstance(self.tokens_per_batch, int)
+                                                    and self.tokens_per_batch >= 1):
+            raise ValueError(f"--tokens-per-batch is auto or a positive number of tokens, got "
+                             f"{self.tokens_per_batch!r}")
         if self.offload_activations and not self.gradient_checkpointing:
             raise ValueError("offload_activations moves what checkpointed layers save: it needs gradient "
                              "checkpointing on (--gradient-checkpointing)")
@@ -107,6 +152,7 @@ class PretrainConfig(TrainConfig):
     out_dir: str = "runs/pretrain"
     lr: float = 6e-4
     warmup_steps: int = 200
+    gpu_tokens_per_batch: ClassVar[int] = 131072
 
 
 @dataclass(kw_only=True)
@@ -152,11 +198,12 @@ class LoraConfig(SFTDataConfig, LoraAdapterConfig, TrainConfig):
     lr: float = 2e-4
     warmup_steps: int = 20
     epochs: float = 2.0
-    batch_size: int = 4
     weight_decay: float = 0.0
     save_every: int = 200
     save_total_limit: int = 2
     trains_adapters = True
+    cpu_rows: ClassVar[int] = 4
+    gpu_tokens_per_batch: ClassVar[int] = 32768
 
 
 @dataclass(kw_only=True)
@@ -187,8 +234,9 @@ class DPOConfig(LoraAdapterConfig, TrainConfig):
     lr: float = 5e-6
     warmup_steps: int = 10
     epochs: float = 1.0
-    batch_size: int = 4
     weight_decay: float = 0.0
+    cpu_rows: ClassVar[int] = 4
+    gpu_tokens_per_batch: ClassVar[int] = 32768
 
     @property
     def trains_adapters(self) -> bool:

@@ -350,6 +350,21 @@ class _RowLoader(ABC):
         return self.plan().n_rows // (self.batch_size * self.world_size)
 
     @property
+    def rows_per_epoch(self) -> int:
+        """Packed rows in the current epoch, over all ranks."""
+        return self.plan().n_rows
+
+    @property
+    def row_tokens(self) -> int:
+        """Positions of a served row (its input_ids' width): what a token budget counts (trainer/batching.py)."""
+        return self.capacity
+
+    def probe_batch(self, rows: int) -> dict[str, torch.Tensor]:
+        """A batch of the current epoch's first `rows` rows, for measuring a step; the position does not move."""
+        plan = self.plan()
+        return self._batch([(plan, plan.order[:rows])])
+
+    @property
     def report(self) -> dict[str, float]:
         """Packing efficiency of the current epoch."""
         rep = packing_report(self.plan().stats)
@@ -465,6 +480,10 @@ class PackedLoader(_RowLoader):
     @property
     def chars_per_token(self) -> float:
         return self.cache.chars_per_token
+
+    @property
+    def row_tokens(self) -> int:  # a row's seq_len + 1 tokens serve seq_len inputs (and as many labels)
+        return self.seq_len
 
     @property
     def report(self) -> dict[str, float]:

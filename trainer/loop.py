@@ -65,6 +65,7 @@ from utils.errors import TrainingStopped
 from utils.io import atomic_dir, write_json
 
 from .activations import PAYS_FROM_WIDTH, ActivationPolicy, apply_activation_policy, compiles_per_block
+from .batching import BatchPlan, can_probe, choose_batch, optimizer_state_bytes, probe_memory, saved_plan
 from .config import TrainConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; an unknown device reports no MFU.
@@ -256,6 +257,12 @@ def resolve_mixed_precision(choice: str, cpu: bool) -> str:
     return "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def resolve_compile(choice: bool | None, device: torch.device) -> bool:
+    """--compile / --no-compile, or auto (None): on for CUDA, where it pays, off on the CPU (the demo and the tests
+    stay eager)."""
+    return device.type == "cuda" if choice is None else choice
+
+
 def make_accelerator(cfg: TrainConfig, bucket_mb: int = DDP_BUCKET_MB) -> Accelerator:
     """Built before the data so loaders know their rank; the accelerate config / launcher decides the topology."""
     # Buffers (the rotary table, QLoRA's frozen 4-bit bases) are identical on every rank: no per-step broadcast.
@@ -263,7 +270,7 @@ def make_accelerator(cfg: TrainConfig, bucket_mb: int = DDP_BUCKET_MB) -> Accele
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, bucket_cap_mb=bucket_mb,
                                         gradient_as_bucket_view=True)
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cfg.cpu)
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu,
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.grad_accum or 1, cpu=cfg.cpu,
                        log_with="tensorboard", project_dir=cfg.out_dir, kwargs_handlers=[ddp],
                        fsdp_plugin=fsdp_plugin(mixed_precision))
 
@@ -481,13 +488,48 @@ class Trainer:
         optimizer = build_optimizer(model, cfg, self.accelerator.device)
         self.prepared, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.model = self.prepared
-        per_block = cfg.compile and compiles_per_block(model, cfg.offload_activations)
-        apply_activation_policy(model, ActivationPolicy(checkpointing=cfg.gradient_checkpointing,
-                                                        offload=cfg.offload_activations, compile_blocks=per_block))
-        if cfg.compile and not per_block:  # after the DDP wrap: dynamo sees the buckets and overlaps their all-reduce
+        self.compiled = resolve_compile(cfg.compile, self.accelerator.device)
+        per_block = self.compiled and compiles_per_block(model, cfg.offload_activations)
+        policy = ActivationPolicy(checkpointing=cfg.gradient_checkpointing, offload=cfg.offload_activations,
+                                  compile_blocks=per_block)
+        apply_activation_policy(model, dataclasses.replace(policy, compile_blocks=False))  # a probe runs eagerly
+        self.batch_plan = self._plan_batch(cfg)
+        self.log(self.batch_plan.describe(self.accelerator.num_processes))
+        # the loop, the checkpoints' config and the accelerator follow the plan
+        self.cfg = cfg = dataclasses.replace(cfg, batch_size=self.batch_plan.rows,
+                                             grad_accum=self.batch_plan.grad_accum)
+        self.accelerator.gradient_accumulation_steps = cfg.grad_accum
+        if hasattr(train_loader, "batch_size"):
+            train_loader.batch_size = cfg.batch_size
+        apply_activation_policy(model, policy)
+        if self.compiled and not per_block:  # after the DDP wrap: dynamo sees the buckets and overlaps their all-reduce
             self.model = torch.compile(self.prepared)
         steps_per_epoch = max(1, train_loader.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    def _plan_batch(self, cfg: TrainConfig) -> BatchPlan:
+        """Rows per micro-batch and accumulation (trainer/batching.py): a resumed run's saved plan, the flags, or on a
+        GPU a probe of this step's memory."""
+        loader, acc = self.train_loader, self.accelerator
+        row_tokens = getattr(loader, "row_tokens", 0)  # 0: a loader of its own that does not say
+        epoch_rows = getattr(loader, "rows_per_epoch", None)
+        probe = None
+        if can_probe(acc.device) and hasattr(loader, "probe_batch") and (epoch_rows or 2) // acc.num_processes > 1:
+            def probe():
+                return probe_memory(self._probe_step, acc.device, optimizer_state_bytes(self.raw_model))
+        saved = saved_plan(read_training_state(self.resume_from)) if self.resume_from is not None else None
+        return choose_batch(cfg, row_tokens, epoch_rows, acc.num_processes, probe, saved,
+                            stage=self.run_info.get("command", "the stage"))
+
+    def _probe_step(self, rows: int) -> None:
+        """One forward and backward of the training data's first `rows` rows (the loader's position stays), for the
+        batch plan's memory probe: no update, the gradients dropped."""
+        batch = {k: v.to(self.accelerator.device) for k, v in self.train_loader.probe_batch(rows).items()}
+        with self.accelerator.autocast():
+            loss, _ = self.objective(self.prepared, batch)
+        loss.backward()
+        for p in self.raw_model.parameters():
+            p.grad = None
 
     def _load_resumed_weights(self, model: nn.Module, ckpt: Path | None) -> Path | None:
         """The checkpoint's weights into the whole model (before FSDP shards it), its other files checked; with
@@ -542,7 +584,8 @@ class Trainer:
                     (state / f"rank{rank}.pt").write_bytes(blob)
                 write_json(state / "trainer_state.json", {
                     "step": self.step, "total_steps": self.total_steps, "world_size": acc.num_processes,
-                    "config": dataclasses.asdict(self.cfg), "run": self.run_info})
+                    "config": dataclasses.asdict(self.cfg), "batch": self.batch_plan.state(),
+                    "run": self.run_info})
             point_latest(self.run_dir, target)
         acc.wait_for_everyone()
         if acc.is_main_process and self.cfg.save_total_limit > 0:
@@ -700,8 +743,13 @@ class Trainer:
         with self._progress:
             self._task = self._progress.add_task("train", total=self.total_steps, completed=self.step, info="")
             evaluated = False  # at the step just finished
+            # torch.compile builds its graphs during the first step (and the first evaluation): said, so that the
+            # wait is not taken for slow training
+            if self.compiled:
+                self._progress.update(self._task, info="compiling ...")
             if cfg.eval_at_start and self.eval_loader and self.step == 0:
                 self._eval_and_log(self.raw_model)
+            compiling = time.perf_counter() if self.compiled else None
             while self.step < self.total_steps:
                 lr = set_learning_rate(self.optimizer, self.step, self.total_steps, cfg)
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
@@ -734,6 +782,10 @@ class Trainer:
                 if acc.num_processes > 1:  # the loss over all ranks, and whether any rank was signalled
                     summary = acc.reduce(summary, reduction="sum")
                 self.step += 1
+                if compiling is not None:
+                    self.log(f"compiled: the first step took {time.perf_counter() - compiling:.1f} s")
+                    self._progress.update(self._task, info="")
+                    compiling = None
                 tokens = sum(b["input_ids"].numel() for b in micro)
                 pending.append(StepRecord(self.step, lr, tokens, micro[-1]["input_ids"].shape[1], *to_host(summary)))
                 evaluate = bool(self.eval_loader) and cfg.eval_every > 0 and self.step % cfg.eval_every == 0

@@ -125,7 +125,7 @@ def knowledge_fn(cfg: TrainConfig, tokenizer: Tokenizer, template: str | None):
     def knowledge(model: Transformer) -> dict[str, float]:
         metrics = {}
         for task, questions in tasks.items():
-            overall = score(model, tokenizer, questions, "letter", template, batch_size=cfg.batch_size).overall
+            overall = score(model, tokenizer, questions, "letter", template, batch_size=cfg.start_rows).overall
             metrics |= {f"eval/{task}_centered": overall.centered, f"eval/{task}_acc": overall.accuracy}
         return metrics
     return knowledge
@@ -143,7 +143,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         model = Transformer(ModelConfig.preset(
             cfg.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=max(cfg.seq_len, 512),
             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id))
-    loaders = [pretrain_loader(cfg.data, tokenizer, split, cfg.seq_len, cfg.batch_size, acc.process_index,
+    loaders = [pretrain_loader(cfg.data, tokenizer, split, cfg.seq_len, cfg.start_rows, acc.process_index,
                                acc.num_processes, cfg.seed, cfg.cache_dir) for split in ("train", "valid")]
     train, valid = loaders
     trainer = Trainer(model, train, cfg, FullModelIO(tokenizer), eval_loader=valid.eval_batches,
@@ -177,7 +177,7 @@ def sft(cfg: SFTConfig) -> dict:
 
 def _sft_data(cfg: SFTConfig | LoraConfig, tokenizer: Tokenizer, template: str, acc) -> dict:
     """The SFT loader's arguments that a stage's config and the accelerator decide."""
-    return dict(tokenizer=tokenizer, template=template, max_seq_len=cfg.max_seq_length, batch_size=cfg.batch_size,
+    return dict(tokenizer=tokenizer, template=template, max_seq_len=cfg.max_seq_length, batch_size=cfg.start_rows,
                 rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
                 skip_overlength=cfg.skip_overlength, train_on_prompt=cfg.train_on_prompt)
 
@@ -252,7 +252,7 @@ def dpo(cfg: DPOConfig) -> dict:
         weights_io = FullModelIO(tokenizer)
     as_scorer(model)
     train_pairs, valid_pairs, tally = pair_splits(cfg.data, cfg.eval_data, cfg.valid_fraction, cfg.seed)
-    common = dict(tokenizer=tokenizer, template=template, max_seq_len=cfg.max_seq_length, batch_size=cfg.batch_size,
+    common = dict(tokenizer=tokenizer, template=template, max_seq_len=cfg.max_seq_length, batch_size=cfg.start_rows,
                   rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
                   skip_overlength=cfg.skip_overlength)
     train = pair_loader(train_pairs, **common)
