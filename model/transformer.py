@@ -1,12 +1,15 @@
 """The decoder: pre-norm RMSNorm, rotary embeddings (Hugging Face `rotate_half` layout), grouped-query attention
-through `F.scaled_dot_product_attention`, SwiGLU MLP, and a preallocated KV cache.
+through `F.scaled_dot_product_attention` (packed rows on a GPU: variable-length flash attention), SwiGLU MLP, and a
+preallocated KV cache.
 
 Parameter names follow Hugging Face Llama (`model.layers.0.self_attn.q_proj.weight`, ...), so Llama / Qwen2 weights
 load unchanged and LoRA target names match PEFT's.
 """
 from __future__ import annotations
 
+import inspect
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -14,6 +17,13 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .loss import CHUNK_LOGITS, linear_cross_entropy
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+    _VARLEN_ARGS = inspect.signature(varlen_attn).parameters
+    _VARLEN_CAUSAL = {"is_causal": True} if "is_causal" in _VARLEN_ARGS else {"window_size": (-1, 0)}
+except ImportError:
+    varlen_attn, _VARLEN_ARGS = None, {}
 
 
 class RMSNorm(nn.Module):
@@ -129,6 +139,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if isinstance(mask, Packed):
+            return self.o_proj(packed_attention(q, k, v, mask).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)
         # No mask: plain causal over the T new tokens (training, a prefill), or a single new token seeing the whole
@@ -188,6 +200,46 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     return idx - torch.cummax(idx * starts, dim=1).values
+
+
+class Packed(NamedTuple):
+    """Packed rows for variable-length attention, in place of a mask: where each sequence of the flattened [B x T]
+    rows starts (int32 [N + 1], the last entry B x T). A sequence attends causally within itself."""
+
+    cu_seqlens: torch.Tensor
+
+
+def packed_sequences(segment_ids: torch.Tensor) -> Packed:
+    """The sequences of packed rows: a new one wherever the segment id changes, and at each row's start."""
+    B, T = segment_ids.shape
+    flat = segment_ids.flatten()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::T] = True
+    begin = starts.nonzero().flatten()
+    return Packed(torch.cat([begin, begin.new_full((1,), B * T)]).to(torch.int32))
+
+
+def varlen_usable(device: torch.device, dtype: torch.dtype, grouped: bool) -> bool:
+    """Flash attention over variable-length sequences: on CUDA, in (or autocast to) 16 bits, grouped queries only
+    where this torch's kernel takes them."""
+    if varlen_attn is None or device.type != "cuda" or (grouped and "enable_gqa" not in _VARLEN_ARGS):
+        return False
+    half = (torch.bfloat16, torch.float16)
+    return dtype in half or (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """Causal attention inside each packed sequence: q [B, H, T, D], k / v [B, H_kv, T, D] -> [B, T, H, D]."""
+    B, H, T, D = q.shape
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(B * T, t.shape[1], D).to(dtype)
+
+    extra = {"enable_gqa": True} if k.shape[1] != H else {}
+    y = varlen_attn(flat(q), flat(k), flat(v), packed.cu_seqlens, packed.cu_seqlens, T, T, **_VARLEN_CAUSAL, **extra)
+    return y.view(B, T, H, D)
 
 
 def build_mask(T: int, past: int, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
@@ -297,7 +349,8 @@ class Transformer(nn.Module):
     def _positions_and_mask(self, input_ids: torch.Tensor, past: int, attention_mask: torch.Tensor | None,
                             position_ids: torch.Tensor | None, segment_ids: torch.Tensor | None
                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each new token's position, and the attention mask (None when plain causal attention is exact)."""
+        """Each new token's position, and the attention mask (None when plain causal attention is exact; `Packed`
+        sequences for packed rows where variable-length attention runs)."""
         B, T = input_ids.shape
         if position_ids is None:
             if segment_ids is not None:
@@ -307,6 +360,10 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         self.model.rotary.extend(past + T)
+        grouped = self.config.num_key_value_heads != self.config.num_attention_heads
+        if (segment_ids is not None and attention_mask is None and past == 0
+                and varlen_usable(input_ids.device, self.model.embed_tokens.weight.dtype, grouped)):
+            return position_ids, packed_sequences(segment_ids)
         needs_mask = attention_mask is not None or segment_ids is not None or (past > 0 and T > 1)
         mask = build_mask(T, past, attention_mask, segment_ids, input_ids.device) if needs_mask else None
         return position_ids, mask

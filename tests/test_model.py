@@ -98,6 +98,41 @@ def test_packed_segments_equal_separate_sequences():
     torch.testing.assert_close(packed[9:], model(b[None])[0], rtol=1e-5, atol=1e-5)
 
 
+def test_packed_sequences_start_at_each_segment_and_row():
+    from model.transformer import packed_sequences, varlen_usable
+    segments = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 2, 2, 2, 3, 3]])  # the second row opens with segment 2
+    assert packed_sequences(segments).cu_seqlens.tolist() == [0, 3, 5, 6, 10, 12]
+    assert packed_sequences(torch.tensor([[5, 5], [5, 5]])).cu_seqlens.tolist() == [0, 2, 4]  # rows never join
+    assert not varlen_usable(torch.device("cpu"), torch.bfloat16, False)  # the CPU masks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="variable-length flash attention needs a CUDA GPU")
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_varlen_attention_equals_the_masked_path_forward_and_backward(kv_heads, monkeypatch):
+    import model.transformer as T
+    torch.manual_seed(0)
+    model = tiny_model(num_key_value_heads=kv_heads).cuda()
+    ids = torch.randint(0, 97, (2, 64), device="cuda")
+    segments = torch.tensor([[0] * 20 + [1] * 30 + [-1] * 14, [2] * 64], device="cuda")
+    labels = torch.randint(0, 97, (2, 64), device="cuda")
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels, segment_ids=segments)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    if not T.varlen_usable(ids.device, torch.float32, kv_heads != 4):
+        pytest.skip("this torch has no variable-length attention for grouped queries")
+    varlen = run()
+    monkeypatch.setattr(T, "varlen_usable", lambda *a: False)
+    masked = run()
+    torch.testing.assert_close(varlen[0], masked[0], rtol=2e-2, atol=2e-2)
+    for g, h in zip(varlen[1], masked[1]):
+        torch.testing.assert_close(g, h, rtol=5e-2, atol=5e-3)
+
+
 def test_sdpa_equals_explicit_attention():
     model = tiny_model(num_key_value_heads=2)
     attn = model.model.layers[0].self_attn

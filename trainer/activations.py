@@ -98,6 +98,7 @@ class Offloader:
     def hooks(self, model: nn.Module, *shared: torch.Tensor | None) -> torch.autograd.graph.saved_tensors_hooks:
         """Hooks for one forward pass of `model`. Its parameters and buffers, and the `shared` tensors that every
         block reads (the attention mask), are never copied: they stay alive on the GPU anyway."""
+        shared = [t for s in shared for t in (s if isinstance(s, tuple) else (s,))]  # a Packed holds its tensor
         resident = {t.data_ptr() for t in (*model.parameters(), *model.buffers(), *shared) if t is not None}
         step: list[_Saved] = []  # this pass's tensors in the order saved (the backward asks for them in reverse)
         self.offloaded_bytes = 0
@@ -223,9 +224,9 @@ class _Plan:
 def _policy_forward(layer: DecoderLayer, x, cos, sin, mask, cache, cache_position=None):
     """A layer's forward under its `_Plan` (installed as the layer's own `forward` method)."""
     plan: _Plan = layer.activation_plan
-    if cache_position is not None or not (layer.training and torch.is_grad_enabled()):
+    if cache is not None or cache_position is not None:  # decoding
         return DecoderLayer.forward(layer, x, cos, sin, mask, cache, cache_position)
-    if not plan.recompute:
+    if not (plan.recompute and layer.training and torch.is_grad_enabled()):  # also DPO's reference pass, eval
         return plan.block(layer, x, cos, sin, mask, cache)
     if plan.offloader is None:
         return plan.checkpointed_block(layer, x, cos, sin, mask, cache, plan.context_fn)
