@@ -17,7 +17,8 @@ Batch shape (`--batch-size` x `--seq-len`) is the same for all sides. Training t
 steps (synchronized every `--sync-steps` steps); compiling (two untimed forward / backward passes before the clock
 starts) and evaluation are not counted. The schedules' length follows the measured speed, so that the decay ends with
 the budget. Held-out set: the first `--heldout-batches` batches of the prepared `valid` split (never
-trained on); bits per character = mean loss in nats / ln 2 / the split's characters per token.
+trained on; with the side's document masking, if any); bits per character = mean loss in nats / ln 2 / the split's
+characters per token.
 
 Writes DIR/curves.json (every side's curve and its settings), DIR/results.json and results.md (rows `quality_<side>`:
 bits/char at the budget against the reference's, and `time_to_reference_loss_<side>`: the reference's seconds to its
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -95,7 +97,8 @@ class Side:
             self.optimizer = build_optimizer(self.model, self.train_cfg, torch.device(device))
             self.settings = {f.name: getattr(self.train_cfg, f.name) for f in dataclasses.fields(PretrainConfig)
                              if f.name in ("optimizer", "schedule", "lr", "min_lr_ratio", "warmup_steps", "decay_ratio",
-                                           "weight_decay", "beta1", "beta2", "grad_clip") or f.name in overrides}
+                                           "weight_decay", "beta1", "beta2", "grad_clip", "document_masking")
+                             or f.name in overrides}
         self.clip = self.settings["grad_clip"]
         self.device, self.total, self.steps = device, 1, 0
 
@@ -246,22 +249,23 @@ def main(argv: list[str] | None = None) -> None:
     data, tok_dir = prepare(args.corpus, args.work, args.vocab_size)
     tokenizer = Tokenizer.load(tok_dir)
     cfg = ModelConfig.preset(args.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=args.seq_len)
-    valid = pretrain_loader(data, tokenizer, "valid", args.seq_len, args.batch_size, seed=0)
-    heldout_stream = iter(valid)
-    heldout = [next(heldout_stream) for _ in range(args.heldout_batches)]
-    bits_per_nat_char = 1 / math.log(2) / valid.chars_per_token
     runs, best = {}, parse_overrides(args.best)
     for name in args.sides:
         free()
         side = Side(name, cfg, best if name == "best" else {}, args.device)
-        stream = iter(pretrain_loader(data, tokenizer, "train", args.seq_len, args.batch_size, seed=0))
+        masking = side.settings.get("document_masking", False)  # then trained and measured with its segments
+        valid, train = (pretrain_loader(data, tokenizer, split, args.seq_len, args.batch_size, seed=0,
+                                        document_masking=masking) for split in ("valid", "train"))
+        stream = iter(train)
+        heldout = list(itertools.islice(valid, args.heldout_batches))
+        bits_per_nat_char = 1 / math.log(2) / valid.chars_per_token
         curve = train_side(side, stream, heldout, bits_per_nat_char, args.minutes * 60, args.eval_every,
                            args.sync_steps)
         runs[name] = dict(curve=curve, settings=side.settings, minutes=args.minutes, corpus=args.corpus.name,
                           batch=f"{args.batch_size}x{args.seq_len}",
                           tokens_per_s=side.steps * args.batch_size * args.seq_len / curve[-1]["seconds"])
         (args.out / "curves.json").write_text(json.dumps(runs, indent=1) + "\n", encoding="utf-8")
-        del side, stream
+        del side, stream, train, valid
     write_report(runs, args.out, args.commit)
 
 

@@ -297,6 +297,22 @@ def test_every_token_reaches_the_batches_once_per_epoch(world_size, interrupt_af
     assert_each_token_once(rows[plans[0].n_rows:][:plans[1].n_rows], cache.offsets, plans[1].stats["dropped"])
 
 
+def test_document_masking_gives_each_documents_piece_a_segment_of_its_own():
+    """With document masking, two neighbouring inputs of a row share a segment exactly when they are neighbours in
+    one document; the labels and the rows are those of the unmasked loader."""
+    cache = id_cache(np.random.default_rng(1).integers(1, 60, 200))
+    masked, plain = (PackedLoader(cache, seq_len=32, batch_size=4, seed=3, document_masking=m) for m in (True, False))
+    is_start = np.zeros(int(cache.offsets[-1]), bool)
+    is_start[cache.offsets[:-1]] = True
+    for a, b in zip(batches(masked, 6), batches(plain, 6)):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+        ids, seg = a["input_ids"].numpy(), a["segment_ids"].numpy()
+        same_doc = (ids[:, 1:] == ids[:, :-1] + 1) & ~is_start[ids[:, 1:]]
+        assert np.array_equal(seg[:, 1:] == seg[:, :-1], same_doc)
+        assert len(np.intersect1d(seg[0], seg[1])) == 0  # rows' pieces are numbered apart
+    assert "segment_ids" not in b
+
+
 @pytest.fixture(scope="module")
 def zh_books_data(tmp_path_factory) -> tuple[Path, Tokenizer]:
     """60 real documents (20 novels, 20 classics, 20 laws) through `train.py prepare --corpus text=...`: pieces of up

@@ -147,6 +147,8 @@ class PretrainConfig(TrainConfig):
     preset: str = option("small", "model shape", choices=list(PRESETS))
     init: str | None = option(None, "continue pretraining from this model directory")
     seq_len: int = option(512, "tokens per packed row")
+    document_masking: bool = option(False, "attention stays inside each document of a packed row (variable-length "
+                                           "attention on a GPU; a mask, slower, on the CPU)")
     cache_dir: str | None = option(None, "token cache location; unset = DATA/.cache")
     resize_embeddings: bool = option(False, "with --init: grow the embedding for a tokenizer with added tokens")
     out_dir: str = "runs/pretrain"

@@ -461,17 +461,19 @@ class PackedLoader(_RowLoader):
     (`overlap` 1): that token is the row's first input, so the next one is predicted, and every token after a
     document's first is a label exactly once. Nothing marks the continuation (the documents carry no BOS, only an
     eos at their end) and positions restart at 0 in every row, as for any pretraining row: attention spans the whole
-    row, across the eos between documents, as it always has (no segment_ids: plain causal attention).
+    row, across the eos between documents (plain causal attention), unless `document_masking`: then each piece of a
+    document is a segment of its own (segment_ids; positions restart per piece).
     """
 
     split_items = True
     overlap = 1
 
     def __init__(self, cache: TokenCache, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, buffer_size: int = 1000):
+                 seed: int = 0, buffer_size: int = 1000, document_masking: bool = False):
         super().__init__(cache.doc_lengths(), batch_size, rank, world_size, seed, buffer_size)
         self.cache = cache
         self.seq_len = seq_len
+        self.document_masking = document_masking
         self.capacity = seq_len + 1
         # the documents' token counts identify the data, not the cache key: a copied data dir (new mtimes, so a
         # rebuilt cache) still resumes
@@ -500,18 +502,23 @@ class PackedLoader(_RowLoader):
             pieces = np.concatenate([np.arange(plan.row_ptr[r], plan.row_ptr[r + 1]) for r in rows])
             starts.append(self.cache.offsets[plan.items[pieces]] + plan.starts[pieces])
             takes.append(plan.takes[pieces])
-        flat = _gather(self.cache.tokens, np.concatenate(starts), np.concatenate(takes))
+        takes = np.concatenate(takes)
+        flat = _gather(self.cache.tokens, np.concatenate(starts), takes)
         batch = torch.from_numpy(flat.astype(np.int64)).view(-1, self.capacity)
-        return {"input_ids": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+        out = {"input_ids": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+        if self.document_masking:  # pieces are numbered across the batch: a row's pieces differ, as its rows' may not
+            pieces = torch.from_numpy(np.repeat(np.arange(len(takes)), takes)).view(-1, self.capacity)
+            out["segment_ids"] = pieces[:, :-1].contiguous()
+        return out
 
 
 def pretrain_loader(data_dir: str | Path, tokenizer: Any, split: str, seq_len: int, batch_size: int,
                     rank: int = 0, world_size: int = 1, seed: int = 0, cache_dir: str | Path | None = None,
-                    buffer_size: int = 1000) -> PackedLoader:
+                    buffer_size: int = 1000, document_masking: bool = False) -> PackedLoader:
     """The packed pretraining stream of one split of a prepared data directory (token cache built on first use)."""
     files = find_shards(data_dir, split)
     cache = build_token_cache(files, tokenizer, cache_dir or Path(data_dir) / ".cache", split)
-    return PackedLoader(cache, seq_len, batch_size, rank, world_size, seed, buffer_size)
+    return PackedLoader(cache, seq_len, batch_size, rank, world_size, seed, buffer_size, document_masking)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
