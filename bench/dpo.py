@@ -32,7 +32,7 @@ steps):
 - `dpo_7b_lora_qv_r8_compiled`: ours as `--gradient-checkpointing --compile --offload-activations` runs it (what
   docs/training.md gives as the fastest 7B setting on a GPU): a compiled graph per decoder block and a compiled head,
   recomputed blocks saving their MLP gate/up outputs to pinned host memory (the last 4 on the GPU); the reference
-  pass (no_grad) runs the blocks as written, as in the trainer. Against the same TRL (eager).
+  pass (no_grad) runs the compiled blocks too, as in the trainer. Against the same TRL (eager).
 - `dpo_7b_qlora_qv_r8`: ours with an NF4 base (`--qlora`, eager) against our bf16 LoRA eager; goal peak < 10 GiB.
 
 Each side's first step is checked before timing: every LoRA B moves (A gets no gradient while B is 0), and the loss
@@ -224,8 +224,8 @@ def ours(report: Report, setup: Setup, kind: str) -> tuple[Side, dict]:
                         + ("a compiled graph per decoder block and a compiled head" if per_block else
                            "the whole model compiled")
                         + f"; recomputed blocks save gate/up and offload to pinned host memory, the last "
-                          f"{OFFLOAD_SKIP_LAST} on the GPU; the reference pass (no_grad) runs the blocks eager, as "
-                          "in the trainer")}[kind]
+                          f"{OFFLOAD_SKIP_LAST} on the GPU; the reference pass (no_grad) runs the compiled blocks too, "
+                          "as in the trainer")}[kind]
     return side, {"ours_is": f"trainer/dpo.py DPOObjective (sigmoid, beta {BETA}), reference = the base with the "
                              f"adapters disabled (base_reference, as train.py dpo --lora); LoRA r={R} alpha {ALPHA} "
                              f"q,v, dropout 0; {ran}; fused AdamW"}
