@@ -8,8 +8,8 @@ time on one GPU, transformers against ours, held-out bits per character every `-
 Sides, each fed the same packed token stream (trainer/data.py `PackedLoader`, one seed) in the same order:
 - `reference`: `transformers.LlamaForCausalLM` of the same shape, SDPA with `is_causal` and no mask built
   (bench/gpu.py `hf_llama(causal=True)`), `torch.compile`, bf16 autocast, fused AdamW lr 6e-4, betas 0.9 / 0.95,
-  weight decay 0.1 on matrices, linear warmup then cosine to 10% (`LambdaLR`), gradient clipping at 1.0: the usual
-  recipe (nanoGPT's);
+  weight decay 0.1 on matrices, linear warmup then cosine to 10% (written out here, not the trainer's), gradient
+  clipping at 1.0: the usual recipe (nanoGPT's);
 - `ours`: our model with `train.py pretrain`'s defaults (PretrainConfig: optimizer, schedule, learning rate, warmup,
   clipping), compiled, bf16 autocast, through the trainer's `build_optimizer` / `set_learning_rate`;
 - `best`: ours with the `--best KEY=VALUE` PretrainConfig overrides (the recipe under test).
