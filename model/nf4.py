@@ -1,6 +1,7 @@
 """4-bit NormalFloat (NF4) weights with double quantization: the frozen base of QLoRA (Dettmers et al., 2023).
 
-Storage follows bitsandbytes' `quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=True)` bit for bit:
+Storage follows bitsandbytes' `quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=True)`: its layout,
+and the same 4-bit codes, offset and group scales bit for bit (tests/test_nf4.py, bitsandbytes 0.50):
 
     W (flattened, zero-padded to a multiple of 64) -> blocks W_b of 64 values
     absmax_b = max |W_b|
@@ -10,7 +11,15 @@ Storage follows bitsandbytes' `quantize_4bit(quant_type="nf4", blocksize=64, com
     double quantization of the fp32 block scales (blocks of 256, bnb's signed 8-bit dynamic map D):
     offset   = mean_b absmax_b
     c_g      = max |absmax_b - offset| over the 256 scales of group g
-    s_b      = argmin_k |D[k] - (absmax_b - offset) / c_g|   (uint8)
+    s_b      = argmin_k |D[k] - (absmax_b - offset) * (1 / c_g)|   (uint8; ties go to the lower code)
+
+    s_b is the exact nearest code, as bnb's pure-PyTorch backend computes it and its CUDA kernel's search finds it
+    (tests/test_nf4.py, on a GPU: equal but within float rounding of a midpoint). bnb's native CPU kernel (0.50)
+    does not search: it reads a 65,536-entry table over [-1, 1] (entry i: the code nearest -1 + 2i/65535) at
+    round((x + 1) / 2 * 65535), so a value within half a step (1.5e-5) of a midpoint between two codes can get the
+    farther code, as can a value with |x| < ~1e-4, where codes lie closer than a step: 57 of the 32,768 scales of a
+    4096 x 512 Gaussian weight, each such block's absmax then off by up to 1.1% (5e-4). bnb dequantizes our tensors
+    exactly as we do.
 
     dequantize: W_i ~= NF4[q_i] * (D[s_b] * c_g + offset)
 
@@ -103,7 +112,7 @@ class NF4Weight:
         packed = pack_nibbles(_nearest(scaled.view(-1), NF4_CODE))
         offset = absmax.mean()
         groups, group_absmax = _blockwise(absmax - offset, SCALE_BLOCK_SIZE)
-        scales = _nearest((groups / group_absmax.clamp(min=1e-38)[:, None]).view(-1), DYNAMIC_CODE)
+        scales = _nearest((groups * (1.0 / group_absmax.clamp(min=1e-38))[:, None]).view(-1), DYNAMIC_CODE)
         return cls(packed, scales[: absmax.numel()].contiguous(), group_absmax, offset, weight.shape, weight.dtype)
 
     def block_absmax(self) -> torch.Tensor:
