@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils.tokenizer import SPECIAL_TOKENS, TextDecoder, Tokenizer, WordCounter, train_tokenizer
+from utils.tokenizer import SPECIAL_TOKENS, TextDecoder, Tokenizer, WordCounter, print_report, train_tokenizer
 
 MIXED = ("你好，世界！今天是2024年11月21日，气温 -3.5°C。Hello world, it's Qwen2 & LLaMA-2 🤗🚀 naïve café "
          "e\u0301 Ａ全角１２ 東京タワー 한국어\n\n  code:\tx = f(1)  # 注释\r\n<|im_start|>user\n问题<|im_end|>\n")
@@ -179,6 +179,25 @@ def test_vocab_size_is_bounded_before_any_work(tmp_path):
     text.write_text("".join(f"今天天气很好，我们去公园散步{i}次。\n" for i in range(100)), encoding="utf-8")
     assert train_tokenizer([text], 2**20, tmp_path / "big")["vocab_size"] < 2**20  # the bound itself is allowed
     assert train_tokenizer([text], 260, tmp_path / "small")["vocab_size"] == 260  # 4 specials + 256 bytes
+
+
+def test_a_vocabulary_short_of_the_request_is_one_warning_line(tmp_path, capsys):
+    """--vocab-size 32000 on the bundled samples gave 5,370 tokens without a word: the report and the printed report
+    say requested vs learned and why, in one line; a size that is reached says nothing."""
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"今天天气很好，我们去公园散步{i}次。\n" for i in range(100)), encoding="utf-8")
+    report = train_tokenizer([text], 32000, tmp_path / "big")
+    assert report["vocab_size"] < 32000 and report["min_frequency"] == 2
+    warning = report["warning"]
+    assert f"--vocab-size 32,000 asked for, {report['vocab_size']:,} tokens learned" in warning
+    assert "occurs 2+ times (--min-frequency)" in warning and "\n" not in warning
+    print_report(report)
+    err = capsys.readouterr().err
+    assert err.strip() == warning
+    small = train_tokenizer([text], 280, tmp_path / "small")
+    assert small["vocab_size"] == 280 and "warning" not in small
+    print_report(small)
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_huge_vocab_size_is_one_line_not_an_abort(tmp_path):

@@ -753,8 +753,10 @@ def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | 
         "trained_docs": sampler.docs, "trained_chars": sampler.chars, "trained_bytes": sampler.bytes,
         "distinct_words": distinct, "words_dropped_below_count": dropped_below,
         "heldout": "valid split" if heldout_files else "1% of documents", "heldout_chars": sum(map(len, heldout)),
-        "chars_per_token": _round(chars_per_token(tok, heldout)),
+        "chars_per_token": _round(chars_per_token(tok, heldout)), "min_frequency": min_frequency,
     }
+    if shortfall := vocab_shortfall(report):
+        report["warning"] = shortfall
     if compare is not None:
         other = Tokenizer.load(compare)
         report.update(compare=str(compare), compare_vocab_size=other.vocab_size,
@@ -763,6 +765,19 @@ def train_tokenizer(files_or_dir, vocab_size: int, out_dir, sample_bytes: int | 
             report["chars_per_token_ratio"] = _round(report["chars_per_token"] / report["compare_chars_per_token"])
     _write_files(tok, report, Path(out_dir))
     return report
+
+
+def vocab_shortfall(report: dict) -> str | None:
+    """One line when the trained vocabulary is smaller than asked for, saying why: BPE stops merging when no pair of
+    adjacent tokens occurs --min-frequency times in the training text, so too little text (or too few distinct
+    words) leaves the rest of the vocabulary empty. None when the size was reached."""
+    got, asked = report["vocab_size"], report["requested_vocab_size"]
+    if got >= asked:
+        return None
+    return (f"warning: --vocab-size {asked:,} asked for, {got:,} tokens learned: in the training text "
+            f"({report['trained_chars']:,} characters, {report['distinct_words']:,} distinct words) no further pair "
+            f"occurs {report['min_frequency']}+ times (--min-frequency); train on more text or ask for {got:,} or "
+            f"fewer")
 
 
 def _write_files(tok: Tokenizer, report: dict, out: Path) -> None:
@@ -795,8 +810,11 @@ def print_report(report: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in report.items():
-        table.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+        if k != "warning":
+            table.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
     Console().print(table)
+    if report.get("warning"):  # one line on stderr, however narrow the terminal
+        Console(stderr=True).print(report["warning"], style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
 # -------------------------------------------------------------------- CLI
