@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from utils.errors import user_errors_exit
+from utils.threads import use_free_cores
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -64,8 +65,10 @@ def main(argv: list[str] | None = None) -> Any:
 
 def cli(argv: list[str] | None = None) -> None:
     """The command line: a user error (missing file, bad option value, bad data) is one line and exit 2; `--debug`
-    (anywhere in the command) shows its traceback. A run stopped by a signal exits 128 + the signal (130, 143)."""
+    (anywhere in the command) shows its traceback. A run stopped by a signal exits 128 + the signal (130, 143).
+    torch gets one thread per free core (utils/threads.py)."""
     argv = sys.argv[1:] if argv is None else argv
+    use_free_cores()  # CPU work: one torch thread per free core (OMP_NUM_THREADS overrides)
     with user_errors_exit(debug="--debug" in argv):
         main([a for a in argv if a != "--debug"])
 

@@ -1,5 +1,7 @@
-"""Shared fixtures. Real corpora, tokenizers and benchmark files live in ../shared beside the checkout; tests that
-read them skip with a reason when their folder is absent (the repository never copies them)."""
+"""Shared fixtures. Real corpora, tokenizers and benchmark files live in ../shared beside the project's own checkout
+(the repository never copies them); the tests that read them are extra checks that skip, saying so, in a clone
+without that folder. torch gets one thread per free core (utils/threads.py), in this process and in the commands that
+tests start."""
 from __future__ import annotations
 
 import os
@@ -8,10 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from utils.threads import use_free_cores
+
 if not torch.cuda.is_available():
     # Triton kernels (model/loss_kernel.py) then run in Triton's interpreter, on CPU tensors. It is read when
     # @triton.jit runs, so it is set before anything imports triton (torch alone does not).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Two threads on two cores that other work shares run a tiny model's step many times slower than one thread.
+TORCH_THREADS = use_free_cores()
 
 REPO = Path(__file__).resolve().parents[1]
 # One slow test, its fixtures included, may take this long (the demo on a 2-core machine other work shares); a fast
@@ -19,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 SLOW_TIMEOUT = 1800
 SHARED = REPO.parent / "shared"
 SAMPLES = REPO / "data" / "samples"
+# How a test that needs ../shared skips (the terminal summary counts them by it).
+SHARED_SKIP = "optional check on the project's own data, which a clone does not have"
 
 
 @pytest.fixture(scope="session")
@@ -30,10 +38,10 @@ def triton_interpreter() -> None:
 
 
 def shared_dir(rel: str, what: str) -> Path:
-    """The folder ../shared/`rel` beside the checkout; skips the test, saying where `what` belongs, when absent."""
+    """The folder ../shared/`rel` beside the checkout; skips the test, saying what it needs, when absent."""
     path = SHARED / rel
     if not path.is_dir():
-        pytest.skip(f"{what} not found at {path}: put ../shared/{rel} beside the checkout to run this test")
+        pytest.skip(f"{SHARED_SKIP}: needs {what} in ../shared/{rel}")
     return path
 
 
@@ -56,7 +64,7 @@ def _seed():
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): tiny
-    models run fastest on one, and a busy machine's cores are not free for more."""
+    models run fastest on one, whatever the session's count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -69,7 +77,16 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
 
 
+def pytest_report_header(config) -> str:
+    return (f"torch threads: {torch.get_num_threads()} (cores free to this process; OMP_NUM_THREADS overrides)"
+            + ("" if SHARED.is_dir() else f"; no {SHARED}: the tests that need it skip"))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    shared = sum(1 for report in terminalreporter.stats.get("skipped", []) if SHARED_SKIP in str(report.longrepr))
+    if shared:
+        terminalreporter.write_line(f"{shared} skipped: optional checks on the project's own corpora and tokenizers "
+                                    "(../shared beside its checkout), which a clone does not have")
     deselected = sum(1 for item in terminalreporter.stats.get("deselected", []) if item.get_closest_marker("slow"))
     if deselected and config.getoption("markexpr") == "not slow":
         terminalreporter.write_line(f"{deselected} slow tests not run (the demo, the notebook, torchrun, "

@@ -77,7 +77,7 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     nb = nbformat.read(REPO / "train.ipynb", as_version=4)
     os.environ["CHATLM_NOTEBOOK_OUT"] = str(tmp_path / "nb")
     try:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+        nbclient.NotebookClient(nb, timeout=SLOW_TIMEOUT - 120, kernel_name="python3",
                                 resources={"metadata": {"path": str(REPO)}}).execute()
     finally:
         del os.environ["CHATLM_NOTEBOOK_OUT"]

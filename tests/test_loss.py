@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SLOW_TIMEOUT
 
 import model.loss
 import model.loss_kernel
@@ -375,7 +376,8 @@ def test_fsdp2_sharded_gradients_equal_one_process(tmp_path, mode):
     script = tmp_path / "fsdp_loss.py"
     script.write_text(FSDP_SCRIPT)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29519", str(script), mode], cwd=repo, capture_output=True, text=True, timeout=300,
+                             "29519", str(script), mode], cwd=repo, capture_output=True, text=True,
+                            timeout=SLOW_TIMEOUT - 120,
                             env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
     assert result.returncode == 0, result.stderr[-3000:]
     worst = float(result.stdout.split("worst")[-1])

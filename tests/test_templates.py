@@ -75,10 +75,9 @@ def test_content_with_braces_and_jinja_syntax_is_verbatim():
 
 # ------------------------------------------------------------------ transformers parity
 @pytest.fixture(scope="module")
-def our_dir(tmp_path_factory, shared_corpora):
-    text = (shared_corpora / "belle" / "eval_set.json")
+def our_dir(tmp_path_factory, samples_dir):
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_tokenizer([text], 1000, out)
+    train_tokenizer(sorted((samples_dir / "text").glob("*.txt")), 1000, out)  # the bundled 三国演义 chapters
     return out
 
 
