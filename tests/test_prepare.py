@@ -527,3 +527,78 @@ def test_split_keeps_documents_whole():
     # one row per document: the plain permutation, as before documents were tracked
     plain, _ = prep._assign(n, cfg)
     assert (prep._assign(n, cfg, np.arange(n))[0] == plain).all()
+
+
+# ------------------------------------------------------------------ units of the table; instructions left out of dedup
+def test_stats_count_records_and_the_rows_they_became(bundled, capsys):
+    """`hc3 read 50 kept 93` did not add up: an HC3 question becomes one row per answer. stats.json and the table
+    count records read, the rows they became and the rows kept, and each identity holds per corpus."""
+    _, stats = bundled
+    for name, c in stats["corpora"].items():
+        row_drops = sum(n for r, n in c["dropped"].items() if r in prep.ROW_REASONS)
+        record_drops = sum(c["dropped"].values()) - row_drops
+        assert c["kept"] + row_drops == c["rows"], name
+        assert c["near_duplicates"] == c["dropped"].get("near_duplicate", 0)
+        if name == "hc3":
+            assert c["rows"] > c["read"] - record_drops  # 49 questions, 94 answers
+        else:
+            assert c["rows"] == c["read"] - record_drops, name
+    t = stats["total"]
+    assert t["rows"] == sum(c["rows"] for c in stats["corpora"].values())
+    assert t["near_duplicates"] == sum(c["near_duplicates"] for c in stats["corpora"].values())
+    prep.print_stats(stats)
+    out = capsys.readouterr().out
+    assert "records" in out and "rows" in out and "near-" in out
+    hc3 = stats["corpora"]["hc3"]
+    used = hc3["read"] - hc3["dropped"]["missing_field"]
+    assert f"hc3: {used} records became {hc3['rows']} rows (one row per answer, --hc3-answers both)" in out
+    assert "hc3 dropped: records missing_field 1; rows near_duplicate 1" in out
+
+
+def ner_rows(shared_corpora: Path) -> list[dict]:
+    path = shared_corpora / "msra_ner_instruct" / "eval.first800.txt"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_a_shared_instruction_is_left_out_of_dedup(shared_corpora, tmp_path):
+    """MSRA NER: one 76-character instruction before each short query, answers often `没有`. Compared whole, 23 of the
+    800 distinct examples were dropped as near-duplicates; without the shared instruction all stay, and a record whose
+    query differs from another's by one character (same answer) is still dropped, as is an exact copy."""
+    rows = ner_rows(shared_corpora)
+    assert len({(r["query"], r["answer"]) for r in rows}) == 800 and len({r["instruct"] for r in rows}) == 1
+    src = tmp_path / "ner.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    stats = prepare_corpora([("instruct", src)], tmp_path / "o", PrepareConfig())
+    c = stats["corpora"]["instruct"]
+    assert c["kept"] == 800 and c["near_duplicates"] == 0 and c["dedup_without_instruction"] == 800
+    old = prepare_corpora([("instruct", src)], tmp_path / "whole", PrepareConfig(dedup=DedupConfig(
+        instruction_repeats=0)))["corpora"]["instruct"]
+    assert old["near_duplicates"] == 23 and old["dedup_without_instruction"] == 0  # the issue's figure
+
+    long = max(rows, key=lambda r: len(r["query"]))  # a near-duplicate: one character of the query changed
+    q = long["query"]
+    near = dict(long, query=q[:len(q) // 2] + ("的" if q[len(q) // 2] != "的" else "了") + q[len(q) // 2 + 1:])
+    other = dict(rows[0], instruct="请找出下面文本里的人名、地名和机构名。")  # another instruction, its own rows
+    extra = [near, dict(rows[5]), other, dict(other)]
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows + extra), encoding="utf-8")
+    stats = prepare_corpora([("instruct", src)], tmp_path / "o2", PrepareConfig())
+    c = stats["corpora"]["instruct"]
+    assert (c["kept"], c["near_duplicates"], c["dropped"]["duplicate"]) == (801, 1, 2)
+    assert c["dedup_without_instruction"] == 804
+    kept = load(tmp_path / "o2")
+    assert int(kept.prompt.str.startswith("请找出下面文本里").sum()) == 1  # rows[0]'s query under another instruction
+
+
+def test_an_instruction_is_kept_when_it_is_the_whole_question(tmp_path):
+    """alpaca without an input: the instruction is the question and stays in what dedup compares (three questions
+    with one answer are three rows); an instruction with an input that rows share is left out."""
+    rows = [{"instruction": "把下面的句子翻译成英文。", "input": f"今天第{i}次去公园。", "output": f"Park {i}."}
+            for i in range(6)]
+    rows += [{"instruction": q, "input": "", "output": "好的，我来试试。"}
+             for q in ("写一首关于春天的诗", "用三句话介绍长城的历史", "解释一下什么是光合作用")]
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    c = prepare_corpora([("alpaca", src)], tmp_path / "o", PrepareConfig())["corpora"]["alpaca"]
+    assert (c["kept"], c["dedup_without_instruction"], c["dropped"]) == (9, 6, {})
+    with pytest.raises(ValueError, match="instruction_repeats"):
+        DedupConfig(instruction_repeats=-1)

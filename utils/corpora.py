@@ -34,6 +34,9 @@ class Record:
     history: list[tuple[str, str]] = field(default_factory=list)  # earlier (q, a) turns, oldest first
     system: str = ""
     continued: bool = False  # text format: this record goes on with the previous record's document (a long file)
+    # instruction formats (belle, alpaca, instruct) whose prompt is instruction + "\n" + input: the raw instruction,
+    # so that dedup can leave out one that many records share (utils/prepare.py); "" when there is no separate input
+    instruction: str = ""
 
 
 @dataclass
@@ -491,22 +494,23 @@ def read_parquet(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Reco
             yield Record(row["prompt"], row["response"], "parquet")
 
 
-def _instruction(obj: dict, keys: tuple[str, str] = ("instruction", "input")) -> str:
-    """instruction + input, one per line (without `input` many records lose their question)."""
+def _instruction(obj: dict, keys: tuple[str, str] = ("instruction", "input")) -> tuple[str, str]:
+    """(prompt, instruction): prompt = instruction + input, one per line (without `input` many records lose their
+    question); instruction = the instruction part when both parts are there, else "" (it is the whole question)."""
     parts = [_text(obj, k).strip() for k in keys]
-    return "\n".join(p for p in parts if p)
+    return "\n".join(p for p in parts if p), parts[0] if all(parts) else ""
 
 
 @register("belle")
 def read_belle(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
     """BELLE instruction / input / output (JSON lines or array)."""
     for where, obj in json_objects(path, opts, tally):
-        prompt = _instruction(obj)
+        prompt, instruction = _instruction(obj)
         if not prompt or not _require(obj, ("output",), where, tally):
             if not prompt:
                 tally.drop("missing_field", where, "missing or empty: instruction")
             continue
-        yield Record(prompt, _text(obj, "output"), "belle")
+        yield Record(prompt, _text(obj, "output"), "belle", instruction=instruction)
 
 
 def _history(obj: dict, where: str, tally: Tally) -> list[tuple[str, str]] | None:
@@ -521,7 +525,7 @@ def _history(obj: dict, where: str, tally: Tally) -> list[tuple[str, str]] | Non
 def read_alpaca(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Record]:
     """alpaca / LLaMA-Factory: instruction + input -> output, optional system and history [[q, a], ...]."""
     for where, obj in json_objects(path, opts, tally):
-        prompt = _instruction(obj)
+        prompt, instruction = _instruction(obj)
         if not prompt:
             tally.drop("missing_field", where, "missing or empty: instruction and input")
             continue
@@ -529,7 +533,7 @@ def read_alpaca(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Recor
             continue
         history = _history(obj, where, tally)
         if history is not None:
-            yield Record(prompt, _text(obj, "output"), "alpaca", history, _text(obj, "system"))
+            yield Record(prompt, _text(obj, "output"), "alpaca", history, _text(obj, "system"), instruction=instruction)
 
 
 @register("instruct")
@@ -538,8 +542,8 @@ def read_instruct(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[Rec
     for where, obj in json_objects(path, opts, tally):
         if not _require(obj, ("instruct", "answer"), where, tally):
             continue
-        prompt = _instruction(obj, ("instruct", "query"))
-        yield Record(prompt, _text(obj, "answer"), "instruct")
+        prompt, instruction = _instruction(obj, ("instruct", "query"))
+        yield Record(prompt, _text(obj, "answer"), "instruct", instruction=instruction)
 
 
 QA_KEYS = (("q", "a"), ("question", "answer"), ("question", "std_answer"), ("问", "答"), ("prompt", "response"))

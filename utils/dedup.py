@@ -33,6 +33,14 @@ class DedupConfig:
     num_perm: int = 256       # permutations
     ngram: int = 3            # character shingle length (1 matches most long texts)
     seed: int = 1             # datasketch's default MinHash seed
+    # an instruction (belle / alpaca instruction with an input, instruct's instruct with a query) that this many rows
+    # of a spool chunk share, or that an earlier chunk shared, is left out of what dedup compares: the rest of the
+    # record (input + response) is compared among rows of that same instruction. 0: compare whole prompts
+    instruction_repeats: int = 2
+
+    def __post_init__(self) -> None:
+        if self.instruction_repeats < 0:
+            raise ValueError(f"instruction_repeats must be 0 (off) or a row count, got {self.instruction_repeats}")
 
 
 def _codepoints(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -194,17 +202,31 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return out
 
 
-def chunk_keys(prompts: list[str], responses: list[str], cfg: DedupConfig
+def chunk_keys(prompts: list[str], responses: list[str], cfg: DedupConfig, salt: np.ndarray | None = None
                ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """All that dedup must remember of a chunk of rows: exact keys [n], LSH band keys [n, bands] and whether each
-    row has any shingle [n] (None for a disabled kind). MinHash sees prompt + response."""
+    row has any shingle [n] (None for a disabled kind). MinHash sees prompt + response.
+
+    `salt` [n] uint64 (0: none) is XORed into a row's keys: rows match only rows of the same salt. prepare passes the
+    hash of a shared instruction that it left out of `prompts` (instruction_salt), so the rest of two records is
+    compared only under the same instruction."""
     n = len(prompts)
     cp, doc_id = _codepoints([p + "\x1f" + r for p, r in zip(prompts, responses)])
     exact = _exact_from_codepoints(cp, doc_id, n) if cfg.exact else None
+    if exact is not None and salt is not None:
+        exact ^= salt
     if not cfg.near:
         return exact, None, None
     sig, has = _signatures(cp, doc_id, n, cfg.num_perm, cfg.seed, cfg.ngram)
-    return exact, band_keys(sig, *lsh_params(cfg.threshold, cfg.num_perm)), has
+    bands = band_keys(sig, *lsh_params(cfg.threshold, cfg.num_perm))
+    if salt is not None:
+        bands ^= salt[:, None]
+    return exact, bands, has
+
+
+def instruction_salt(instruction: str) -> int:
+    """A nonzero 64-bit key of an instruction (blake2b: the same in every process, unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(instruction.encode("utf-8"), digest_size=8).digest(), "little") or 1
 
 
 def near_keys(docs: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:

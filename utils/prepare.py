@@ -6,6 +6,11 @@ kept rows to temporary parquet chunks, and remembers per row only a source id, a
 assigns every surviving row a shard and a slot, and pass 2 scatters the spool into per-shard buckets that are
 sorted into their final order. Everything is built in a temporary sibling directory renamed into place at the end.
 
+Dedup compares a row's prompt and response, except that an instruction many rows share (instruction data: one task
+description before each input) is left out and the rest compared among rows of that instruction
+(`_SharedInstructions`). stats.json and the table count records read, the rows they became (an HC3 question is one
+row per answer) and the rows kept, with the drops of each by reason.
+
 Plain prose (the `text` format) is cleaned by its own rules and each document is split into pieces of at most
 `max_doc_chars` characters, one row each: prompt = the piece's first line, response = the rest, so that the
 pretraining document `prompt + "\n" + response` is the piece itself (utils/cleaning.py `text_fields`). The pieces of
@@ -18,6 +23,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from utils.cleaning import CleanConfig, clean_record, normalize_text, split_document, text_fields
+from utils.cleaning import CleanConfig, clean_record, normalize_punctuation, normalize_text, split_document, text_fields
 from utils.corpora import FILTER_REASONS, READERS, ReaderOptions, Record, Tally, is_blank_file, list_files, read_file
-from utils.dedup import DedupConfig, chunk_keys, first_occurrence, near_duplicates
+from utils.dedup import DedupConfig, chunk_keys, first_occurrence, instruction_salt, near_duplicates
 from utils.io import atomic_dir, write_json
 from utils.progress import progress_bar
 
@@ -189,17 +195,58 @@ def _validate(sources: list[tuple[str, Path]], cfg: PrepareConfig
     return plan, bad_files
 
 
-def _keys(prompts: list[str], responses: list[str], dedup: DedupConfig):
+def _keys(prompts: list[str], responses: list[str], dedup: DedupConfig, salt: np.ndarray | None = None):
     """Dedup keys of a chunk (exact [n], bands [n, b], has [n]); zeros for exact when exact dedup is off."""
-    exact, bands, has = chunk_keys(prompts, responses, dedup)
+    exact, bands, has = chunk_keys(prompts, responses, dedup, salt)
     return np.zeros(len(prompts), dtype=np.uint64) if exact is None else exact, bands, has
 
 
-def _spool_chunk(path: Path, prompts: list[str], responses: list[str], dedup: DedupConfig):
-    """Worker side of pass 1: write one spool chunk and return its dedup keys."""
+def _spool_chunk(path: Path, prompts: list[str], responses: list[str], dedup: DedupConfig,
+                 key_prompts: list[str] | None = None, salt: np.ndarray | None = None):
+    """Worker side of pass 1: write one spool chunk and return its dedup keys (of `key_prompts`, the prompts as
+    dedup sees them, when given)."""
     pq.write_table(pa.table({"prompt": prompts, "response": responses}, schema=SCHEMA.remove(2)), path,
                    compression="lz4")
-    return _keys(prompts, responses, dedup)
+    return _keys(prompts if key_prompts is None else key_prompts, responses, dedup, salt)
+
+
+MAX_SHARED_INSTRUCTIONS = 1 << 16  # instructions remembered as shared across chunks (a chunk's own are always used)
+
+
+class _SharedInstructions:
+    """Which instructions dedup leaves out (DedupConfig.instruction_repeats): those that `repeats` rows of one spool
+    chunk share, remembered for the later chunks. Streaming and deterministic: a chunk is judged when it is flushed,
+    in order. An instruction is left out of a row's prompt only where the cleaned prompt still starts with it (and
+    has something after it); the row's keys are then salted with the instruction, so its rest is compared only with
+    the rest of rows of the same instruction."""
+
+    def __init__(self, repeats: int, clean: CleanConfig):
+        self.repeats, self.clean = repeats, clean
+        self.known: dict[str, tuple[str, int]] = {}  # raw instruction -> (its cleaned form, salt)
+
+    def _entry(self, instruction: str) -> tuple[str, int]:
+        if (entry := self.known.get(instruction)) is None:
+            cleaned = normalize_punctuation(instruction) if self.clean.normalize else instruction.strip()
+            entry = (cleaned + "\n", instruction_salt(instruction))
+            if len(self.known) < MAX_SHARED_INSTRUCTIONS:
+                self.known[instruction] = entry
+        return entry
+
+    def view(self, prompts: list[str], instructions: list[str]) -> tuple[list[str] | None, np.ndarray | None]:
+        """(the prompts as dedup sees them, the salts), or (None, None) when no row leaves its instruction out."""
+        if not self.repeats or not any(instructions):
+            return None, None
+        counts = Counter(instructions)
+        shared = {i for i, c in counts.items() if i and (c >= self.repeats or i in self.known)}
+        if not shared:
+            return None, None
+        out, salt = list(prompts), np.zeros(len(prompts), dtype=np.uint64)
+        for k, (prompt, instruction) in enumerate(zip(prompts, instructions)):
+            if instruction in shared:
+                prefix, key = self._entry(instruction)
+                if len(prompt) > len(prefix) and prompt.startswith(prefix):
+                    out[k], salt[k] = prompt[len(prefix):], key
+        return (out, salt) if salt.any() else (None, None)
 
 
 class _Spool:
@@ -220,6 +267,9 @@ class _Spool:
         self.track_docs = track_docs  # keep a document id per row (text corpora: the split keeps a document whole)
         self.doc_ids: list[np.ndarray] = []
         self.docs: list[int] = []
+        self.instructions: list[str] = []
+        self.shared = _SharedInstructions(cfg.dedup.instruction_repeats, cfg.clean)
+        self.left_out = np.zeros(n_sources, dtype=np.int64)  # rows per source compared without their instruction
         self.pool = (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if cfg.worker == "process"
                      else ThreadPoolExecutor(1) if cfg.worker == "thread" else None)
 
@@ -227,6 +277,7 @@ class _Spool:
         self.prompts.append(rec.prompt)
         self.responses.append(rec.response)
         self.current.append(source_id)
+        self.instructions.append(rec.instruction)
         if self.track_docs:
             self.docs.append(doc)
         self.chars += len(rec.prompt) + len(rec.response)
@@ -243,14 +294,17 @@ class _Spool:
         self.source_ids.append(np.asarray(self.current, dtype=self.dtype))
         if self.track_docs:
             self.doc_ids.append(np.asarray(self.docs, dtype=np.int64))
-        args = (path, self.prompts, self.responses, self.cfg.dedup)
+        key_prompts, salt = self.shared.view(self.prompts, self.instructions)
+        if salt is not None:
+            self.left_out += np.bincount(self.source_ids[-1][salt != 0], minlength=len(self.left_out))
+        args = (path, self.prompts, self.responses, self.cfg.dedup, key_prompts, salt)
         if self.pool:
             self.parts.append(self.pool.submit(_spool_chunk, *args))
         else:
             done: Future = Future()
             done.set_result(_spool_chunk(*args))
             self.parts.append(done)
-        self.prompts, self.responses, self.current, self.docs = [], [], [], []
+        self.prompts, self.responses, self.current, self.docs, self.instructions = [], [], [], [], []
         self.chars = 0
 
     def arrays(self):
@@ -365,7 +419,7 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
     plan, skipped = _validate(sources, cfg)
     labels = corpus_labels(sources)
     tallies = [Tally() for _ in plan]
-    times, kept_clean = [0.0] * len(plan), [0] * len(plan)
+    times, rows_made = [0.0] * len(plan), [0] * len(plan)
     t_start = time.perf_counter()
     prose = [READERS[name].prose for name, _ in plan]
     doc = -1  # a running document id: every row of a question/answer corpus, or every text document, gets one
@@ -388,11 +442,12 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
                             doc += not raw.continued
                             for rec in text_rows(raw, cfg.clean, tally, str(f)):
                                 spool.add(rec, i, doc)
-                                kept_clean[i] += 1
+                                rows_made[i] += 1
                             continue
                         turns = single_turns(raw, cfg.multi_turn)
                         if not turns:
                             tally.drop("multi_turn", str(f), "multi-turn record dropped (multi_turn=drop)")
+                        rows_made[i] += len(turns)
                         for rec in turns:
                             reason = clean_record(rec, name, cfg.clean)
                             if reason:
@@ -400,7 +455,6 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
                             else:
                                 doc += 1
                                 spool.add(rec, i, doc)
-                                kept_clean[i] += 1
                 times[i] = time.perf_counter() - t0
             sources_arr, exact, bands, has, docs = spool.arrays()
         finally:
@@ -421,14 +475,17 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
         counts = _write_shards(tmp, tmp, spool.files, keep, sources_arr, labels, cfg, docs)
         stats = {
             "corpora": {labels[i]: {
-                "format": name, "files": [str(f) for f in files], "read": tallies[i].read,
+                "format": name, "files": [str(f) for f in files], "read": tallies[i].read, "rows": rows_made[i],
                 "kept": int((keep & (sources_arr == i)).sum()), "dropped": dict(tallies[i].dropped.most_common()),
+                "near_duplicates": tallies[i].dropped["near_duplicate"],
+                "dedup_without_instruction": int(spool.left_out[i]),
                 **(_text_stats(tallies[i]) if prose[i] else {}),
                 "skipped_files": skipped[i],
                 "seconds": round(times[i], 3), "examples": tallies[i].examples,
             } for i, (name, files) in enumerate(plan)},
             "splits": counts,
-            "total": {"read": sum(t.read for t in tallies), "kept": int(keep.sum()),
+            "total": {"read": sum(t.read for t in tallies), "rows": sum(rows_made), "kept": int(keep.sum()),
+                      "near_duplicates": int(dup_near.sum()),
                       "skipped_files": sum(len(s) for s in skipped),
                       "seconds": round(time.perf_counter() - t_start, 3),
                       "dedup_seconds": round(t_write - t_dedup, 3),
@@ -450,22 +507,51 @@ def _text_stats(tally: Tally) -> dict:
             "cuts": {"paragraph": c["paragraph_cuts"], "sentence": c["sentence_cuts"], "hard": c["hard_cuts"]}}
 
 
+# drops of a row (a record's question/answer pair, a text piece); every other reason drops a whole record
+ROW_REASONS = ("translation", "table", "short_prompt", "short_response", "too_long", "duplicate", "near_duplicate")
+
+
+def _dropped(c: dict, rows: bool) -> dict[str, int]:
+    return {r: n for r, n in c["dropped"].items() if (r in ROW_REASONS) == rows}
+
+
 def print_stats(stats: dict) -> None:
+    """Per corpus: the records read, the rows they became (an HC3 question: one row per answer; --multi-turn turns:
+    one per turn; a text document: one per piece) and the rows kept. records read - records dropped = the records
+    that became rows; rows - rows dropped = rows kept (near-duplicates are among the rows dropped)."""
     from rich.console import Console
     from rich.table import Table
-    table = Table(title="prepare: rows per corpus")
-    for col, justify in (("corpus", "left"), ("read", "right"), ("kept", "right"), ("dropped (reason: rows)", "left"),
-                         ("seconds", "right")):
-        table.add_column(col, justify=justify)
+    table = Table(title="prepare: records read -> rows -> rows kept")
+    for col in ("corpus", "records\nread", "records\ndropped", "rows", "rows\ndropped", "near-\nduplicates",
+                "rows\nkept", "seconds"):
+        table.add_column(col, justify="left" if col == "corpus" else "right")
+    totals = [0, 0]
     for name, c in stats["corpora"].items():
-        dropped = ", ".join(f"{r}: {n:,}" for r, n in c["dropped"].items()) or "-"
-        table.add_row(name, f"{c['read']:,}", f"{c['kept']:,}", dropped, f"{c['seconds']:.1f}")
+        drops = [sum(_dropped(c, rows).values()) for rows in (False, True)]
+        totals = [a + b for a, b in zip(totals, drops)]
+        table.add_row(name, f"{c['read']:,}", f"{drops[0]:,}", f"{c['rows']:,}", f"{drops[1]:,}",
+                      f"{c['near_duplicates']:,}", f"{c['kept']:,}", f"{c['seconds']:.1f}")
     t = stats["total"]
-    table.add_row("total", f"{t['read']:,}", f"{t['kept']:,}",
-                  f"{sum(sum(c['dropped'].values()) for c in stats['corpora'].values()):,}", f"{t['seconds']:.1f}",
-                  style="bold")
+    table.add_row("total", f"{t['read']:,}", f"{totals[0]:,}", f"{t['rows']:,}", f"{totals[1]:,}",
+                  f"{t['near_duplicates']:,}", f"{t['kept']:,}", f"{t['seconds']:.1f}", style="bold")
     console = Console()
     console.print(table)
+    for name, c in stats["corpora"].items():
+        parts = [f"{what} " + ", ".join(f"{r} {n:,}" for r, n in d.items())
+                 for what, d in (("records", _dropped(c, False)), ("rows", _dropped(c, True))) if d]
+        if parts:
+            console.print(f"{name} dropped: {'; '.join(parts)}", markup=False, highlight=False, soft_wrap=True)
+    for name, c in stats["corpora"].items():
+        used = c["read"] - sum(_dropped(c, False).values())
+        if c["rows"] > used and "pieces" not in c:  # (text corpora: the documents -> pieces line below)
+            why = {"hc3": f"one row per answer, --hc3-answers {stats['config']['read']['hc3_answers']}"}.get(
+                c["format"], "one row per turn, --multi-turn turns")
+            console.print(f"{name}: {used:,} records became {c['rows']:,} rows ({why})", markup=False,
+                          highlight=False)
+        if n := c.get("dedup_without_instruction"):
+            console.print(f"{name}: {n:,} rows share their instruction with others; dedup compared their input and "
+                          f"response under that instruction (--instruction-repeats)", markup=False, highlight=False,
+                          soft_wrap=True)
     for name, c in stats["corpora"].items():
         if "pieces" in c:
             cuts = c["cuts"]
@@ -563,6 +649,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--threshold", type=float, default=x.threshold, help="MinHash-LSH Jaccard threshold")
     parser.add_argument("--num-perm", type=int, default=x.num_perm, help="MinHash permutations")
     parser.add_argument("--ngram", type=int, default=x.ngram, help="MinHash character shingle length")
+    parser.add_argument("--instruction-repeats", type=int, default=x.instruction_repeats, metavar="N",
+                        help="an instruction with an input (belle, alpaca; instruct's instruct + query) that N rows "
+                             "of a 20,000-row chunk share is left out of what dedup compares: the input and response "
+                             "are compared among rows of that instruction; 0: compare whole prompts")
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
@@ -575,7 +665,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         read=ReaderOptions(encoding=args.encoding, min_star=args.min_star, dice_threshold=args.dice,
                            hc3_answers=args.hc3_answers, text_field=args.text_field, doc_sep=args.doc_sep),
         dedup=DedupConfig(exact=args.dedup, near=args.near_dedup, threshold=args.threshold,
-                          num_perm=args.num_perm, ngram=args.ngram))
+                          num_perm=args.num_perm, ngram=args.ngram, instruction_repeats=args.instruction_repeats))
 
 
 def main(args: argparse.Namespace) -> None:
