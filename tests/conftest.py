@@ -55,6 +55,22 @@ def samples_dir() -> Path:
     return SAMPLES
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_base(tmp_path_factory) -> Path:
+    """A random `tiny` model of ours with 2048 positions and a 600-token tokenizer trained on the bundled alpaca sample
+    beside it: a base for LoRA runs on the samples (what `train.py demo` makes, in seconds)."""
+    from model import ModelConfig, Transformer, save_model
+    from utils.tokenizer import Tokenizer, train_tokenizer
+    root = tmp_path_factory.mktemp("tiny-base")
+    train_tokenizer(SAMPLES / "alpaca" / "alpaca_zh_sample.json", 600, root / "tokenizer")
+    tokenizer = Tokenizer.load(root / "tokenizer")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=2048,
+                                           eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                                           bos_token_id=tokenizer.bos_id))
+    return save_model(model, root / "base", tokenizer=tokenizer)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

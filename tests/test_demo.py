@@ -84,7 +84,10 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss curve was drawn
-    assert any("Assistant:" in o.get("text", "") for o in outputs)
+    text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert "ipywidgets" not in text and "IProgress" not in text  # no warning about live Jupyter bars
+    seen, unseen = text.index("SEEN in training"), text.index("UNSEEN: held out")  # the chat, labelled
+    assert seen < text.index("Assistant:", seen) < unseen < text.index("Assistant:", unseen)
     check_chat_ready(tmp_path / "nb" / "sft" / "latest")
 
 

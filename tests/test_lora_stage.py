@@ -4,6 +4,7 @@ on the MSRA NER instruct data, QLoRA, the seed's unmasked 问/答 recipe)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,22 @@ def run_cli_demo(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "cli_demo.py"), "--device", "cpu", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=True)
 
+
+
+def test_a_batch_larger_than_tiny_data_takes_the_rows_there_are(tiny_chat_base, samples_dir, tmp_path, capsys):
+    """The README's 7B flags (rows of 2048 tokens, --batch-size 4) on the bundled alpaca sample pack a couple of rows:
+    the batch takes them, said in one line before any work (it failed at the first step with a traceback), and the
+    saved config holds the batch that ran. A run of a few steps is told it is too short to learn."""
+    data = samples_dir / "alpaca" / "alpaca_zh_sample.json"
+    train.main(["lora", "--base", str(tiny_chat_base), "--data", str(data), "--format", "alpaca", "--template",
+                "chatml", "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "1", "--cpu", "--out",
+                str(tmp_path / "run")])
+    [note] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: --data")]
+    rows = int(re.search(r"packs into (\d+) rows? of 2048 tokens per epoch, too few for --batch-size 4", note)[1])
+    assert rows < 4 and f"batches of {rows} rows instead" in note and "--max-seq-length" in note
+    state = json.loads((tmp_path / "run" / "latest" / "training_state" / "trainer_state.json").read_text())
+    assert state["config"]["batch_size"] == rows and state["step"] == 2
+    assert "warning: only 2 optimizer steps" in (tmp_path / "run" / "train.log").read_text()
 
 @pytest.mark.slow
 def test_qwen2_chatml_alpaca_lora_then_chat_merge_and_peft(shared_corpora, tmp_path):

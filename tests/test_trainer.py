@@ -195,6 +195,61 @@ def test_the_host_reads_each_step_one_step_behind(corpus, tmp_path, monkeypatch)
     assert [int(n) for n in re.findall(r"step (\d+) loss", log)] == [1, 2, 3, 4, 5, 6]  # --log-every 1
 
 
+
+def test_every_log_line_times_its_own_steps(corpus, tmp_path, monkeypatch):
+    """Each logged tokens/s divides a window's tokens by the time its steps took, on the CPU too: each step is made to
+    take at least 50 ms, so no line may pass 4 x 64 tokens / 50 ms. Timed from when the host read the window's last
+    step, the last line (step 4, read just after step 3 as the run ends) took microseconds (1,349,254,684 tokens/s).
+    The first step is logged whatever --log-every says, the start names the device and the precision in words, the
+    end says how long the steps took."""
+    from trainer.loop import LanguageModeling
+    original = LanguageModeling.__call__
+
+    def slow(self, model, batch):
+        time.sleep(0.05)
+        return original(self, model, batch)
+    monkeypatch.setattr(LanguageModeling, "__call__", slow)
+    train.main(pretrain_args(corpus, tmp_path / "run", "--max-steps", "4", "--save-every", "2", "--log-every", "3"))
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "steps on 1 x cpu, float32" in log and "(no)" not in log
+    assert re.search(r"steps 1-4 took \d+:\d\d:\d\d: loss \d+\.\d{4} -> \d+\.\d{4}", log)
+    found = re.findall(r"step (\d+) loss .* ([\d,.]+) tok/s", log)
+    speeds = {int(step): float(rate.replace(",", "")) for step, rate in found}
+    assert sorted(speeds) == [1, 3, 4]
+    assert all(0 < rate <= 4 * 64 / 0.05 for rate in speeds.values()), speeds
+
+
+def test_warmup_and_step_shortfalls_are_said_with_their_numbers(corpus, tmp_path):
+    """A warmup longer than, or most of, the run, and a fine-tune of too few steps: a line each, with the numbers and
+    the flag to change, before the first step (a warmup of at most half the run, or enough steps, say nothing)."""
+    from trainer.config import LoraConfig, PretrainConfig, SFTConfig
+    from trainer.loop import shortfalls
+    pretrain = PretrainConfig(data="d", tokenizer="t", max_steps=60)
+    [line] = shortfalls(pretrain, 60)
+    assert "--warmup-steps 200 is longer than the run's 60 steps" in line and "30% of its peak" in line
+    assert "use --warmup-steps 6 (about a tenth" in line and "--max-steps" in line
+    sft = SFTConfig(init="i", data="d")
+    warmup, few = shortfalls(sft, 60)
+    assert "--warmup-steps 50 takes 83% of the run's 60 steps" in warmup and "--epochs" in warmup
+    assert "only 60 optimizer steps" in few and "--batch-size" in few
+    assert shortfalls(sft, 100) == [] and shortfalls(pretrain, 400) == []
+    assert shortfalls(LoraConfig(base="b", data="d"), 16)[-1].startswith("warning: only 16 optimizer steps")
+    assert shortfalls(pretrain, 50)[0].startswith("warning: --warmup-steps 200")  # pretraining: no step minimum
+    train.main(pretrain_args(corpus, tmp_path / "run", "--max-steps", "2", "--warmup-steps", "5"))
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.index("--warmup-steps 5 is longer than the run's 2 steps") < log.index("step 1 loss")
+
+
+def test_an_fsdp_launch_that_would_not_shard_is_refused(corpus, tmp_path, monkeypatch):
+    """`accelerate launch --config_file accelerate_fsdp.yaml ... --cpu`: accelerate ignores FSDP on the CPU and would
+    run plain DDP; refused in one line before the data is read."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    refused = r"asks for FSDP .* does not shard on the CPU: this would run as one process.*accelerate\.yaml"
+    with pytest.raises(ValueError, match=refused):
+        train.main(["pretrain", "--data", str(tmp_path / "missing"), "--tokenizer", str(tmp_path / "missing"),
+                    "--cpu", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
 def test_checkpoints_rotate_and_load_in_transformers(corpus, tmp_path):
     run = tmp_path / "run"
     train.main(pretrain_args(corpus, run, "--max-steps", "5", "--save-every", "1", "--save-total-limit", "2"))

@@ -168,6 +168,9 @@ class SFTConfig(SFTDataConfig, TrainConfig):
     lr: float = 1e-4
     warmup_steps: int = 50
     epochs: float = 2.0
+    # Fewer optimizer steps get a warning (trainer/loop.py shortfalls): the README's SFT command on the bundled samples
+    # took 16 and answered "，，，"; the demo takes 600.
+    min_steps_to_learn = 100
 
 
 @dataclass(kw_only=True)
@@ -195,6 +198,7 @@ class LoraConfig(SFTDataConfig, LoraAdapterConfig, TrainConfig):
     template: str = option("chatml", "chat template", choices=TEMPLATE_CHOICES)
     tokenizer: str | None = option(None, "tokenizer directory; unset = --base")
     init_adapter: str | None = option(None, "start from this adapter instead of fresh LoRA layers")
+    min_steps_to_learn = 100  # as SFT's
     max_seq_length: int = 2048
     out_dir: str = "runs/lora"
     lr: float = 2e-4

@@ -25,7 +25,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import datetime
 import errno
+import importlib.util
 import inspect
 import io
 import json
@@ -49,7 +51,7 @@ import torch.nn as nn
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils import gather_object
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -156,6 +158,54 @@ def lr_multiplier(step: int, total: int, cfg: TrainConfig) -> float:
     progress = min(1.0, max(0.0, (step - start) / max(1, total - start)))
     fall = 0.5 * (1 + math.cos(math.pi * progress)) if cosine else 1 - progress
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * fall
+
+
+def shortfalls(cfg: TrainConfig, total_steps: int) -> list[str]:
+    """What the settings quietly leave short in a run of `total_steps` steps, a line each, said before the first
+    step: a warmup that takes more than half the run (the lr spends the run climbing, and never reaches its peak
+    when the warmup is the longer), and a fine-tune (cfg.min_steps_to_learn) with too few steps to learn anything."""
+    notes = []
+    more = "--max-steps" if cfg.max_steps else "--epochs"
+    if cfg.warmup_steps * 2 > total_steps:
+        shorter = f"use --warmup-steps {max(1, total_steps // 10)} (about a tenth of the run) or more {more}"
+        if cfg.warmup_steps >= total_steps:
+            peak = lr_multiplier(total_steps - 1, total_steps, cfg)
+            notes.append(f"warning: --warmup-steps {cfg.warmup_steps} is longer than the run's {total_steps} steps: "
+                         f"the learning rate climbs to {peak:.0%} of its peak (--lr {cfg.lr:g}) and never reaches "
+                         f"it; {shorter}")
+        else:
+            notes.append(f"warning: --warmup-steps {cfg.warmup_steps} takes {cfg.warmup_steps / total_steps:.0%} of "
+                         f"the run's {total_steps} steps: the learning rate spends most of the run below its peak "
+                         f"(--lr {cfg.lr:g}); {shorter}")
+    least = getattr(cfg, "min_steps_to_learn", 0)
+    if total_steps < least:
+        notes.append(f"warning: only {total_steps} optimizer steps: a fine-tune needs about {least} or more to learn "
+                     f"the chat format (each step moves a weight by about --lr, so fewer leave answers empty or "
+                     f"repeated punctuation); raise {more}, or lower --batch-size for more steps per epoch")
+    return notes
+
+
+def precision_in_words(mixed_precision: str, model: nn.Module) -> str:
+    """How the steps compute: "bf16 mixed precision", or without it the weights' dtype ("float32")."""
+    if mixed_precision != "no":
+        return f"{mixed_precision} mixed precision"
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")
+
+
+def log_console(quiet: bool) -> Console:
+    """The trainer's console, on stderr. Written to a file or a pipe, its lines are 160 wide, not rich's 80 (which
+    cut the progress line's loss and times short)."""
+    console = Console(stderr=True, quiet=quiet)
+    if not (console.is_terminal or console.is_jupyter or "COLUMNS" in os.environ):
+        console.width = 160
+    return console
+
+
+def draws_live(console: Console) -> bool:
+    """Whether rich can draw a live progress bar on `console`: in Jupyter only with ipywidgets (without them it
+    warns, 'install "ipywidgets" for Jupyter support', and draws nothing: the log lines say the same)."""
+    return not console.is_jupyter or importlib.util.find_spec("ipywidgets") is not None
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, total: int, cfg: TrainConfig) -> float:
@@ -270,9 +320,23 @@ def make_accelerator(cfg: TrainConfig, bucket_mb: int = DDP_BUCKET_MB) -> Accele
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, bucket_cap_mb=bucket_mb,
                                         gradient_as_bucket_view=True)
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision, cfg.cpu)
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.grad_accum or 1, cpu=cfg.cpu,
-                       log_with="tensorboard", project_dir=cfg.out_dir, kwargs_handlers=[ddp],
-                       fsdp_plugin=fsdp_plugin(mixed_precision))
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.grad_accum or 1,
+                              cpu=cfg.cpu, log_with="tensorboard", project_dir=cfg.out_dir, kwargs_handlers=[ddp],
+                              fsdp_plugin=fsdp_plugin(mixed_precision))
+    check_fsdp_launch(accelerator)
+    return accelerator
+
+
+def check_fsdp_launch(accelerator: Accelerator) -> None:
+    """An FSDP launch config (`accelerate launch --config_file accelerate_fsdp.yaml` sets ACCELERATE_USE_FSDP) with
+    --cpu: accelerate shards on GPUs only and would quietly run DDP, every process holding the whole model; refused,
+    before any work. (One GPU process has nothing to shard across, and several GPUs are sharded.)"""
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type != DistributedType.FSDP and accelerator.device.type == "cpu":
+        mode = "DDP" if accelerator.num_processes > 1 else "one process"
+        raise ValueError(f"the launch config asks for FSDP (ACCELERATE_USE_FSDP=true), but accelerate does not shard "
+                         f"on the CPU: this would run as {mode}, each process holding the whole model. FSDP needs "
+                         f"GPUs (leave out --cpu); on the CPU launch with accelerate.yaml (DDP)")
 
 
 @dataclass
@@ -285,6 +349,13 @@ class StepRecord:
     seq_len: int
     summary: torch.Tensor  # [global mean loss, stop votes, global mean statistics...], readable after `ready` fired
     ready: torch.cuda.Event | None
+    # the host clock when the record was made: a CPU step has finished by then (its kernels ran on the host)
+    made: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def end(self) -> float | torch.cuda.Event:
+        """When the step ended: its event on a GPU, else the host clock when it was made."""
+        return self.made if self.ready is None else self.ready
 
 
 def to_host(summary: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -307,11 +378,16 @@ def window_start(device: torch.device) -> float | torch.cuda.Event:
     return start
 
 
-def seconds_between(start: float | torch.cuda.Event, end: torch.cuda.Event | None) -> float:
-    """Seconds from a window's start to the end of a step. On a GPU both are events on its timeline: the host reads
-    each step one step late, at a moment that depends on where the next step made it wait, so its clock would put
-    the last window of a run (no next step) short by up to a step (+23% tokens/s in a LoRA 7B run's last line)."""
-    return time.perf_counter() - start if end is None else start.elapsed_time(end) / 1e3
+def seconds_between(start: float | torch.cuda.Event, end: float | torch.cuda.Event) -> float:
+    """Seconds from a window's start to the end of a step (StepRecord.end), never to when the host reads it. On a GPU
+    both are events on its timeline: the host reads each step one step late, at a moment that depends on where the
+    next step made it wait, so its clock would put the last window of a run (no next step) short by up to a step
+    (+23% tokens/s in a LoRA 7B run's last line). On the CPU both are host clock readings taken as steps end; timed
+    from when the host read the window's last step instead, a step that saves, evaluates or ends the run, read just
+    after the step before it, made a one-step window of microseconds (1,349,254,684 tokens/s in a run's last line)."""
+    if isinstance(end, float):
+        return max(end - start, 1e-9)
+    return start.elapsed_time(end) / 1e3
 
 
 def weights_device(accelerator: Accelerator, quantized: bool = False) -> torch.device:
@@ -465,7 +541,7 @@ class Trainer:
         if self.sharded and cfg.optimizer == "muon":
             raise ValueError("--optimizer muon is for one process or DDP: under FSDP torch.optim.Muon sees sharded "
                              "matrices (its updates differ from the whole matrices'); use --optimizer adamw")
-        self.console = Console(stderr=True, quiet=not self.accelerator.is_main_process)
+        self.console = log_console(quiet=not self.accelerator.is_main_process)
         self.raw_model = model  # the module whose parameters train (DDP / FSDP / compile wrap this same object)
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.objective = objective or LanguageModeling()
@@ -555,7 +631,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-        self.console.print(message, markup=False, highlight=False)
+        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     # -- checkpoints
     def save_checkpoint(self) -> Path:
@@ -690,8 +766,9 @@ class Trainer:
             acc.end_training()
 
     def _read_step(self, record: StepRecord) -> bool:
-        """Wait for a finished step's summary: stop on a non-finite loss, log every `log_every` steps. True when a
-        rank was signalled to stop."""
+        """Wait for a finished step's summary: stop on a non-finite loss, log the first step and every `log_every`
+        steps, show each step's loss beside the first's in the progress line. True when a rank was signalled to
+        stop."""
         cfg, acc = self.cfg, self.accelerator
         if record.ready is not None:
             record.ready.synchronize()
@@ -702,44 +779,56 @@ class Trainer:
         tokens, since = self._window
         tokens += record.tokens
         self._window = (tokens, since)
-        if record.step % cfg.log_every == 0 or record.step == self.total_steps:
-            tok_s = tokens * acc.num_processes / seconds_between(since, record.ready)
+        first = self._first_loss is None
+        if first:
+            self._first_loss = (record.step, train_loss)
+        self._last_loss = (record.step, train_loss)
+        if first or record.step % cfg.log_every == 0 or record.step == self.total_steps:
+            tok_s = tokens * acc.num_processes / seconds_between(since, record.end)
             named = dict(zip(self.objective.stat_names, stats))
             self._metrics = {"train/loss": train_loss, **{f"train/{k}": v for k, v in named.items()},
                              "train/lr": record.lr, "train/tokens_per_s": tok_s}
-            info = f"loss {train_loss:.4f} lr {record.lr:.2e} {tok_s:,.0f} tok/s"
+            rate = f"{tok_s:,.0f} tok/s"
             if self.peak_flops:
                 mfu = tok_s * flops_per_token(self.raw_model, record.seq_len) / (self.peak_flops * acc.num_processes)
                 self._metrics["train/mfu"] = mfu
-                info += f" MFU {mfu:.1%}"
+                rate += f" MFU {mfu:.1%}"
             if acc.device.type == "cuda":  # this rank's high-water mark since the start
-                info += f" peak {torch.cuda.max_memory_allocated(acc.device) / 2**30:.2f} GiB"
+                rate += f" peak {torch.cuda.max_memory_allocated(acc.device) / 2**30:.2f} GiB"
             acc.log(self._metrics, step=record.step)
-            self.log(f"step {record.step} {info}" + "".join(f" {k} {v:.4f}" for k, v in named.items()))
-            self._progress.update(self._task, info=info)
-            self._window = (0, record.ready if record.ready is not None else time.perf_counter())
-        self._progress.update(self._task, completed=record.step)
+            self.log(f"step {record.step} loss {train_loss:.4f} lr {record.lr:.2e} {rate}"
+                     + "".join(f" {k} {v:.4f}" for k, v in named.items()))
+            self._rate = rate  # of the last logged window, shown until the next
+            self._window = (0, record.end)
+        step0, loss0 = self._first_loss
+        start = f" (step {step0}: {loss0:.4f})" if record.step > step0 else ""
+        self._progress.update(self._task, completed=record.step,
+                              info=f"loss {train_loss:.4f}{start} lr {record.lr:.2e} {self._rate}")
         return stop_votes > 0
 
     def _loop(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         batches = iter(self.train_loader)
-        self.log(f"training {self.trainable:,} trainable parameters for "
-                 f"{self.total_steps} steps on {acc.num_processes} x {acc.device} ({self.mixed_precision})")
+        device = acc.device.type + (f" ({torch.cuda.get_device_name(acc.device)})" if acc.device.type == "cuda" else "")
+        self.log(f"training {self.trainable:,} trainable parameters for {self.total_steps} steps on "
+                 f"{acc.num_processes} x {device}, {precision_in_words(self.mixed_precision, self.raw_model)}")
+        for note in shortfalls(cfg, self.total_steps):
+            self.log(note)
         width = self.raw_model.config.hidden_size
         if cfg.offload_activations and width < PAYS_FROM_WIDTH:
             self.log(f"warning: --offload-activations on a {width}-wide model: its blocks compute for less time than "
                      f"their saved tensors take to copy, so steps get slower; it pays from {PAYS_FROM_WIDTH}-wide "
                      f"(7B-class) models")
         self._metrics: dict[str, float] = {}
-        self._window = (0, window_start(acc.device))  # tokens read since the last log line, and when that step ended
+        self._first_loss: tuple[int, float] | None = None  # the first step this process read, and its loss
         # Each step's [loss, stop votes] is copied to the host asynchronously and read one step later, so the host
         # queues step k+1 while the GPU runs step k and never waits for it (a read per step would leave the GPU idle
         # while the host prepares the next one). Steps that save, evaluate or finish read at once.
         pending: collections.deque[StepRecord] = collections.deque()
         self._progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                  console=self.console, disable=not acc.is_main_process)
+                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("elapsed"),
+                                  TimeRemainingColumn(), TextColumn("left"), console=self.console,
+                                  disable=not (acc.is_main_process and draws_live(self.console)))
         with self._progress:
             self._task = self._progress.add_task("train", total=self.total_steps, completed=self.step, info="")
             evaluated = False  # at the step just finished
@@ -750,6 +839,8 @@ class Trainer:
             if cfg.eval_at_start and self.eval_loader and self.step == 0:
                 self._eval_and_log(self.raw_model)
             compiling = time.perf_counter() if self.compiled else None
+            self._window = (0, window_start(acc.device))  # tokens read since the last log line, and when it ended
+            started = time.perf_counter()
             while self.step < self.total_steps:
                 lr = set_learning_rate(self.optimizer, self.step, self.total_steps, cfg)
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
@@ -804,6 +895,10 @@ class Trainer:
                 evaluated = evaluate
                 if save:
                     self.save_checkpoint()
+        if self._first_loss is not None:
+            (step0, loss0), (step1, loss1) = self._first_loss, self._last_loss
+            took = datetime.timedelta(seconds=round(time.perf_counter() - started))
+            self.log(f"steps {step0}-{step1} took {took}: loss {loss0:.4f} -> {loss1:.4f}")
         metrics = self._metrics
         if self.eval_loader:  # once at the end (the last step may have evaluated already)
             metrics |= self._last_eval if evaluated else self._eval_and_log(self.raw_model)

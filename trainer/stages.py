@@ -114,6 +114,28 @@ def check_same_tokenizer(model_dir: str, tokenizer_dir: str | None, resize: bool
                          f"or --resize-embeddings if it extends that one")
 
 
+def fit_batch_to_data(loader, cfg: TrainConfig, acc, row_flag: str) -> TrainConfig:
+    """Tiny data (or long rows) that packs into fewer rows than a batch takes (--batch-size x processes) would fail
+    at the first step: the batch takes the rows there are, said in one line, and the config saved with the
+    checkpoints says so too. Fewer rows than processes is refused before any work. (Without --batch-size the
+    trainer's batch plan keeps to the rows there are: trainer/batching.py.)"""
+    if not cfg.batch_size:
+        return cfg
+    rows, world = loader.plan().n_rows, acc.num_processes
+    if rows >= loader.batch_size * world:
+        return cfg
+    length = getattr(loader, "seq_len", None) or loader.capacity
+    data = f"--data {cfg.data} packs into {rows} row{'s' if rows != 1 else ''} of {length} tokens"
+    if rows < world:
+        raise ValueError(f"{data}, fewer than the {world} processes: give more data, a smaller {row_flag}, or "
+                         f"fewer processes")
+    acc.print(f"note: {data} per epoch, too few for --batch-size {loader.batch_size} x {world} process"
+              f"{'es' if world > 1 else ''}: batches of {rows // world} rows instead (a smaller {row_flag} or "
+              f"more data makes more rows)")
+    loader.batch_size = rows // world
+    return dataclasses.replace(cfg, batch_size=loader.batch_size)
+
+
 def knowledge_fn(cfg: TrainConfig, tokenizer: Tokenizer, template: str | None):
     """The --eval-tasks benchmarks as an evaluation hook (model -> metrics), their questions read now, before any
     training, so a wrong path fails at once; None without --eval-tasks."""
@@ -147,6 +169,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                acc.num_processes, cfg.seed, cfg.cache_dir, document_masking=cfg.document_masking)
                for split in ("train", "valid")]
     train, valid = loaders
+    cfg = fit_batch_to_data(train, cfg, acc, "--seq-len")
     trainer = Trainer(model, train, cfg, FullModelIO(tokenizer), eval_loader=valid.eval_batches,
                       objective=LanguageModeling(valid.chars_per_token), accelerator=acc,
                       knowledge_fn=knowledge_fn(cfg, tokenizer, template=None),
@@ -168,6 +191,7 @@ def sft(cfg: SFTConfig) -> dict:
     common = _sft_data(cfg, tokenizer, template, acc)
     train = sft_loader(cfg.data, split="train", **common)
     valid = sft_loader(cfg.data, split="valid", **common)
+    cfg = fit_batch_to_data(train, cfg, acc, "--max-seq-length")
     trainer = Trainer(model, train, cfg, FullModelIO(tokenizer), eval_loader=valid.eval_batches, accelerator=acc,
                       sample_fn=sample_fn(tokenizer, template, cfg.sample_prompts),
                       knowledge_fn=knowledge_fn(cfg, tokenizer, template),
@@ -216,6 +240,7 @@ def lora(cfg: LoraConfig) -> dict:
     model = adapted_base(cfg, cfg.base, tokenizer, cfg.max_seq_length, acc, cfg.init_adapter)
     common = _sft_data(cfg, tokenizer, cfg.template, acc)
     train = sft_loader(read_records(cfg.format, cfg.data), **common)
+    cfg = fit_batch_to_data(train, cfg, acc, "--max-seq-length")
     eval_records = read_records(cfg.format, cfg.eval_data) if cfg.eval_data else []
     valid = sft_loader(eval_records, **common) if eval_records else None
     samples = sample_fn(tokenizer, cfg.template, [r["prompt"] for r in eval_records[:2]]) if eval_records else None
@@ -257,6 +282,7 @@ def dpo(cfg: DPOConfig) -> dict:
                   rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
                   skip_overlength=cfg.skip_overlength)
     train = pair_loader(train_pairs, **common)
+    cfg = fit_batch_to_data(train, cfg, acc, "--max-seq-length")
     valid = pair_loader(valid_pairs, **common) if valid_pairs else None
     objective = DPOObjective(PreferenceLoss(cfg.beta, cfg.loss, cfg.label_smoothing), reference)
     read = {"read": tally.read, "dropped": dict(tally.dropped), "train": len(train_pairs), "valid": len(valid_pairs)}
