@@ -44,6 +44,7 @@ def test_energy_per_token_is_power_over_throughput():
 
 
 def test_every_row_records_the_library_versions_both_sides_ran_with(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu.torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(gpu.shutil, "which", lambda name: None)  # no nvidia-smi: the monitor samples nothing
     report = Report(tmp_path, "abc1234")
