@@ -85,6 +85,13 @@ def test_near_duplicate_decisions_equal_datasketch_lsh(shared_corpora, samples_d
     assert lsh_params(0.85, 256) == (lsh.b, lsh.r)
 
 
+@pytest.mark.parametrize("num_perm", [64, 128, 256, 512])
+def test_lsh_layout_is_datasketchs(num_perm):
+    for threshold in (0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95):
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)  # scipy's adaptive quadrature
+        assert lsh_params(threshold, num_perm) == (lsh.b, lsh.r), threshold
+
+
 def test_planted_near_duplicates_removed_distinct_kept():
     base = ("糖尿病人能吃水果吗？血糖控制平稳的话可以吃水果，选择含糖量较低的苹果、梨、柚子，"
             "每天二百克左右，放在两餐之间吃。")

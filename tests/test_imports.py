@@ -11,6 +11,9 @@ layered and acyclic.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import re
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,3 +119,35 @@ def test_no_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, "\n".join(cycles)
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names of the modules `path` imports that are neither the project's nor the standard library's."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - set(PACKAGES) - set(SCRIPTS) - {"__future__"}
+
+
+# imported directly, installed by a requirement: fastapi's own parts, and Triton with torch's GPU builds (the kernels
+# that use it run on CUDA only)
+COMES_WITH = {"starlette": "fastapi", "pydantic": "fastapi", "triton": "torch"}
+
+
+def test_the_core_imports_only_its_runtime_requirements():
+    """requirements.txt names every distribution the core imports: the parity references (transformers, peft, trl,
+    datasketch, ...) stay test-only, in requirements-dev.txt."""
+    required = {re.split(r"[<>=!~ ;\[]", line.strip())[0].lower().replace("_", "-")
+                for line in (REPO / "requirements.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    providers = importlib.metadata.packages_distributions()
+    missing = []
+    for path in own_modules().values():
+        for name in third_party_imports(path):
+            dists = {d.lower().replace("_", "-") for d in providers.get(name, [name])} | {COMES_WITH.get(name, name)}
+            if not dists & required:
+                missing.append(f"{path.relative_to(REPO)} imports {name} ({', '.join(sorted(dists))})")
+    assert not missing, "\n".join(sorted(missing))

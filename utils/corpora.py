@@ -129,6 +129,20 @@ def text_lines(path: Path, opts: ReaderOptions, tally: Tally, count_read: bool =
                 tally.drop("undecodable", f"{path}:{n}", f"{enc}: {e.reason} at byte {e.start}")
 
 
+_RAW_DECODE = json.JSONDecoder().raw_decode
+
+
+def _loads(line: str) -> Any:
+    """json.loads of a stripped line without its per-call overhead (a third of its time on short lines): the same
+    object, or the same error."""
+    if line.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", line, 0)
+    obj, end = _RAW_DECODE(line)
+    if end != len(line):
+        raise json.JSONDecodeError("Extra data", line, end)
+    return obj
+
+
 def json_objects(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tuple[str, dict]]:
     """Objects of a JSON-lines file or of a top-level JSON array (streamed), each with its `file:line`."""
     enc = opts.encoding or detect_encoding(path)
@@ -137,20 +151,21 @@ def json_objects(path: Path, opts: ReaderOptions, tally: Tally) -> Iterator[tupl
     if head.startswith("["):
         yield from _json_array(path, enc, tally)
         return
+    name = str(path)
     for n, line in text_lines(path, opts, tally):
         line = line.strip()
         if not line:
             continue
         tally.read += 1
         try:
-            obj = json.loads(line)
+            obj = _loads(line)
         except ValueError as e:
-            tally.drop("bad_json", f"{path}:{n}", str(e))
+            tally.drop("bad_json", f"{name}:{n}", str(e))
             continue
         if not isinstance(obj, dict):
-            tally.drop("not_an_object", f"{path}:{n}", type(obj).__name__)
+            tally.drop("not_an_object", f"{name}:{n}", type(obj).__name__)
             continue
-        yield f"{path}:{n}", obj
+        yield f"{name}:{n}", obj
 
 
 _ITEM_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|[{}\[\],"]')  # a JSON string never holds a raw newline
@@ -328,6 +343,12 @@ def _text(obj: dict, key: str) -> str:
 
 
 def _require(obj: dict, keys: tuple[str, ...], where: str, tally: Tally) -> bool:
+    for k in keys:  # the common case first: every field a non-blank string
+        v = obj.get(k)
+        if not (isinstance(v, str) and not v.isspace() and v):
+            break
+    else:
+        return True
     missing = [k for k in keys if not _text(obj, k).strip()]
     if missing:
         tally.drop("missing_field", where, f"missing or empty: {', '.join(missing)}")

@@ -3,7 +3,7 @@
 Per row we keep only a 64-bit exact hash and one 64-bit key per LSH band, never the text or the full signature.
 The MinHash is datasketch's default scheme ("affine32": MurmurHash3 fmix32 of the shingle hash, then
 `a * h + b mod 2**32` with datasketch's `a, b` for the same seed), computed for a whole chunk of rows at once with
-numpy; the band count and width come from `datasketch.MinHashLSH` for the same threshold and num_perm. So a
+numpy; the band count and width are the ones `datasketch.MinHashLSH` picks for the same threshold and num_perm. So a
 signature equals `datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash).hashvalues`, and a row is a
 near-duplicate exactly when datasketch's LSH, fed the rows in order (query, then insert), returns a candidate.
 The first occurrence is kept. Shingles are character n-grams (default 3), not
@@ -15,6 +15,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def _codepoints(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
     if text.count("\x00") != len(docs) - 1:  # NUL separates documents, so none may hide inside one
         text = "\x00".join(d.replace("\x00", "") for d in docs).lower()
     cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    return cp, np.cumsum(cp == 0, dtype=np.int64)
+    return cp, np.cumsum(cp == 0, dtype=np.int32)
 
 
 def _offsets(doc_id: np.ndarray, n: int) -> np.ndarray:
@@ -66,8 +67,17 @@ def _exact_mask(cp: np.ndarray) -> np.ndarray:
     return ((cp > 0x20) | (cp == 0x1F)) & (cp != 0x7F) & ~punct
 
 
+def _lookup(mask_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """A mask function as a table over the BMP plus one entry for every code point above it (all alike there)."""
+    return mask_of(np.arange(0x10001, dtype=np.uint32))
+
+
+def _masked(table: np.ndarray, cp: np.ndarray) -> np.ndarray:
+    return table[np.minimum(cp, 0x10000)]  # one gather instead of a dozen range tests over every code point
+
+
 def _exact_from_codepoints(cp: np.ndarray, doc_id: np.ndarray, n: int) -> np.ndarray:
-    keep = _exact_mask(cp)
+    keep = _masked(_EXACT_TABLE, cp)
     buf, off = memoryview(cp[keep].tobytes()), _offsets(doc_id[keep], n) * 4
     digests = b"".join(hashlib.blake2b(buf[off[i]:off[i + 1]], digest_size=8).digest() for i in range(n))
     return np.frombuffer(digests, dtype=np.uint64).copy()
@@ -94,6 +104,9 @@ def _keep_mask(cp: np.ndarray) -> np.ndarray:
             | ((cp >= 0x30) & (cp <= 0x39)) | ((cp >= 0x61) & (cp <= 0x7A)))
 
 
+_EXACT_TABLE, _KEEP_TABLE = _lookup(_exact_mask), _lookup(_keep_mask)
+
+
 def shingles(text: str, ngram: int) -> set[str]:
     """The shingle set of one document, as the vectorized code sees it (for tests and datasketch comparison)."""
     kept = _NOT_KEPT.sub("", text.lower())
@@ -115,10 +128,22 @@ def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=8)
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows per band) exactly as datasketch.MinHashLSH picks them."""
-    from datasketch import MinHashLSH
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    return lsh.b, lsh.r
+    """(bands, rows per band) as datasketch.MinHashLSH picks them: the split of num_perm that minimizes the mean of
+    the false-positive area (the integral of 1 - (1 - s^r)^b over [0, threshold]) and the false-negative area (of
+    (1 - s^r)^b over [threshold, 1]). Gauss-Legendre with 256 nodes integrates these polynomials exactly (their
+    degree b r <= num_perm)."""
+    nodes, weights = np.polynomial.legendre.leggauss(256)
+    below, above = threshold / 2 * (nodes + 1), threshold + (1 - threshold) / 2 * (nodes + 1)
+    best, params = np.inf, (0, 0)
+    for b in range(1, num_perm + 1):
+        r = np.arange(1, num_perm // b + 1)[:, None]
+        false_pos = threshold / 2 * (weights * (1 - (1 - below ** r) ** b)).sum(1)
+        false_neg = (1 - threshold) / 2 * (weights * (1 - above ** r) ** b).sum(1)
+        error = (false_pos + false_neg) / 2
+        i = int(error.argmin())
+        if error[i] < best:
+            best, params = error[i], (b, i + 1)
+    return params
 
 
 def _fmix32(h: np.ndarray) -> np.ndarray:
@@ -130,10 +155,13 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> s3)
 
 
-def _shingle_hashes(cp: np.ndarray, doc_id: np.ndarray, n: int, ngram: int) -> tuple[np.ndarray, np.ndarray]:
+def _shingle_hashes(cp: np.ndarray, doc_id: np.ndarray, n: int, ngram: int, skip: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """All shingle hashes of a chunk of documents, concatenated, and each document's start offset into them.
-    Documents with no kept character get no shingles (offset[i] == offset[i+1])."""
-    keep = _keep_mask(cp)
+    Documents with no kept character, and those `skip` marks, get no shingles (offset[i] == offset[i+1])."""
+    keep = _masked(_KEEP_TABLE, cp)
+    if skip is not None:
+        keep &= ~skip[doc_id]
     cp, doc_id = cp[keep], doc_id[keep]
     lengths = np.bincount(doc_id, minlength=n)[:n] if len(doc_id) else np.zeros(n, np.int64)
     # n-gram hashes at every position whose n-gram stays inside one document
@@ -167,24 +195,34 @@ def minhash_signatures(docs: list[str], num_perm: int = 256, seed: int = 1, ngra
 
 
 def _signatures(cp: np.ndarray, doc_id: np.ndarray, n: int, num_perm: int, seed: int, ngram: int,
-                block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+                block: int = 4096, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     a, b = _permutations(num_perm, seed)
-    hv, offsets = _shingle_hashes(cp, doc_id, n, ngram)
+    hv, offsets = _shingle_hashes(cp, doc_id, n, ngram, skip)
     hv = _fmix32(hv)
     sig = np.full((num_perm, n), np.iinfo(np.uint32).max, dtype=np.uint32)
-    nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
-    # permutation-major blocks of ~`block` shingles keep the [num_perm, block] temporaries in cache
+    has = offsets[1:] > offsets[:-1]
+    nonempty = np.flatnonzero(has)
+    if not len(nonempty):
+        return sig.T, has
+    starts, ends = offsets[nonempty], offsets[nonempty + 1]
+    # permutation-major blocks of ~`block` shingles keep the [num_perm, block] temporaries in cache; one buffer and
+    # b laid out in full serve every block (adding a broadcast column is twice as slow as adding a contiguous array)
+    cap = max(block, int((ends - starts).max()))
+    buf, b_full, a_col = np.empty((num_perm, cap), np.uint32), np.repeat(b[:, None], cap, axis=1), a[:, None]
+    every = len(nonempty) == n  # then the documents of a block are a slice of sig
     i = 0
     while i < len(nonempty):
-        j = int(np.searchsorted(offsets[nonempty], offsets[nonempty[i]] + block, side="right"))
-        j = max(j, i + 1)
-        docs_blk = nonempty[i:j]
-        s0, s1 = offsets[docs_blk[0]], offsets[docs_blk[-1] + 1]
-        perm = a[:, None] * hv[None, s0:s1]
-        perm += b[:, None]
-        sig[:, docs_blk] = np.minimum.reduceat(perm, offsets[docs_blk] - s0, axis=1)
+        j = max(int(np.searchsorted(ends, starts[i] + block, side="right")), i + 1)
+        s0, s1 = starts[i], ends[j - 1]
+        perm = buf[:, :s1 - s0]
+        np.multiply(a_col, hv[None, s0:s1], out=perm)
+        np.add(perm, b_full[:, :s1 - s0], out=perm)
+        if every:
+            np.minimum.reduceat(perm, starts[i:j] - s0, axis=1, out=sig[:, i:j])
+        else:
+            sig[:, nonempty[i:j]] = np.minimum.reduceat(perm, starts[i:j] - s0, axis=1)
         i = j
-    return sig.T, offsets[1:] > offsets[:-1]
+    return sig.T, has
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -205,7 +243,8 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
 def chunk_keys(prompts: list[str], responses: list[str], cfg: DedupConfig, salt: np.ndarray | None = None
                ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """All that dedup must remember of a chunk of rows: exact keys [n], LSH band keys [n, bands] and whether each
-    row has any shingle [n] (None for a disabled kind). MinHash sees prompt + response.
+    row has any shingle [n] (None for a disabled kind). MinHash sees prompt + response. With exact dedup on, a row
+    that repeats an earlier row of the chunk exactly gets no shingles (it is dropped as a duplicate either way).
 
     `salt` [n] uint64 (0: none) is XORed into a row's keys: rows match only rows of the same salt. prepare passes the
     hash of a shared instruction that it left out of `prompts` (instruction_salt), so the rest of two records is
@@ -217,7 +256,10 @@ def chunk_keys(prompts: list[str], responses: list[str], cfg: DedupConfig, salt:
         exact ^= salt
     if not cfg.near:
         return exact, None, None
-    sig, has = _signatures(cp, doc_id, n, cfg.num_perm, cfg.seed, cfg.ngram)
+    # an exact duplicate of an earlier row of the chunk is dropped as such and never compared: no signature for it
+    repeat = ~first_occurrence(exact) if exact is not None else None
+    sig, has = _signatures(cp, doc_id, n, cfg.num_perm, cfg.seed, cfg.ngram,
+                           skip=repeat if repeat is not None and repeat.any() else None)
     bands = band_keys(sig, *lsh_params(cfg.threshold, cfg.num_perm))
     if salt is not None:
         bands ^= salt[:, None]
@@ -244,11 +286,14 @@ def first_occurrence(keys: np.ndarray) -> np.ndarray:
     return mask
 
 
-def near_duplicates(bands: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+def near_duplicates(bands: np.ndarray | list[np.ndarray], eligible: np.ndarray) -> np.ndarray:
     """True for each eligible row that shares a band key with an earlier eligible row (the LSH query-then-insert
-    rule); rows that are not eligible (exact duplicates, empty documents) neither match nor get matched."""
+    rule); rows that are not eligible (exact duplicates, empty documents) neither match nor get matched. `bands` is
+    [n, bands] or its row chunks in order (prepare's: one band's column is gathered at a time, never a copy of all)."""
+    chunks = [bands] if isinstance(bands, np.ndarray) else bands
     idx = np.flatnonzero(eligible)
     dup = np.zeros(len(eligible), dtype=bool)
-    for k in range(bands.shape[1]):
-        dup[idx[~first_occurrence(bands[idx, k])]] = True
+    for k in range(chunks[0].shape[1] if chunks else 0):
+        column = np.concatenate([c[:, k] for c in chunks]) if len(chunks) > 1 else chunks[0][:, k]
+        dup[idx[~first_occurrence(column[idx])]] = True
     return dup

@@ -19,6 +19,7 @@ one document share a document id, and the split keeps them together: no document
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing
 import os
@@ -313,15 +314,27 @@ class _Spool:
         # right shapes and the output is empty splits plus stats that show every drop
         parts = [f.result() for f in self.parts] or [_keys([], [], self.cfg.dedup)]
         self.close()
-        exact, bands, has = zip(*parts)
+        self.parts = []  # (the futures held the keys too)
         near = self.cfg.dedup.near
         docs = np.concatenate([np.empty(0, np.int64), *self.doc_ids]) if self.track_docs else None
-        return (np.concatenate([np.empty(0, self.dtype), *self.source_ids]), np.concatenate(exact),
-                np.concatenate(bands) if near else None, np.concatenate(has) if near else None, docs)
+        exact = np.concatenate([p[0] for p in parts])
+        has = np.concatenate([p[2] for p in parts]) if near else None
+        # the band keys stay in their chunks (near_duplicates takes them so): no second copy of the largest array
+        bands = [p[1] for p in parts] if near else None
+        return np.concatenate([np.empty(0, self.dtype), *self.source_ids]), exact, bands, has, docs
 
     def close(self) -> None:
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free memory back to the OS (glibc's malloc_trim; elsewhere nothing): freed key arrays
+    otherwise stay in the RSS under the memory that pass 2 allocates."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def _assign(n: int, cfg: PrepareConfig, groups: np.ndarray | None = None
@@ -466,6 +479,8 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
         dup_exact = ~keep
         dup_near = near_duplicates(bands, keep & has) if cfg.dedup.near else np.zeros_like(keep)
         keep &= ~dup_near
+        del exact, bands, has  # the keys (~115 bytes a row) are done with before pass 2 allocates its own
+        release_free_memory()
         for i, tally in enumerate(tallies):
             mine = sources_arr == i
             for reason, mask in (("duplicate", dup_exact), ("near_duplicate", dup_near)):
