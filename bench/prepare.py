@@ -3,8 +3,10 @@
 
     python bench/prepare.py --rows 1000000 250000
 
-Each size runs in a fresh child process; we report rows/s end to end and the child's peak RSS, then fit
-RSS = a + b * rows over the sizes to extrapolate to the seed's 10M rows.
+Each size runs in a fresh child process; we report rows/s end to end, the child's peak RSS and (Linux) the peak of
+each step: reading + hashing, dedup (every row's keys at once, ~115 bytes a row), writing (one shard at a time). Each
+step's peak is fitted as a + b * rows over the sizes to extrapolate to the seed's 10M rows; below ~1M rows the fixed
+memory of the write step hides the per-row part, so give sizes of 1M and more.
 """
 from __future__ import annotations
 
@@ -63,17 +65,49 @@ def make_corpus(path: Path, rows: int, seed: int = 0) -> None:
             written += n
 
 
+def _peak_mb(reset: bool = False) -> int | None:
+    """This process's peak RSS so far (Linux: VmHWM), optionally reset to the current RSS afterwards."""
+    try:
+        peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return round(peak / 1024)
+    except OSError:
+        return None
+
+
 def run_child(corpus: Path, out: Path, worker: str) -> dict:
-    """Run one prepare in this (fresh) process and print its figures as JSON."""
+    """Run one prepare in this (fresh) process and print its figures as JSON; on Linux also the peak RSS of each
+    step: reading + hashing (pass 1), dedup (the keys of every row at once), writing the shards (pass 2)."""
     sys.path.insert(0, str(REPO))
-    from utils.prepare import PrepareConfig, prepare_corpora
+    import utils.prepare as prep
+    phases: dict[str, int | None] = {}
+    arrays, write_shards = prep._Spool.arrays, prep._write_shards
+
+    def timed_arrays(self):
+        phases["read"] = _peak_mb(reset=True)
+        return arrays(self)
+
+    def timed_write(*args, **kwargs):
+        phases["dedup"] = _peak_mb(reset=True)
+        result = write_shards(*args, **kwargs)
+        phases["write"] = _peak_mb()
+        return result
+
+    prep._Spool.arrays, prep._write_shards = timed_arrays, timed_write
     t0 = time.perf_counter()
-    stats = prepare_corpora([("webtext", corpus)], out, PrepareConfig(overwrite=True, worker=worker))
+    stats = prep.prepare_corpora([("webtext", corpus)], out, prep.PrepareConfig(overwrite=True, worker=worker))
     seconds = time.perf_counter() - t0
+    c = stats["corpora"]["webtext"]
     return {"rows_read": stats["total"]["read"], "rows_kept": stats["total"]["kept"], "seconds": round(seconds, 2),
-            "rows_per_s": round(stats["total"]["read"] / seconds), "dropped": stats["corpora"]["webtext"]["dropped"],
+            "rows_per_s": round(stats["total"]["read"] / seconds), "dropped": c["dropped"],
+            "rows_deduplicated": c["rows"] - sum(v for k, v in c["dropped"].items() if k in prep.ROW_REASONS)
+            + c["dropped"].get("duplicate", 0) + c["dropped"].get("near_duplicate", 0),
             "dedup_seconds": stats["total"]["dedup_seconds"], "write_seconds": stats["total"]["write_seconds"],
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mb": max([round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                                *(v for v in phases.values() if v)]),
+            "peak_rss_mb_by_step": phases,
             # a "process" worker has exited by now; main + worker peaks is an upper bound of the combined peak
             "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
 
@@ -107,10 +141,20 @@ def main() -> None:
         results.append(res)
         print(json.dumps(res))
     if len(results) >= 2:
+        # the peak of each step, fitted over the sizes: reading/hashing and dedup grow with the rows (dedup holds
+        # ~115 bytes of keys per row at once), writing works one shard at a time; the largest at 10M rows is the
+        # estimate (a worker process's own peak added)
         x = np.array([r["rows"] for r in results], dtype=float)
-        y = np.array([r["peak_rss_mb"] + r["worker_peak_rss_mb"] for r in results], dtype=float)
-        b, a = np.polyfit(x, y, 1)
-        print(f"peak RSS ~ {a:.0f} MB + {b * 1e6:.0f} MB per 1M rows -> {a + b * 1e7:.0f} MB at 10M rows")
+        steps = [k for k in ("read", "dedup", "write") if all(r["peak_rss_mb_by_step"].get(k) for r in results)]
+        series = {k: [r["peak_rss_mb_by_step"][k] + r["worker_peak_rss_mb"] for r in results] for k in steps} or {
+            "whole run": [r["peak_rss_mb"] + r["worker_peak_rss_mb"] for r in results]}
+        at_10m = {}
+        for step, y in series.items():
+            b, a = np.polyfit(x, np.array(y, dtype=float), 1)
+            at_10m[step] = a + max(b, 0) * 1e7
+            print(f"peak RSS, {step}: {a:.0f} MB + {b * 1e6:.0f} MB per 1M rows read ({b * 2**20:.0f} bytes a row)")
+        step = max(at_10m, key=at_10m.get)
+        print(f"-> about {at_10m[step]:.0f} MB at 10M rows ({step})")
     print(f"cores usable: {len(os.sched_getaffinity(0))}")
 
 
