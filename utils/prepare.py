@@ -53,7 +53,7 @@ class PrepareConfig:
     shard_rows: int = 100_000
     chunk_rows: int = 20_000
     chunk_chars: int = 4_000_000  # a spool chunk also ends at this many characters (text pieces are long rows)
-    worker: str = "thread"      # where chunks are hashed and spooled: "thread", "process" (faster) or "inline"
+    worker: str = "thread"      # where chunks are hashed and spooled: "thread", "process" or "inline"
     multi_turn: str = "first"   # records with history: "first" turn only, every turn as its own row, or "drop"
     overwrite: bool = False
     skip_bad_files: bool = False  # a directory's unreadable / foreign files: skipped and counted, not an error
@@ -252,8 +252,9 @@ class _SharedInstructions:
 
 class _Spool:
     """Pass-1 sink: buffers cleaned rows; a worker writes each chunk and hashes it while the reader goes on. A thread
-    overlaps well because numpy releases the GIL; a (spawned) process overlaps fully and is ~20% faster on 2 cores,
-    but needs an importable __main__ (not `python - < script`)."""
+    overlaps where numpy releases the GIL; a (spawned) process shares no GIL but pickles every chunk and needs an
+    importable __main__ (not `python - < script`). With one of two cores busy elsewhere the three kinds ran alike
+    (bench/README.md)."""
 
     def __init__(self, tmp: Path, cfg: PrepareConfig, n_sources: int, track_docs: bool = False):
         self.tmp, self.cfg = tmp, cfg
