@@ -82,6 +82,8 @@ def answer(chat: Chat, question: str, out: Console, err: Console, verbose: bool)
             return
     if reply.text:
         chat.record(question, reply.text)
+    elif reply.finish_reason == "stop":
+        err.print("[dim](no answer: the model ended it at once)[/]")
     if verbose:
         speed, first = reply.tokens_per_second(), reply.first_token_seconds()
         err.print(f"[dim]{len(reply.token_ids)} tokens ({reply.prompt_tokens} in the prompt), "

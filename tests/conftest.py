@@ -5,6 +5,8 @@ tests start."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,17 @@ def shared_corpora() -> Path:
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    """`python train.py demo` run once a session: (its output directory, what it printed). The demo's tests and DPO
+    on the demo model share it."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    run = subprocess.run([sys.executable, "train.py", "demo", "--out", str(out)], cwd=REPO, capture_output=True,
+                         text=True, timeout=SLOW_TIMEOUT - 120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out, run.stdout
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import cli_demo
 from model import ModelConfig, Transformer, save_model
@@ -135,6 +136,18 @@ def test_prompt_flag_answers_once_and_pipe_input_keeps_the_history(model_dir):
     assert len(prompts) == 3  # empty line ignored, nothing answered after /exit
     assert prompts[1] > prompts[0] + 12  # the second question came with the first turn in its prompt
     assert prompts[2] < prompts[1]  # /clear dropped the history
+
+
+def test_an_answer_that_ends_at_once_is_said_to_be_empty(tmp_path):
+    """A model whose first token is a stop token: nothing on stdout, and a note on stderr, not silence."""
+    model_dir = build_chat_model_dir(tmp_path)
+    weights = load_file(model_dir / "model.safetensors")
+    tok = Tokenizer.load(model_dir)
+    weights["lm_head.weight"][list(default_stop_ids(tok)), 0] = 10.0
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    out = run_cli(model_dir, "--prompt", "你好", "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "" and "no answer: the model ended it at once" in out.stderr
 
 
 def test_bad_model_dir_is_a_clear_error(tmp_path, capsys):

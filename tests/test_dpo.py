@@ -502,34 +502,26 @@ def answer_loss(model_dir: Path, data: Path) -> float:
 
 
 @pytest.mark.slow
-def test_dpo_on_the_demo_model_learns_the_bundled_preferences(shared_corpora, tmp_path):
-    """The demo's pipeline at a smaller budget (bundled samples -> tokenizer -> tiny pretrain -> ChatML SFT), then
-    DPO on the bundled LLaMA-Factory pairs (40 steps, less than the demo's SFT): on the held-out pairs the
-    accuracy rises from 0 above 0.5 and the loss falls below log 2, while the SFT answers' loss barely moves (the
-    answers do not turn to garbage); the sample answers stand in the log before and after."""
-    from trainer.config import DPOConfig, PretrainConfig, SFTConfig
+def test_dpo_on_the_demo_model_learns_the_bundled_preferences(shared_corpora, demo, tmp_path):
+    """DPO on the demo's model (`train.py demo`: bundled samples -> tokenizer -> tiny pretrain -> ChatML SFT) with the
+    bundled LLaMA-Factory pairs (40 steps, less than the demo's SFT): on the held-out pairs the accuracy rises from 0
+    above 0.5 and the loss falls below log 2, while the SFT answers' loss barely moves (the answers do not turn to
+    garbage); the sample answers stand in the log before and after."""
+    from trainer.config import DPOConfig
     from trainer.demo import DEMO_QUESTIONS
-    from trainer.stages import dpo, pretrain, sft
-    from utils.prepare import PrepareConfig, prepare_corpora
-    from utils.tokenizer import train_tokenizer
-    loop = dict(cpu=True, mixed_precision="no", log_every=10, save_total_limit=1, eval_batches=50)
-    data, tok = tmp_path / "data", tmp_path / "tokenizer"
-    prepare_corpora(None, data, PrepareConfig(split=(0.9, 0.05, 0.05)))
-    train_tokenizer(data, 4000, tok)
-    pretrain(PretrainConfig(data=str(data), tokenizer=str(tok), preset="tiny", seq_len=128, batch_size=16,
-                            max_steps=150, lr=5e-3, warmup_steps=20, out_dir=str(tmp_path / "pretrain"), **loop))
-    sft(SFTConfig(init=str(tmp_path / "pretrain" / "latest"), data=str(data), template="chatml", max_seq_length=256,
-                  batch_size=8, max_steps=200, lr=3e-3, warmup_steps=20, out_dir=str(tmp_path / "sft"),
-                  sample_prompts=DEMO_QUESTIONS[:1], **loop))
+    from trainer.stages import dpo
+    demo_out = demo[0]
+    data, sft_model = demo_out / "data", demo_out / "sft" / "latest"
     run = tmp_path / "dpo"
-    dpo(DPOConfig(init=str(tmp_path / "sft" / "latest"), data=str(shared_corpora / "dpo" / "dpo_zh_demo.json"),
-                  max_seq_length=192, batch_size=8, max_steps=40, lr=5e-5, warmup_steps=5, eval_every=20,
-                  valid_fraction=0.15, out_dir=str(run), sample_prompts=DEMO_QUESTIONS[:2], **loop))
+    dpo(DPOConfig(init=str(sft_model), data=str(shared_corpora / "dpo" / "dpo_zh_demo.json"), max_seq_length=192,
+                  batch_size=8, max_steps=40, lr=5e-5, warmup_steps=5, eval_every=20, valid_fraction=0.15,
+                  out_dir=str(run), sample_prompts=DEMO_QUESTIONS[:2], cpu=True, mixed_precision="no", log_every=10,
+                  save_total_limit=1, eval_batches=50))
     log = (run / "train.log").read_text()
     evals = {int(step): (float(loss), float(acc)) for step, loss, acc in
              re.findall(r"eval step (\d+): loss (\S+) .*rewards/accuracies (\S+)", log)}
     assert evals[0] == (pytest.approx(math.log(2), abs=1e-4), 0.0)
     assert evals[40][1] > 0.5 and evals[40][0] < math.log(2), evals
     assert log.count(f"sample: {DEMO_QUESTIONS[0]} -> ") == 3  # before, halfway, after
-    before, after = answer_loss(tmp_path / "sft" / "latest", data), answer_loss(run / "latest", data)
+    before, after = answer_loss(sft_model, data), answer_loss(run / "latest", data)
     assert after < before * 1.05, (before, after)
