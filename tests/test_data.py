@@ -436,7 +436,10 @@ def test_eval_batches_are_finite_and_deterministic(corpus, tok, tmp_path):
     assert_same(first, list(val.eval_batches()))
     n_rows = sum(len(b["input_ids"]) for b in first)
     assert n_rows == best_fit_pack(val.lengths, val.capacity, range(len(val.lengths)), overlap=1).n_rows > 4
-    assert len(list(val.eval_batches(max_batches=2))) == 2
+    assert [len(b["input_ids"]) for b in val.eval_batches(max_rows=6)] == [4, 2]
+    assert [len(b["input_ids"]) for b in val.eval_batches(max_rows=6, rows_per_batch=6)] == [6]
+    assert torch.equal(torch.cat([b["input_ids"] for b in val.eval_batches(max_rows=6)]),
+                       torch.cat([b["input_ids"] for b in val.eval_batches(max_rows=6, rows_per_batch=3)]))
     halves = [list(pretrain_loader(corpus, tok, "valid", 16, 4, rank=r, world_size=2, cache_dir=tmp_path)
                    .eval_batches()) for r in range(2)]
     assert len(halves[0]) == len(halves[1]) and sum(len(b["input_ids"]) for h in halves for b in h) >= n_rows - 1

@@ -494,7 +494,7 @@ def answer_loss(model_dir: Path, data: Path) -> float:
     loader = sft_loader(data, Tokenizer.load(model_dir), "chatml", max_seq_len=256, batch_size=8)
     total = tokens = 0
     with torch.no_grad():
-        for batch in loader.eval_batches(max_batches=20):
+        for batch in loader.eval_batches(max_rows=160):
             n = int((batch["labels"] != IGNORE_INDEX).sum())
             total += model(batch["input_ids"], batch["labels"], segment_ids=batch["segment_ids"]).item() * n
             tokens += n

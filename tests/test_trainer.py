@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,6 +146,44 @@ def test_a_resumed_run_keeps_its_batch_plan_whatever_memory_it_finds(corpus, tmp
     a, b = weights(tmp_path / "straight"), weights(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_evaluation_runs_the_same_rows_in_the_plans_micro_batches(corpus, tmp_path, monkeypatch):
+    """--eval-batches counts batches of the starting rows (--batch-size, else the CPU default of 8): a planned run
+    (the GPU probe faked: 16 rows a micro-batch) evaluates those same rows in its larger micro-batches, to the same
+    loss as a run given --batch-size 8."""
+    import trainer.data as datasets
+    import trainer.loop as loop
+    from trainer.batching import MemoryProbe
+    served: list[int] = []
+    original = datasets.PackedLoader.eval_batches
+
+    def eval_batches(self, max_rows=None, rows_per_batch=None):
+        for batch in original(self, max_rows, rows_per_batch):
+            served.append(len(batch["input_ids"]))
+            yield batch
+    monkeypatch.setattr(datasets.PackedLoader, "eval_batches", eval_batches)
+
+    data = tmp_path / "data"  # a valid split of more than 24 rows
+    data.mkdir()
+    shutil.copy(corpus[0] / "train-00000.parquet", data)
+    write_split(data / "valid-00000.parquet", [(f"{q}（{i}）", a) for i in range(8) for q, a in QA])
+
+    def run(name: str, *extra: str) -> float:
+        args = pretrain_args((data, corpus[1]), tmp_path / name, "--seq-len", "16", "--eval-batches", "3",
+                             "--eval-at-start", "--max-steps", "1")
+        del args[args.index("--batch-size"):args.index("--batch-size") + 2]
+        served.clear()
+        train.main(args + list(extra))
+        return float(re.search(r"eval step 0: loss (\S+)", (tmp_path / name / "train.log").read_text())[1])
+    given = run("given", "--batch-size", "8")
+    assert served == [8, 8, 8] * 2  # at the start and at the end
+    monkeypatch.setattr(loop, "can_probe", lambda device: True)
+    monkeypatch.setattr(loop, "probe_memory", lambda step, device, extra: MemoryProbe(2**20, 0, 20 / 0.8 * 2**20))
+    planned = run("planned", "--tokens-per-batch", "256")
+    assert "= 16 rows x 16 tokens x 1 micro-batch" in (tmp_path / "planned" / "train.log").read_text()
+    assert served == [16, 8] * 2  # the CPU default's 3 x 8 rows
+    assert planned == pytest.approx(given, abs=1e-4)
 
 
 MUON = ("--optimizer", "muon", "--schedule", "wsd", "--decay-ratio", "0.5")

@@ -79,7 +79,8 @@ class TrainConfig:
                                               "projections instead of recomputing them (7B-class models on a GPU)")
     log_every: int = option(10, "log every N optimizer steps")
     eval_every: int = option(0, "evaluate every N steps (0 = only at the end)")
-    eval_batches: int = option(50, "batches per evaluation")
+    eval_batches: int = option(50, "evaluation covers this many batches of --batch-size rows (8 when unset) per "
+                                   "process, the same rows whatever the batch plan, run in the plan's micro-batches")
     eval_at_start: bool = option(False, "evaluate (and print the sample answers) once before the first step")
     eval_tasks: str | None = option(None, "knowledge benchmarks scored at each evaluation, comma-separated (cmmlu, "
                                           "ceval): centered accuracy goes to the log and TensorBoard")

@@ -395,16 +395,17 @@ class _RowLoader(ABC):
         self.epoch, self.row = epoch, row
         return parts
 
-    def eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Finite pass over the whole split in file order (no shuffling), this rank's share; the last batch may be
-        smaller. Rows beyond a multiple of world_size are left out so all ranks yield the same number of batches."""
+    def eval_batches(self, max_rows: int | None = None,
+                     rows_per_batch: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Finite pass over the split in file order (no shuffling): this rank's share, its first `max_rows` rows (all
+        when None), `rows_per_batch` at a time (default the loader's batch size); the last batch may be smaller.
+        Rows beyond a multiple of world_size are left out so all ranks yield the same number of batches."""
         plan = self.eval_plan()
         n = plan.n_rows // self.world_size * self.world_size
-        mine = np.arange(self.rank, n, self.world_size)
-        for k, start in enumerate(range(0, len(mine), self.batch_size)):
-            if max_batches is not None and k >= max_batches:
-                return
-            yield self._batch([(plan, mine[start:start + self.batch_size])])
+        mine = np.arange(self.rank, n, self.world_size)[:max_rows]
+        size = rows_per_batch or self.batch_size
+        for start in range(0, len(mine), size):
+            yield self._batch([(plan, mine[start:start + size])])
 
     def eval_plan(self) -> PackPlan:
         """The whole split packed in file order (evaluation's rows)."""

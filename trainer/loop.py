@@ -525,7 +525,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # ---- the loop ------------------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, model: Transformer, train_loader: BatchLoader, cfg: TrainConfig, weights_io: WeightsIO,
-                 eval_loader: Callable[[], Iterable[dict]] | None = None, objective: Objective | None = None,
+                 eval_loader: Callable[[int, int], Iterable[dict]] | None = None, objective: Objective | None = None,
                  sample_fn: Callable[[nn.Module], list[tuple[str, str]]] | None = None,
                  knowledge_fn: Callable[[nn.Module], dict[str, float]] | None = None,
                  accelerator: Accelerator | None = None, run_info: dict | None = None):
@@ -569,6 +569,9 @@ class Trainer:
         policy = ActivationPolicy(checkpointing=cfg.gradient_checkpointing, offload=cfg.offload_activations,
                                   compile_blocks=per_block)
         apply_activation_policy(model, dataclasses.replace(policy, compile_blocks=False))  # a probe runs eagerly
+        # evaluation covers --eval-batches batches of the starting rows, in the plan's micro-batches: the same rows
+        # whatever the plan, so evaluations of runs on other devices compare
+        self.eval_rows = cfg.eval_batches * cfg.start_rows
         self.batch_plan = self._plan_batch(cfg)
         self.log(self.batch_plan.describe(self.accelerator.num_processes))
         # the loop, the checkpoints' config and the accelerator follow the plan
@@ -728,9 +731,7 @@ class Trainer:
         model, objective = self.model, self.objective
         model.eval()
         total = torch.zeros(2 + len(objective.stat_names), device=self.accelerator.device)  # loss, units, statistics
-        for i, batch in enumerate(self.eval_loader()):
-            if i >= self.cfg.eval_batches:
-                break
+        for batch in self.eval_loader(self.eval_rows, self.cfg.batch_size):
             n = objective.units(batch)
             with self.accelerator.autocast():
                 loss, stats = objective(model, {k: v.to(self.accelerator.device) for k, v in batch.items()})
@@ -739,7 +740,7 @@ class Trainer:
         model.train()
         loss, units, *stats = total.tolist()
         if units == 0:  # no metric from nothing
-            self.log(f"warning: evaluation found no {objective.unit} in {self.cfg.eval_batches} batches (an empty "
+            self.log(f"warning: evaluation found no {objective.unit} in {self.eval_rows} rows (an empty "
                      f"valid split, or every example dropped)")
             return {}
         metrics = objective.eval_metrics(loss / units, [s / units for s in stats])
@@ -906,12 +907,15 @@ class Trainer:
         return metrics
 
     def _eval_and_log(self, unwrapped: nn.Module) -> dict[str, float]:
+        started = time.perf_counter()
         metrics = self.evaluate()
         if self.knowledge_fn and self.accelerator.is_main_process:
             metrics |= self.knowledge_fn(unwrapped)  # restores train mode itself
+        took = time.perf_counter() - started
         self.accelerator.log(metrics, step=self.step)
         self._last_eval = metrics
-        self.log(f"eval step {self.step}: " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items()))
+        self.log(f"eval step {self.step}: " + " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items())
+                 + f" ({took:.1f} s)")
         if self.sample_fn and self.accelerator.is_main_process:
             unwrapped.eval()
             for question, answer in self.sample_fn(unwrapped):
