@@ -10,6 +10,7 @@ never the current question.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from rich.console import Console
@@ -162,6 +163,9 @@ def main(args: argparse.Namespace) -> None:
         return
     interactive = sys.stdin.isatty()
     if interactive:
+        # Ctrl-C stops an answer even when the shell that started us ignores SIGINT (a job started with `&` from a
+        # script), whose setting Python would otherwise keep
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             import readline  # noqa: F401  line editing and history for input()
         except ImportError:

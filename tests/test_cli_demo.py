@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,10 +61,14 @@ def cli(model_dir: Path, *flags: str) -> list[str]:
 pexpect = pytest.importorskip("pexpect", reason="pexpect drives the chat in a pseudo-terminal (requirements-dev)")
 
 
-def spawn(model_dir: Path, *flags: str):
+def spawn(model_dir: Path, *flags: str, sigint_ignored: bool = False):
+    """cli_demo.py in a pseudo-terminal; `sigint_ignored`: started as a shell script's `&` job starts it, SIGINT
+    ignored."""
     child = pexpect.spawn(sys.executable, cli(model_dir, *flags), cwd=str(REPO), encoding="utf-8",
                           codec_errors="replace", timeout=60, dimensions=(40, 200),
-                          env=dict(os.environ, TERM="xterm-256color", LANG="C.UTF-8"))
+                          env=dict(os.environ, TERM="xterm-256color", LANG="C.UTF-8"),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if sigint_ignored
+                                                           else signal.SIG_DFL))
     child.expect("Chat-LM-small")
     child.expect_exact("User: ")
     return child
@@ -78,8 +83,9 @@ def clear_and_exit(child) -> None:
     child.expect(pexpect.EOF)
 
 
-def test_terminal_chat_streams_stops_on_ctrl_c_clears_and_exits(model_dir):
-    child = spawn(model_dir, "--max-new-tokens", "1500", "--verbose")
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["sigint-default", "sigint-ignored-by-the-shell"])
+def test_terminal_chat_streams_stops_on_ctrl_c_clears_and_exits(model_dir, sigint_ignored):
+    child = spawn(model_dir, "--max-new-tokens", "1500", "--verbose", sigint_ignored=sigint_ignored)
     try:
         child.sendline("")  # an empty line is ignored: the prompt comes straight back
         child.expect_exact("User: ")
