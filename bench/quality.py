@@ -44,6 +44,7 @@ from model import ModelConfig  # noqa: E402
 from trainer.config import PretrainConfig  # noqa: E402
 from trainer.data import pretrain_loader  # noqa: E402
 from trainer.loop import build_optimizer, set_learning_rate  # noqa: E402
+from trainer.stages import new_model  # noqa: E402
 from utils.prepare import PrepareConfig, prepare_corpora  # noqa: E402
 from utils.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
@@ -83,7 +84,13 @@ class Side:
 
     def __init__(self, name: str, cfg: ModelConfig, overrides: dict, device: str):
         self.name, self.hf = name, name == "reference"
-        self.model = build("hf_causal" if self.hf else "ours", cfg, torch.float32, device).train()
+        if self.hf:
+            self.model = build("hf_causal", cfg, torch.float32, device).train()
+        else:
+            self.train_cfg = PretrainConfig(data="-", tokenizer="-", **overrides)
+            torch.manual_seed(0)
+            with torch.device(device):
+                self.model = new_model(cfg, self.train_cfg).train()
         self.forward = torch.compile(self.model) if device == "cuda" else self.model
         if self.hf:
             decay = [p for p in self.model.parameters() if p.ndim >= 2]
@@ -93,7 +100,6 @@ class Side:
                 lr=REFERENCE["lr"], betas=REFERENCE["betas"], fused=device == "cuda")
             self.settings = dict(REFERENCE)
         else:
-            self.train_cfg = PretrainConfig(data="-", tokenizer="-", **overrides)
             self.optimizer = build_optimizer(self.model, self.train_cfg, torch.device(device))
             self.settings = {f.name: getattr(self.train_cfg, f.name) for f in dataclasses.fields(PretrainConfig)
                              if f.name in ("optimizer", "schedule", "lr", "min_lr_ratio", "warmup_steps", "decay_ratio",

@@ -51,8 +51,11 @@ def test_a_side_trains_for_its_budget_and_its_held_out_loss_falls(name, monkeypa
     short = {"warmup_steps": 2, "lr": 3e-3}  # a few steps must learn something
     for key, value in short.items():
         monkeypatch.setitem(quality.REFERENCE, key, value)
-    overrides = short | {"optimizer": "muon", "schedule": "wsd"} if name == "best" else {}
+    overrides = short | {"optimizer": "muon", "schedule": "wsd", "untie_embeddings": True,
+                         "zero_init_residual": True} if name == "best" else {}
     side = quality.Side(name, cfg, overrides, "cpu")
+    if name == "best":  # the model-shaping levers reach the side's model
+        assert not side.model.config.tie_word_embeddings and not side.model.model.layers[0].mlp.down_proj.weight.any()
     heldout = [next(batches(64, 1))]
     curve = quality.train_side(side, batches(64, 0), heldout, 1 / math.log(2), budget_s=1.5, eval_every_s=0.5,
                                sync_steps=2)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from model import load_model
+from model import ModelConfig, load_model
 from utils.errors import TrainingStopped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,6 +217,36 @@ def test_a_resumed_muon_run_equals_an_uninterrupted_one(corpus, tmp_path, monkey
     train.main(pretrain_args(corpus, tmp_path / "resumed", "--max-steps", "3", "--resume", *MUON))
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_an_untied_zero_init_model_trains_with_muon_and_loads_in_transformers(corpus, tmp_path, monkeypatch):
+    """--untie-embeddings and --zero-init-residual (issue 31's levers): a new model's head is its own matrix and every
+    block starts as the identity (o_proj and down_proj zero: the blocks' other matrices get no gradient at the first
+    step, Muon's orthogonalized update of a zero gradient is zero, not NaN); the run trains, its config says untied
+    and transformers loads it to the same logits. Refused with --init, whose model keeps its own."""
+    from trainer.config import PretrainConfig
+    from trainer.stages import new_model
+    cfg = PretrainConfig(data="d", tokenizer="t", untie_embeddings=True, zero_init_residual=True)
+    model = new_model(ModelConfig.preset("tiny", vocab_size=600), cfg)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    for layer in model.model.layers:
+        assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+        assert layer.self_attn.q_proj.weight.std() > 0.01
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", newton_schulz_fp32)
+    run = tmp_path / "run"
+    train.main(pretrain_args(corpus, run, "--max-steps", "8", "--untie-embeddings", "--zero-init-residual", *MUON))
+    losses = [float(x) for x in re.findall(r"step \d+ loss (\S+)", (run / "train.log").read_text())]
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert json.loads((run / "latest" / "config.json").read_text())["tie_word_embeddings"] is False
+    ours = load_model(run / "latest")
+    assert all(layer.self_attn.o_proj.weight.any() for layer in ours.model.layers)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run / "latest").eval()
+    ids = torch.randint(0, 600, (1, 12))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - ours(ids)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="shape a new model"):
+        PretrainConfig(data="d", tokenizer="t", init=str(run / "latest"), untie_embeddings=True)
 
 
 def test_the_host_reads_each_step_one_step_behind(corpus, tmp_path, monkeypatch):

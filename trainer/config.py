@@ -150,12 +150,22 @@ class PretrainConfig(TrainConfig):
     seq_len: int = option(512, "tokens per packed row")
     document_masking: bool = option(False, "attention stays inside each document of a packed row (variable-length "
                                            "attention on a GPU; a mask, slower, on the CPU)")
+    untie_embeddings: bool = option(False, "a new model's output head is a matrix of its own, not the input "
+                                           "embedding (config.json: tie_word_embeddings false)")
+    zero_init_residual: bool = option(False, "a new model's residual projections (o_proj, down_proj) start at "
+                                             "zero, so every block starts as the identity")
     cache_dir: str | None = option(None, "token cache location; unset = DATA/.cache")
     resize_embeddings: bool = option(False, "with --init: grow the embedding for a tokenizer with added tokens")
     out_dir: str = "runs/pretrain"
     lr: float = 6e-4
     warmup_steps: int = 200
     gpu_tokens_per_batch: ClassVar[int] = 131072
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init and (self.untie_embeddings or self.zero_init_residual):
+            raise ValueError("--untie-embeddings and --zero-init-residual shape a new model: with --init the model "
+                             "keeps its own head and weights")
 
 
 @dataclass(kw_only=True)

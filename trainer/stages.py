@@ -153,6 +153,19 @@ def knowledge_fn(cfg: TrainConfig, tokenizer: Tokenizer, template: str | None):
     return knowledge
 
 
+def new_model(model_cfg: ModelConfig, cfg: PretrainConfig) -> Transformer:
+    """A decoder to pretrain from scratch, with the recipe's choices of head and initialization."""
+    if cfg.untie_embeddings:
+        model_cfg = dataclasses.replace(model_cfg, tie_word_embeddings=False)
+    model = Transformer(model_cfg)
+    if cfg.zero_init_residual:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+    return model
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     acc = make_accelerator(cfg)
     set_seed_everywhere(cfg.seed)  # same init on every rank
@@ -162,9 +175,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         model = load_model(cfg.init, dtype=torch.float32)
         check_fits(model, tokenizer, cfg.seq_len, cfg.init, cfg.resize_embeddings)
     else:
-        model = Transformer(ModelConfig.preset(
+        model = new_model(ModelConfig.preset(
             cfg.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=max(cfg.seq_len, 512),
-            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id))
+            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id), cfg)
     loaders = [pretrain_loader(cfg.data, tokenizer, split, cfg.seq_len, cfg.start_rows, acc.process_index,
                                acc.num_processes, cfg.seed, cfg.cache_dir, document_masking=cfg.document_masking)
                for split in ("train", "valid")]
