@@ -4,6 +4,10 @@ time on one GPU, transformers against ours, held-out bits per character every `-
     python bench/quality.py --corpus ../shared/corpora/zh_books/zh_books_laws.parquet --work /tmp/quality \
         [--minutes 5] [--sides reference ours best] [--best optimizer=muon schedule=wsd] --out DIR --commit SHA
     python bench/quality.py --merge DIR1/curves.json DIR2/curves.json --out DIR    # sides run in separate calls
+    # a host with several GPUs: prepare once (`--sides` alone), then one side per GPU at the same time
+    python bench/quality.py --corpus C --work W --sides
+    CUDA_VISIBLE_DEVICES=0 python bench/quality.py --corpus C --work W --sides reference --out DIR/reference &
+    CUDA_VISIBLE_DEVICES=1 python bench/quality.py --corpus C --work W --sides best --best ... --out DIR/best & wait
 
 Sides, each fed the same packed token stream (trainer/data.py `PackedLoader`, one seed) in the same order:
 - `reference`: `transformers.LlamaForCausalLM` of the same shape, SDPA with `is_causal` and no mask built
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, help="a text corpus for `train.py prepare --format text`")
     parser.add_argument("--work", type=Path, default=Path("/tmp/quality"), help="prepared data and tokenizer")
     parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--sides", nargs="*", default=list(SIDES), choices=SIDES)
+    parser.add_argument("--sides", nargs="*", default=list(SIDES), choices=SIDES,
+                        help="the sides to train, one after another; none: only prepare the data and tokenizer")
     parser.add_argument("--best", nargs="*", default=[], metavar="KEY=VALUE", help="the `best` side's overrides")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time per side")
     parser.add_argument("--eval-every", type=float, default=20.0, help="seconds of training between evaluations")
@@ -253,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--corpus is required (or --merge)")
     torch.backends.cuda.matmul.allow_tf32 = True
     data, tok_dir = prepare(args.corpus, args.work, args.vocab_size)
+    if not args.sides:  # `--sides` alone: prepare once, before sides run in parallel on a host's GPUs
+        print(f"prepared {data} and {tok_dir}")
+        return
     tokenizer = Tokenizer.load(tok_dir)
     cfg = ModelConfig.preset(args.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=args.seq_len)
     runs, best = {}, parse_overrides(args.best)

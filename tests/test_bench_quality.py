@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import quality  # noqa: E402
+from conftest import SAMPLES  # noqa: E402
 
 from model import ModelConfig  # noqa: E402
 
@@ -76,3 +77,12 @@ def test_report_rows_and_plot(tmp_path):
     assert rows["time_to_reference_loss_ours"]["seconds"] == 30.0
     assert rows["time_to_reference_loss_ours"]["ratio"] == 2.0 and rows["time_to_reference_loss_ours"]["reached"]
     assert (tmp_path / "quality.png").stat().st_size > 1000
+
+
+def test_sides_alone_only_prepares_the_corpus_and_tokenizer(tmp_path):
+    """`--sides` with no side: the data and tokenizer a multi-GPU run's parallel sides then share, and no curve."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    quality.main(["--corpus", str(SAMPLES / "text" / "sanguo_yanyi_01.txt"), "--work", str(work), "--vocab-size",
+                  "400", "--sides", "--out", str(out)])
+    assert json.loads((work / "data" / "stats.json").read_text())["splits"]["train"] > 0
+    assert (work / "tokenizer" / "tokenizer.json").exists() and not (out / "curves.json").exists()
