@@ -179,8 +179,7 @@ class SFTConfig(SFTDataConfig, TrainConfig):
     lr: float = 1e-4
     warmup_steps: int = 50
     epochs: float = 2.0
-    # Fewer optimizer steps get a warning (trainer/loop.py shortfalls): the README's SFT command on the bundled samples
-    # took 16 and answered "，，，"; the demo takes 600.
+    # a fine-tune of fewer optimizer steps rarely learns the chat format: warned (trainer/loop.py shortfalls)
     min_steps_to_learn = 100
 
 

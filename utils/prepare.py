@@ -253,8 +253,7 @@ class _SharedInstructions:
 class _Spool:
     """Pass-1 sink: buffers cleaned rows; a worker writes each chunk and hashes it while the reader goes on. A thread
     overlaps where numpy releases the GIL; a (spawned) process shares no GIL but pickles every chunk and needs an
-    importable __main__ (not `python - < script`). With one of two cores busy elsewhere the three kinds ran alike
-    (bench/README.md)."""
+    importable __main__ (not `python - < script`); which pays depends on the cores free (bench/README.md)."""
 
     def __init__(self, tmp: Path, cfg: PrepareConfig, n_sources: int, track_docs: bool = False):
         self.tmp, self.cfg = tmp, cfg
@@ -480,7 +479,7 @@ def prepare_corpora(sources: list[tuple[str, str | Path]] | None, out_dir: str |
         dup_exact = ~keep
         dup_near = near_duplicates(bands, keep & has) if cfg.dedup.near else np.zeros_like(keep)
         keep &= ~dup_near
-        del exact, bands, has  # the keys (~115 bytes a row) are done with before pass 2 allocates its own
+        del exact, bands, has  # the keys are done with before pass 2 allocates its own
         release_free_memory()
         for i, tally in enumerate(tallies):
             mine = sources_arr == i
@@ -667,8 +666,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--ngram", type=int, default=x.ngram, help="MinHash character shingle length")
     parser.add_argument("--instruction-repeats", type=int, default=x.instruction_repeats, metavar="N",
                         help="an instruction with an input (belle, alpaca; instruct's instruct + query) that N rows "
-                             "of a 20,000-row chunk share is left out of what dedup compares: the input and response "
-                             "are compared among rows of that instruction; 0: compare whole prompts")
+                             f"of a {PrepareConfig.chunk_rows:,}-row chunk share is left out of what dedup compares: "
+                             "the input and response are compared among rows of that instruction; 0: compare whole "
+                             "prompts")
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:

@@ -1,10 +1,10 @@
 """CPU threads for torch: as many as there are cores free to this process.
 
 torch starts one OpenMP thread per core and every op waits for all of them at its end. When other work holds a core,
-each op waits for a descheduled thread to get its turn: on a 2-core machine running other jobs the demo's
-pretraining went from 3,486 tokens/s on one thread to 316 on two (docs/performance.md, "Threads on busy cores"). A
-run takes the cores it may use (its CPU affinity) less those the 1-minute load average says are busy, at least one;
-OMP_NUM_THREADS, when set, decides instead (torchrun sets it to 1 per process).
+each op waits for a descheduled thread to get its turn, and small models run several times slower than on fewer
+threads (docs/performance.md, "Threads on busy cores"). A run takes the cores it may use (its CPU affinity) less
+those the 1-minute load average says are busy, at least one; OMP_NUM_THREADS, when set, decides instead (torchrun
+sets it to 1 per process).
 """
 from __future__ import annotations
 
