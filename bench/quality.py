@@ -2,12 +2,13 @@
 time on one GPU, transformers against ours, held-out bits per character every `--eval-every` seconds (issue 31).
 
     python bench/quality.py --corpus ../shared/corpora/zh_books/zh_books_laws.parquet --work /tmp/quality \
-        [--minutes 5] [--sides reference ours best] [--best optimizer=muon schedule=wsd] --out DIR --commit SHA
+        [--minutes 5] [--recipe best optimizer=muon schedule=wsd] [--sides reference ours best] --out DIR --commit SHA
     python bench/quality.py --merge DIR1/curves.json DIR2/curves.json --out DIR    # sides run in separate calls
     # a host with several GPUs: prepare once (`--sides` alone), then one side per GPU at the same time
     python bench/quality.py --corpus C --work W --sides
     CUDA_VISIBLE_DEVICES=0 python bench/quality.py --corpus C --work W --sides reference --out DIR/reference &
-    CUDA_VISIBLE_DEVICES=1 python bench/quality.py --corpus C --work W --sides best --best ... --out DIR/best & wait
+    CUDA_VISIBLE_DEVICES=1 python bench/quality.py --corpus C --work W --recipe best ... --sides best --out DIR/best &
+    wait
 
 Sides, each fed the same packed token stream (trainer/data.py `PackedLoader`, one seed) in the same order:
 - `reference`: `transformers.LlamaForCausalLM` of the same shape, SDPA with `is_causal` and no mask built
@@ -16,11 +17,12 @@ Sides, each fed the same packed token stream (trainer/data.py `PackedLoader`, on
   clipping at 1.0: the usual recipe (nanoGPT's);
 - `ours`: our model with `train.py pretrain`'s defaults (PretrainConfig: optimizer, schedule, learning rate, warmup,
   clipping), compiled, bf16 autocast, through the trainer's `build_optimizer` / `set_learning_rate`;
-- `best`: ours with the `--best KEY=VALUE` PretrainConfig overrides (the recipe under test).
-Batch shape (`--batch-size` x `--seq-len`) is the same for all sides. Training time is the time of the optimizer
-steps (synchronized every `--sync-steps` steps); compiling (two untimed forward / backward passes before the clock
-starts) and evaluation are not counted. The schedules' length follows the measured speed, so that the decay ends with
-the budget. Held-out set: the first `--heldout-batches` batches of the prepared `valid` split (never
+- a recipe (`--recipe NAME KEY=VALUE ...`, repeatable; `best` the one this issue adopts): ours with those PretrainConfig
+  overrides; `batch_size` (rows per step) and `seq_len` change its training batch, not the held-out set.
+Batch shape (`--batch-size` x `--seq-len`) is otherwise the same for all sides. Training time is the time of the
+optimizer steps (synchronized every `--sync-steps` steps); compiling (two untimed forward / backward passes before
+the clock starts) and evaluation are not counted. The schedules' length follows the measured speed, so that the
+decay ends with the budget. Held-out set: the first `--heldout-batches` batches of the prepared `valid` split (never
 trained on; with the side's document masking, if any); bits per character = mean loss in nats / ln 2 / the split's
 characters per token.
 
@@ -52,7 +54,7 @@ from trainer.stages import new_model  # noqa: E402
 from utils.prepare import PrepareConfig, prepare_corpora  # noqa: E402
 from utils.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
-SIDES = ("reference", "ours", "best")
+SIDES = ("reference", "ours")  # and the recipes
 REFERENCE = dict(lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=200, min_lr_ratio=0.1, grad_clip=1.0)
 
 
@@ -68,17 +70,21 @@ def prepare(corpus: Path, work: Path, vocab_size: int) -> tuple[Path, Path]:
     return data, tok
 
 
+TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
 def parse_overrides(pairs: list[str]) -> dict:
-    """KEY=VALUE strings -> PretrainConfig overrides, each value parsed as its field's type."""
+    """KEY=VALUE strings -> PretrainConfig overrides, each value parsed as its field's type (an optional field's
+    too: `batch_size=64`, `compile=true`)."""
     fields = {f.name: f for f in dataclasses.fields(PretrainConfig)}
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         f = fields.get(key)
-        switch = f is not None and str(f.type).startswith("bool")  # --compile's default is None: auto
-        if not sep or f is None or (f.default is None and not switch):
-            raise SystemExit(f"--best {pair!r}: expected KEY=VALUE with KEY a PretrainConfig option that has a default")
-        kind = bool if switch else type(f.default)
+        kind = f and TYPES.get(str(f.type).split(" | ")[0])
+        if not sep or kind is None or f.metadata.get("required"):
+            raise SystemExit(f"--recipe {pair!r}: expected KEY=VALUE with KEY a PretrainConfig option that has a "
+                             "default")
         overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return overrides
 
@@ -232,9 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, help="a text corpus for `train.py prepare --format text`")
     parser.add_argument("--work", type=Path, default=Path("/tmp/quality"), help="prepared data and tokenizer")
     parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--sides", nargs="*", default=list(SIDES), choices=SIDES,
-                        help="the sides to train, one after another; none: only prepare the data and tokenizer")
-    parser.add_argument("--best", nargs="*", default=[], metavar="KEY=VALUE", help="the `best` side's overrides")
+    parser.add_argument("--recipe", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
+                        help="a side of ours named NAME with these PretrainConfig overrides (repeatable)")
+    parser.add_argument("--sides", nargs="*", help="the sides to train, one after another (default: reference, ours "
+                                                   "and every recipe); none: only prepare the data and tokenizer")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time per side")
     parser.add_argument("--eval-every", type=float, default=20.0, help="seconds of training between evaluations")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -256,30 +263,38 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.corpus is None:
         parser.error("--corpus is required (or --merge)")
+    recipes = {name: parse_overrides(pairs) for name, *pairs in args.recipe}
+    if clash := set(recipes) & set(SIDES):
+        parser.error(f"--recipe {' '.join(clash)}: that name is a side of its own")
+    sides = list(SIDES) + list(recipes) if args.sides is None else args.sides
+    if unknown := [name for name in sides if name not in SIDES and name not in recipes]:
+        parser.error(f"--sides {' '.join(unknown)}: not reference, ours or a --recipe name")
     torch.backends.cuda.matmul.allow_tf32 = True
     data, tok_dir = prepare(args.corpus, args.work, args.vocab_size)
-    if not args.sides:  # `--sides` alone: prepare once, before sides run in parallel on a host's GPUs
+    if not sides:  # `--sides` alone: prepare once, before sides run in parallel on a host's GPUs
         print(f"prepared {data} and {tok_dir}")
         return
     tokenizer = Tokenizer.load(tok_dir)
-    cfg = ModelConfig.preset(args.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=args.seq_len)
-    runs, best = {}, parse_overrides(args.best)
-    for name in args.sides:
+    runs = {}
+    for name in sides:
         free()
-        side = Side(name, cfg, best if name == "best" else {}, args.device)
+        overrides = recipes.get(name, {})
+        rows, seq_len = overrides.get("batch_size") or args.batch_size, overrides.get("seq_len", args.seq_len)
+        cfg = ModelConfig.preset(args.preset, vocab_size=tokenizer.vocab_size,
+                                 max_position_embeddings=max(seq_len, args.seq_len))
+        side = Side(name, cfg, overrides, args.device)
         masking = side.settings.get("document_masking", False)  # then trained and measured with its segments
-        valid, train = (pretrain_loader(data, tokenizer, split, args.seq_len, args.batch_size, seed=0,
-                                        document_masking=masking) for split in ("valid", "train"))
-        stream = iter(train)
+        valid = pretrain_loader(data, tokenizer, "valid", args.seq_len, args.batch_size, seed=0,
+                                document_masking=masking)
+        stream = iter(pretrain_loader(data, tokenizer, "train", seq_len, rows, seed=0, document_masking=masking))
         heldout = list(itertools.islice(valid, args.heldout_batches))
         bits_per_nat_char = 1 / math.log(2) / valid.chars_per_token
         curve = train_side(side, stream, heldout, bits_per_nat_char, args.minutes * 60, args.eval_every,
                            args.sync_steps)
         runs[name] = dict(curve=curve, settings=side.settings, minutes=args.minutes, corpus=args.corpus.name,
-                          batch=f"{args.batch_size}x{args.seq_len}",
-                          tokens_per_s=side.steps * args.batch_size * args.seq_len / curve[-1]["seconds"])
+                          batch=f"{rows}x{seq_len}", tokens_per_s=side.steps * rows * seq_len / curve[-1]["seconds"])
         (args.out / "curves.json").write_text(json.dumps(runs, indent=1) + "\n", encoding="utf-8")
-        del side, stream, train, valid
+        del side, stream, valid
     write_report(runs, args.out, args.commit)
 
 

@@ -16,6 +16,7 @@ import quality  # noqa: E402
 from conftest import SAMPLES  # noqa: E402
 
 from model import ModelConfig  # noqa: E402
+from utils.prepare import PrepareConfig, prepare_corpora  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,9 +29,10 @@ def test_seconds_to_interpolates_between_evaluations_and_says_never():
     assert quality.seconds_to(curve, 2.9) is None
 
 
-def test_best_overrides_take_each_options_type_and_refuse_unknown_keys():
-    assert quality.parse_overrides(["optimizer=muon", "lr=0.002", "warmup_steps=50", "compile=true"]) == {
-        "optimizer": "muon", "lr": 0.002, "warmup_steps": 50, "compile": True}
+def test_recipe_overrides_take_each_options_type_and_refuse_unknown_keys():
+    assert quality.parse_overrides(["optimizer=muon", "lr=0.002", "warmup_steps=50", "compile=true",
+                                    "batch_size=64", "seq_len=2048"]) == {
+        "optimizer": "muon", "lr": 0.002, "warmup_steps": 50, "compile": True, "batch_size": 64, "seq_len": 2048}
     for bad in (["nope=1"], ["lr"], ["data=x"]):  # data has no default: not a recipe knob
         with pytest.raises(SystemExit, match="KEY=VALUE"):
             quality.parse_overrides(bad)
@@ -86,3 +88,27 @@ def test_sides_alone_only_prepares_the_corpus_and_tokenizer(tmp_path):
                   "400", "--sides", "--out", str(out)])
     assert json.loads((work / "data" / "stats.json").read_text())["splits"]["train"] > 0
     assert (work / "tokenizer" / "tokenizer.json").exists() and not (out / "curves.json").exists()
+
+
+def test_recipes_are_sides_of_their_own_with_their_batch_shape(tmp_path, capsys):
+    """Two recipes of ours trained one after the other on a CPU: each its own curve, settings and batch (rows x row
+    length from the recipe, else the run's), rows against the reference; an unknown side or a recipe named after a
+    side is refused."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    # prepared here with a valid split big enough for a held-out batch; the bench then reuses it
+    prepare_corpora([("text", SAMPLES / "text")], work / "data", PrepareConfig(split=(0.6, 0.4, 0.0)))
+    common = ["--corpus", str(SAMPLES / "text"), "--work", str(work), "--vocab-size", "400",
+              "--preset", "tiny", "--device", "cpu", "--minutes", "0.01", "--eval-every", "0.3", "--batch-size", "2",
+              "--seq-len", "32", "--heldout-batches", "1", "--sync-steps", "1", "--out", str(out)]
+    quality.main(common + ["--recipe", "muon", "optimizer=muon", "warmup_steps=2",
+                           "--recipe", "wide", "batch_size=4", "seq_len=64", "--sides", "ours", "muon", "wide"])
+    runs = json.loads((out / "curves.json").read_text())
+    assert list(runs) == ["ours", "muon", "wide"]
+    assert runs["muon"]["settings"]["optimizer"] == "muon" and runs["ours"]["settings"]["optimizer"] == "adamw"
+    assert [runs[n]["batch"] for n in runs] == ["2x32", "2x32", "4x64"]
+    assert all(r["curve"][-1]["steps"] > 0 and r["curve"][-1]["seconds"] >= 0.6 for r in runs.values())
+    for argv, message in ((["--sides", "nope"], "not reference, ours or a --recipe"),
+                          (["--recipe", "ours", "lr=1e-3"], "a side of its own")):
+        with pytest.raises(SystemExit):
+            quality.main(common + argv)
+        assert message in capsys.readouterr().err
