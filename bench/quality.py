@@ -101,6 +101,7 @@ class Side:
             torch.manual_seed(0)
             with torch.device(device):
                 self.model = new_model(cfg, self.train_cfg).train()
+            self.model.z_loss = self.train_cfg.z_loss
         self.forward = torch.compile(self.model) if device == "cuda" else self.model
         if self.hf:
             decay = [p for p in self.model.parameters() if p.ndim >= 2]

@@ -7,6 +7,9 @@ For hidden states h [N, d], the head W [V, d] and targets y (IGNORE_INDEX rows s
     z = h W^T  (in the compute dtype),   p = softmax(fp32(z)),   loss = sum_i (logsumexp(z_i) - z_i[y_i]) / n
     dloss/dz_i = (p_i - onehot(y_i)) / n   (0 for unlabelled rows),   dh = dz W,   dW = dz^T h
 
+With a z-loss coefficient c (PaLM's auxiliary loss: it keeps each row's normalizer lse_i = logsumexp(z_i) near 0),
+loss_i gains c lse_i^2 and dloss/dz_i = (p_i (1 + 2 c lse_i) - onehot(y_i)) / n.
+
 With gradients wanted, the forward pass computes dh and dW chunk by chunk (each chunk's logits are freed before the
 next is formed) and backward only scales them by the incoming gradient: the same matmuls as autograd would run, and
 a peak of one chunk's logits instead of N x V in fp32 (4 GiB for a 32x1024 batch over a 32k vocabulary).
@@ -48,11 +51,11 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 if loss_kernel.triton is not None and hasattr(torch.library, "triton_op"):
     @torch.library.triton_op("chatlm::softmax_cross_entropy_", mutates_args={"logits"})
     def _softmax_cross_entropy_cuda(logits: torch.Tensor, labels: torch.Tensor, n: torch.Tensor,
-                                    write_grad: bool) -> torch.Tensor:
+                                    write_grad: bool, z_loss: float = 0.0) -> torch.Tensor:
         """model/loss_kernel.py as an op torch.compile traces into its graph (and updates the logits in place)."""
         loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         loss_kernel.launch(torch.library.wrap_triton(loss_kernel.softmax_cross_entropy_kernel), logits, labels, n,
-                           loss, IGNORE_INDEX, write_grad)
+                           loss, IGNORE_INDEX, write_grad, z_loss)
         return loss
 else:
     _softmax_cross_entropy_cuda = None
@@ -63,40 +66,46 @@ def uses_kernel(t: torch.Tensor) -> bool:
     return t.is_cuda and _softmax_cross_entropy_cuda is not None
 
 
-def _softmax_cross_entropy_torch(logits: torch.Tensor, labels: torch.Tensor, n: torch.Tensor, write_grad: bool):
+def _softmax_cross_entropy_torch(logits: torch.Tensor, labels: torch.Tensor, n: torch.Tensor, write_grad: bool,
+                                 z_loss: float = 0.0):
     """(per-row loss [rows] in fp32, 0 on unlabelled rows; gradient of the mean over n in the logits' dtype or None)
     of one chunk, in PyTorch ops: the path for CPUs, and for GPUs without Triton."""
     dtype, acc = logits.dtype, torch.promote_types(logits.dtype, torch.float32)
     # one kernel from the compute-dtype logits to fp32 log-probabilities: no fp32 copy of the logits and no
     # logsumexp temporaries (eager logsumexp is several full-size passes)
     logp = torch.log_softmax(logits, dim=-1, dtype=acc)
+    lse = logits[:, 0].to(acc) - logp[:, 0] if z_loss else None  # z_j - log p_j, the same for every column j
     del logits  # the last reference (Python >= 3.11 moves call arguments into the callee): the chunk is freed here
     labelled = labels != IGNORE_INDEX
     target = labels.clamp(min=0)[:, None]
     picked = logp.gather(1, target)
     rows = -(picked.squeeze(1) * labelled)
+    if z_loss:
+        rows = rows + z_loss * lse.square() * labelled
     if not write_grad:
         return rows, None
     # p / n everywhere, then the target column overwritten with (p - 1) / n: the same values as subtracting the
     # one-hot in fp32, with the full-size pass left as one fused kernel under torch.compile (see above)
     scale = (labelled.to(acc) / n)[:, None]
-    grad = logp.exp_().mul_(scale).to(dtype)
+    boost = 1 + 2 * z_loss * lse[:, None] if z_loss else 1
+    grad = logp.exp_().mul_(scale * boost).to(dtype)
     del logp  # the fp32 chunk goes before the caller's matmuls (unless it is the same tensor as grad)
-    grad.scatter_(1, target, (picked.exp() - 1).mul_(scale).to(dtype))
+    grad.scatter_(1, target, (picked.exp() * boost - 1).mul_(scale).to(dtype))
     return rows, grad
 
 
-def _chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, n: torch.Tensor, write_grad: bool):
+def _chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, n: torch.Tensor, write_grad: bool,
+           z_loss: float = 0.0):
     """(per-row loss, gradient of the mean over n over the logits or None) of the chunk h, its logits formed here."""
     if uses_kernel(h):
         logits = F.linear(h, weight)  # the kernel writes the gradient over the logits
-        return _softmax_cross_entropy_cuda(logits, labels, n, write_grad), logits if write_grad else None
+        return _softmax_cross_entropy_cuda(logits, labels, n, write_grad, z_loss), logits if write_grad else None
     # the logits go in as a temporary, so the function can free them once it has their softmax
-    return _softmax_cross_entropy_torch(F.linear(h, weight), labels, n, write_grad)
+    return _softmax_cross_entropy_torch(F.linear(h, weight), labels, n, write_grad, z_loss)
 
 
 def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, n: torch.Tensor,
-                    chunk_logits: int, want_hidden: bool, want_weight: bool):
+                    chunk_logits: int, want_hidden: bool, want_weight: bool, z_loss: float):
     """(summed loss, dloss/dhidden or None, dloss/dweight in fp32 or wider or None): gradients of the mean over n."""
     dtype = compute_dtype(weight)
     weight_c = weight.to(dtype)
@@ -108,7 +117,7 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows].to(dtype)
-            chunk_loss, grad = _chunk(h, weight_c, labels[start:start + rows], n, want_hidden or want_weight)
+            chunk_loss, grad = _chunk(h, weight_c, labels[start:start + rows], n, want_hidden or want_weight, z_loss)
             total = total + chunk_loss.sum()
             if want_hidden:
                 grad_hidden[start:start + rows] = grad @ weight_c
@@ -120,9 +129,9 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, n, chunk_logits):
+    def forward(ctx, hidden, weight, labels, n, chunk_logits, z_loss):
         total, grad_hidden, grad_weight = _loss_and_grads(hidden, weight, labels, n, chunk_logits,
-                                                          *ctx.needs_input_grad[:2])
+                                                          *ctx.needs_input_grad[:2], z_loss)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / n
@@ -134,19 +143,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_logits: int = CHUNK_LOGITS) -> torch.Tensor:
+                         chunk_logits: int = CHUNK_LOGITS, z_loss: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `labels` over labelled rows (0 when none is labelled; no
-    host sync). hidden [..., d], weight [V, d], labels [...] with IGNORE_INDEX for rows to skip; about
-    `chunk_logits` logits are formed at a time."""
+    host sync), plus `z_loss` x the mean squared logsumexp. hidden [..., d], weight [V, d], labels [...] with
+    IGNORE_INDEX for rows to skip; about `chunk_logits` logits are formed at a time."""
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
     n = (labels != IGNORE_INDEX).sum().clamp(min=1)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, labels, n, chunk_logits)
-    return _loss_and_grads(hidden, weight, labels, n, chunk_logits, False, False)[0] / n
+        return _LinearCrossEntropy.apply(hidden, weight, labels, n, chunk_logits, z_loss)
+    return _loss_and_grads(hidden, weight, labels, n, chunk_logits, False, False, z_loss)[0] / n
 
 
 class _LinearLogProbs(torch.autograd.Function):

@@ -2,7 +2,10 @@
 
 For a row of logits z [V] with target y, over the n labelled rows of the whole batch (IGNORE_INDEX rows: 0):
 
-    lse = log sum_j exp(z_j)        loss = lse - z_y        dz_j = (exp(z_j - lse) - [j = y]) / n
+    lse = log sum_j exp(z_j)        loss = lse - z_y + c lse^2
+    dz_j = (exp(z_j - lse) (1 + 2 c lse) - [j = y]) / n
+
+with c the z-loss coefficient (0: plain cross-entropy).
 
 One program per row reads the row twice (an online max and sum of exponentials, then the gradient) and writes the
 gradient over the logits in their dtype: no fp32 copy and no second buffer. The second pass starts from the last
@@ -26,7 +29,7 @@ NUM_WARPS = 16
 
 if triton is not None:
     @triton.jit
-    def softmax_cross_entropy_kernel(logits_ptr, labels_ptr, n_ptr, loss_ptr, stride, V: tl.constexpr,
+    def softmax_cross_entropy_kernel(logits_ptr, labels_ptr, n_ptr, loss_ptr, stride, z_loss, V: tl.constexpr,
                                      BLOCK: tl.constexpr, IGNORE_INDEX: tl.constexpr, WRITE_GRAD: tl.constexpr):
         """V is a compile-time constant: one kernel per vocabulary size, and loop bounds Triton's interpreter
         (the CPU tests) can run."""
@@ -50,22 +53,25 @@ if triton is not None:
         # lse = row_max + log_sum, kept apart: z - row_max is exact where z - lse would round at z's magnitude
         log_sum = tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), 0))
         z_target = tl.load(logits_ptr + target).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(labelled, (row_max - z_target) + log_sum, 0.0))
+        lse = row_max + log_sum
+        tl.store(loss_ptr + row, tl.where(labelled, (row_max - z_target) + log_sum + z_loss * lse * lse, 0.0))
         if WRITE_GRAD:
             scale = tl.where(labelled, 1.0 / tl.load(n_ptr).to(tl.float32), 0.0)
+            boost = 1.0 + 2.0 * z_loss * lse
             for b_back in range(n_blocks):
                 c = (n_blocks - 1 - b_back) * BLOCK + cols
                 z = tl.load(logits_ptr + c, mask=c < V).to(tl.float32)
-                grad = (tl.exp((z - row_max) - log_sum) - (c == target).to(tl.float32)) * scale
+                grad = (tl.exp((z - row_max) - log_sum) * boost - (c == target).to(tl.float32)) * scale
                 tl.store(logits_ptr + c, grad.to(logits_ptr.dtype.element_ty), mask=c < V)
 
 
 def launch(kernel, logits: torch.Tensor, labels: torch.Tensor, n: torch.Tensor, loss: torch.Tensor,
-           ignore_index: int, write_grad: bool) -> None:
+           ignore_index: int, write_grad: bool, z_loss: float = 0.0) -> None:
     """Run `kernel` (softmax_cross_entropy_kernel, or it wrapped for torch.compile) over the rows of `logits`
     [rows, V] (last dim contiguous): per-row losses into `loss` [rows] fp32 (0 where the label is `ignore_index`),
-    and with `write_grad` the gradient of the mean over n (a 0-dim tensor) over the logits."""
+    and with `write_grad` the gradient of the mean over n (a 0-dim tensor) over the logits; `z_loss` the z-loss
+    coefficient."""
     rows, vocab = logits.shape
     block = min(BLOCK, triton.next_power_of_2(vocab))
-    kernel[(rows,)](logits, labels, n, loss, logits.stride(0), V=vocab, BLOCK=block, IGNORE_INDEX=ignore_index,
-                    WRITE_GRAD=write_grad, num_warps=max(1, min(NUM_WARPS, block // 256)))
+    kernel[(rows,)](logits, labels, n, loss, logits.stride(0), z_loss, V=vocab, BLOCK=block,
+                    IGNORE_INDEX=ignore_index, WRITE_GRAD=write_grad, num_warps=max(1, min(NUM_WARPS, block // 256)))

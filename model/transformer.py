@@ -271,6 +271,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.loss_chunk_logits = CHUNK_LOGITS  # logits materialized at a time by the fused loss (model/loss.py)
+        self.z_loss = 0.0  # the training loss adds z_loss x logsumexp^2 per token (PretrainConfig.z_loss)
         if self.model.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -390,8 +391,10 @@ class Transformer(nn.Module):
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy in fp32 over labelled positions (0 when none is labelled; no host sync), fused
-        with the lm_head a chunk of tokens at a time (model/loss.py): the full logits are never materialized."""
-        return linear_cross_entropy(hidden, self.lm_head.weight, labels, self.loss_chunk_logits)
+        with the lm_head a chunk of tokens at a time (model/loss.py): the full logits are never materialized. In
+        training mode it adds the z-loss, if any; evaluation measures plain cross-entropy."""
+        z_loss = self.z_loss if self.training else 0.0
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels, self.loss_chunk_logits, z_loss)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -52,6 +52,40 @@ def test_loss_and_gradients_equal_autograd_in_float64(data, rows_per_chunk):
     assert ours[1][0, :11].abs().max() == 0  # unlabelled rows get no gradient
 
 
+def z_loss_reference(hidden, weight, labels, c):
+    """Cross-entropy plus c x the mean over labelled rows of logsumexp(logits)^2, through autograd."""
+    logits = (hidden @ weight.T).flatten(0, 1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    labelled = labels.flatten() != IGNORE_INDEX
+    return reference(hidden, weight, labels) + c * (logits.logsumexp(-1).square() * labelled).sum() / labelled.sum()
+
+
+@pytest.mark.parametrize("rows_per_chunk", [7, 10_000])
+def test_z_loss_and_its_gradients_equal_autograd_in_float64(data, rows_per_chunk):
+    hidden, weight, labels = data
+    c = 0.05  # large, so that the term moves the loss and every gradient well past the tolerance
+    ours = grads_of(partial(linear_cross_entropy, chunk_logits=rows_per_chunk * 53, z_loss=c), *data, upstream=2.5)
+    for a, b in zip(ours, grads_of(partial(z_loss_reference, c=c), *data, upstream=2.5)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours, grads_of(reference, *data, upstream=2.5)):
+        assert (a - b).abs().max() > 1e-3
+    with torch.no_grad():  # the loss alone takes the same path
+        torch.testing.assert_close(linear_cross_entropy(*data, z_loss=c), ours[0], rtol=1e-12, atol=1e-12)
+
+
+def test_the_model_adds_its_z_loss_in_training_only():
+    """Transformer.z_loss (set by pretrain from --z-loss) is a training term: evaluation measures cross-entropy."""
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.preset("tiny"))
+    ids = torch.randint(0, net.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        plain = net.train()(ids, ids)
+        net.z_loss = 1e-2
+        lse = net.eval()(ids).logsumexp(-1)
+        assert net(ids, ids) == plain
+        torch.testing.assert_close(net.train()(ids, ids), plain + 1e-2 * lse.square().mean(), rtol=1e-5, atol=1e-6)
+
+
 def test_no_labelled_rows_give_zero_loss_and_zero_gradients(data):
     hidden, weight, labels = data
     loss, gh, gw = grads_of(linear_cross_entropy, hidden, weight, torch.full_like(labels, IGNORE_INDEX))
@@ -171,7 +205,7 @@ def test_gradient_checkpointing_asks_for_smaller_chunks(monkeypatch):
     """Checkpointing is asked for to save memory, so the loss's transient logits shrink with it."""
     asked = []
     monkeypatch.setattr(model.transformer, "linear_cross_entropy",
-                        lambda *args: asked.append(args[-1]) or linear_cross_entropy(*args))
+                        lambda *args: asked.append(args[3]) or linear_cross_entropy(*args))
     net = Transformer(ModelConfig.preset("tiny")).train()
     ids = torch.randint(0, net.config.vocab_size, (2, 9))
     for checkpointing in (False, True):
@@ -187,10 +221,10 @@ def interpreted(triton_interpreter):
     return model.loss_kernel
 
 
-def run_kernel(module, logits, labels, n, write_grad=True):
+def run_kernel(module, logits, labels, n, write_grad=True, z_loss=0.0):
     """The kernel's (per-row losses, logits afterwards) for a copy of `logits`."""
     logits, loss = logits.clone(), torch.empty(len(logits))
-    module.launch(module.softmax_cross_entropy_kernel, logits, labels, n, loss, IGNORE_INDEX, write_grad)
+    module.launch(module.softmax_cross_entropy_kernel, logits, labels, n, loss, IGNORE_INDEX, write_grad, z_loss)
     return loss, logits
 
 
@@ -218,6 +252,16 @@ def test_kernel_equals_the_torch_path(interpreted, monkeypatch, vocab, block):
     assert grad.sum(-1).abs().max() < 1e-6  # softmax minus one-hot: each row's gradient sums to 0
 
 
+def test_kernel_with_z_loss_equals_the_torch_path(interpreted):
+    logits, labels, n = chunk(12, 1000, scale=1.0)
+    loss, grad = run_kernel(interpreted, logits, labels, n, z_loss=1e-2)
+    ref_rows, ref_grad = model.loss._softmax_cross_entropy_torch(logits.clone(), labels, n, True, 1e-2)
+    plain_rows, _ = model.loss._softmax_cross_entropy_torch(logits.clone(), labels, n, True)
+    assert (ref_rows - plain_rows)[1] > 1e5  # row 1's normalizer is 1e4: z-loss 1e-2 x 1e8
+    torch.testing.assert_close(loss, ref_rows, rtol=1e-6, atol=2e-3)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8)
+
+
 def test_kernel_without_gradient_leaves_the_logits(interpreted):
     logits, labels, n = chunk(8, 700)
     loss, after = run_kernel(interpreted, logits, labels, n, write_grad=False)
@@ -241,7 +285,7 @@ def test_linear_cross_entropy_through_the_kernel_equals_autograd(interpreted, mo
     written over each chunk's logits feeds dh and dW; without gradients only the loss is formed."""
     launches, launch = [], interpreted.launch
     monkeypatch.setattr(model.loss, "uses_kernel", lambda t: True)
-    monkeypatch.setattr(interpreted, "launch", lambda *args: launches.append(args[-1]) or launch(*args))
+    monkeypatch.setattr(interpreted, "launch", lambda *args: launches.append(args[6]) or launch(*args))
     hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in data)
     ours = grads_of(partial(linear_cross_entropy, chunk_logits=10 * 53), hidden, weight, labels, upstream=2.5)
     assert launches == [True] * 12  # 111 rows in chunks of 10
@@ -258,7 +302,7 @@ def test_log_probs_through_the_kernel_equal_autograd(interpreted, monkeypatch, d
     the backward forms each chunk's logits again and has the kernel write p - onehot over them."""
     launches, launch = [], interpreted.launch
     monkeypatch.setattr(model.loss, "uses_kernel", lambda t: True)
-    monkeypatch.setattr(interpreted, "launch", lambda *args: launches.append(args[-1]) or launch(*args))
+    monkeypatch.setattr(interpreted, "launch", lambda *args: launches.append(args[6]) or launch(*args))
     hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in data)
     upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(2))
     ours = log_prob_grads(partial(linear_log_probs, chunk_logits=10 * 53), hidden, weight, labels, upstream)

@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 
 import train
 from model import ModelConfig, load_model
+from trainer.config import PretrainConfig
 from utils.errors import TrainingStopped
+from utils.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,7 +226,6 @@ def test_an_untied_zero_init_model_trains_with_muon_and_loads_in_transformers(co
     block starts as the identity (o_proj and down_proj zero: the blocks' other matrices get no gradient at the first
     step, Muon's orthogonalized update of a zero gradient is zero, not NaN); the run trains, its config says untied
     and transformers loads it to the same logits. Refused with --init, whose model keeps its own."""
-    from trainer.config import PretrainConfig
     from trainer.stages import new_model
     cfg = PretrainConfig(data="d", tokenizer="t", untie_embeddings=True, zero_init_residual=True)
     model = new_model(ModelConfig.preset("tiny", vocab_size=600), cfg)
@@ -247,6 +248,21 @@ def test_an_untied_zero_init_model_trains_with_muon_and_loads_in_transformers(co
         assert (hf(input_ids=ids).logits - ours(ids)).abs().max() < 1e-4
     with pytest.raises(ValueError, match="shape a new model"):
         PretrainConfig(data="d", tokenizer="t", init=str(run / "latest"), untie_embeddings=True)
+
+
+def test_z_loss_adds_to_the_training_loss_and_not_to_evaluations(corpus, tmp_path):
+    """--z-loss c: the first step's logged loss exceeds a plain run's by c x the mean squared logsumexp (a new
+    model's logits are near 0: logsumexp ~ log V); its evaluation at the start is the plain run's."""
+    def run(name: str, *extra: str) -> tuple[float, float]:
+        train.main(pretrain_args(corpus, tmp_path / name, "--max-steps", "1", "--eval-at-start", *extra))
+        log = (tmp_path / name / "train.log").read_text()
+        return float(re.search(r"step 1 loss (\S+)", log)[1]), float(re.search(r"eval step 0: loss (\S+)", log)[1])
+    (plain, plain_eval), (z, z_eval) = run("plain"), run("z", "--z-loss", "0.01")
+    vocab = Tokenizer.load(corpus[1]).vocab_size
+    assert z - plain == pytest.approx(0.01 * math.log(vocab) ** 2, rel=0.1)
+    assert z_eval == plain_eval
+    with pytest.raises(ValueError, match="--z-loss must be >= 0"):
+        PretrainConfig(data="d", tokenizer="t", z_loss=-1e-4)
 
 
 def test_the_host_reads_each_step_one_step_behind(corpus, tmp_path, monkeypatch):

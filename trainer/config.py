@@ -154,6 +154,9 @@ class PretrainConfig(TrainConfig):
                                            "embedding (config.json: tie_word_embeddings false)")
     zero_init_residual: bool = option(False, "a new model's residual projections (o_proj, down_proj) start at "
                                              "zero, so every block starts as the identity")
+    z_loss: float = option(0.0, "z-loss coefficient (PaLM: 1e-4): the training loss adds it x logsumexp(logits)^2 "
+                                "per token, keeping the softmax normalizer near 1; evaluations report plain "
+                                "cross-entropy")
     cache_dir: str | None = option(None, "token cache location; unset = DATA/.cache")
     resize_embeddings: bool = option(False, "with --init: grow the embedding for a tokenizer with added tokens")
     out_dir: str = "runs/pretrain"
@@ -163,6 +166,8 @@ class PretrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.z_loss < 0:
+            raise ValueError(f"--z-loss must be >= 0, got {self.z_loss}")
         if self.init and (self.untie_embeddings or self.zero_init_residual):
             raise ValueError("--untie-embeddings and --zero-init-residual shape a new model: with --init the model "
                              "keeps its own head and weights")

@@ -178,6 +178,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         model = new_model(ModelConfig.preset(
             cfg.preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=max(cfg.seq_len, 512),
             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id), cfg)
+    model.z_loss = cfg.z_loss
     loaders = [pretrain_loader(cfg.data, tokenizer, split, cfg.seq_len, cfg.start_rows, acc.process_index,
                                acc.num_processes, cfg.seed, cfg.cache_dir, document_masking=cfg.document_masking)
                for split in ("train", "valid")]
