@@ -96,14 +96,6 @@ class Side:
         self.name, self.hf = name, name == "reference"
         if self.hf:
             self.model = build("hf_causal", cfg, torch.float32, device).train()
-        else:
-            self.train_cfg = PretrainConfig(data="-", tokenizer="-", **overrides)
-            torch.manual_seed(0)
-            with torch.device(device):
-                self.model = new_model(cfg, self.train_cfg).train()
-            self.model.z_loss = self.train_cfg.z_loss
-        self.forward = torch.compile(self.model) if device == "cuda" else self.model
-        if self.hf:
             decay = [p for p in self.model.parameters() if p.ndim >= 2]
             rest = [p for p in self.model.parameters() if p.ndim < 2]
             self.optimizer = torch.optim.AdamW(
@@ -111,11 +103,17 @@ class Side:
                 lr=REFERENCE["lr"], betas=REFERENCE["betas"], fused=device == "cuda")
             self.settings = dict(REFERENCE)
         else:
+            self.train_cfg = PretrainConfig(data="-", tokenizer="-", **overrides)
+            torch.manual_seed(0)
+            with torch.device(device):
+                self.model = new_model(cfg, self.train_cfg).train()
+            self.model.z_loss = self.train_cfg.z_loss
             self.optimizer = build_optimizer(self.model, self.train_cfg, torch.device(device))
             self.settings = {f.name: getattr(self.train_cfg, f.name) for f in dataclasses.fields(PretrainConfig)
                              if f.name in ("optimizer", "schedule", "lr", "min_lr_ratio", "warmup_steps", "decay_ratio",
                                            "weight_decay", "beta1", "beta2", "grad_clip", "document_masking")
                              or f.name in overrides}
+        self.forward = torch.compile(self.model) if device == "cuda" else self.model
         self.clip = self.settings["grad_clip"]
         self.device, self.total, self.steps = device, 1, 0
 

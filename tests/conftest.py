@@ -59,8 +59,8 @@ def samples_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> tuple[Path, str]:
-    """`python train.py demo` run once a session, at half its steps so that the slow tier fits CI's time limit:
-    (its output directory, what it printed). The demo's tests and DPO on the demo model share it."""
+    """`python train.py demo` at half its steps (these tests check the pipeline and the chat, not the answers), run
+    once a session: (its output directory, what it printed). The demo's tests and DPO on the demo model share it."""
     out = tmp_path_factory.mktemp("demo") / "demo"
     run = subprocess.run([sys.executable, "train.py", "demo", "--out", str(out), "--pretrain-steps", "150",
                           "--sft-steps", "300"], cwd=REPO, capture_output=True, text=True, timeout=SLOW_TIMEOUT - 120)
